@@ -1,0 +1,145 @@
+// kvcl/kernels/common.h — the KV storage formats shared by every kernel family.
+//
+// Build-time selection (pass with -D, see kvcl/dtypes.py for the same table in Python):
+//   KV_DTYPE   0 fp32 | 1 fp16 | 2 int8 | 3 fp8_e4m3 | 4 fp8_e5m2
+//   INT8_MODE  0: scale = max(absmax/127, FLT_EPSILON) as float, q = round-half-away(x/scale)
+//                 (kvcl's engine and oxibonsai's QuantizedKvLayer)
+//              1: scale = max(absmax, 1e-8)/127 stored as half, q = round-half-even(x/scale)
+//                 (ferrum's KvInt8); x/scale uses the float scale, dequantisation the stored half
+//
+// Every format round-trips through plain float arithmetic that is exact (power-of-two
+// scaling, rint/round), so kvcl/reference/quantize.py reproduces the stored bytes bit for bit.
+// fp16 storage uses vload_half/vstore_half, which are core OpenCL: no cl_khr_fp16 needed.
+#ifndef KVCL_COMMON_H
+#define KVCL_COMMON_H
+
+#define KV_FP32 0
+#define KV_FP16 1
+#define KV_INT8 2
+#define KV_FP8_E4M3 3
+#define KV_FP8_E5M2 4
+
+#ifndef KV_DTYPE
+#define KV_DTYPE KV_FP32
+#endif
+#ifndef INT8_MODE
+#define INT8_MODE 0
+#endif
+
+// kv_t: the pool's element type.  scale_t: the per-(token, kv head) scale's storage type.
+#if KV_DTYPE == KV_FP32
+typedef float kv_t;
+#elif KV_DTYPE == KV_FP16
+typedef half kv_t;  // storage only; never used in arithmetic
+#elif KV_DTYPE == KV_INT8
+typedef char kv_t;
+#else
+typedef uchar kv_t;
+#endif
+
+#define KV_HAS_SCALE (KV_DTYPE == KV_INT8)
+
+#if INT8_MODE == 1
+typedef half scale_t;
+#define SCALE_LOAD(p, i) vload_half((i), (p))
+#define SCALE_STORE(x, p, i) vstore_half_rte((x), (i), (p))
+#else
+typedef float scale_t;
+#define SCALE_LOAD(p, i) ((p)[i])
+#define SCALE_STORE(x, p, i) ((p)[i] = (x))
+#endif
+
+// ---- fp8 (OCP 8-bit floating point), software encode/decode ----------------------------------
+// E4M3 ("fn"): bias 7, no infinities, 0x7F/0xFF are NaN, max 448.
+// E5M2: bias 15, IEEE-like, max finite 57344.  Both saturate finite overflow and +-Inf to +-max.
+
+inline uchar fp8_encode(float x, const int man_bits, const int emin, const int bias,
+                        const float max_value, const uchar nan_code) {
+    const uchar sign = signbit(x) ? (uchar)0x80 : (uchar)0;
+    if (isnan(x)) return (uchar)(sign | nan_code);
+    float a = fmin(fabs(x), max_value);
+    int e;
+    (void)frexp(a, &e);                       // a = m * 2^e with m in [0.5, 1): floor(log2 a) = e - 1
+    const int ex = max(e - 1, emin);
+    const float quantum = ldexp(1.0f, ex - man_bits);
+    const float q = fmin(rint(a / quantum) * quantum, max_value);  // exact: power-of-two scaling
+    if (q == 0.0f) return sign;
+    (void)frexp(q, &e);
+    const int qe = e - 1;
+    if (qe < emin)                            // subnormal: exponent field 0
+        return (uchar)(sign | (int)(q * ldexp(1.0f, man_bits - emin)));
+    const int mant = (int)((q * ldexp(1.0f, -qe) - 1.0f) * (float)(1 << man_bits));
+    return (uchar)(sign | ((qe + bias) << man_bits) | mant);
+}
+
+inline uchar fp8_e4m3_encode(float x) { return fp8_encode(x, 3, -6, 7, 448.0f, (uchar)0x7F); }
+inline uchar fp8_e5m2_encode(float x) { return fp8_encode(x, 2, -14, 15, 57344.0f, (uchar)0x7E); }
+
+inline float fp8_e4m3_decode(uchar b) {
+    const uint ex = (b >> 3) & 0xFu, m = b & 0x7u;
+    float v = ex ? as_float(((ex + 120u) << 23) | (m << 20)) : (float)m * 0x1p-9f;
+    if ((b & 0x7Fu) == 0x7Fu) v = NAN;
+    return (b & 0x80u) ? -v : v;
+}
+
+inline float fp8_e5m2_decode(uchar b) {
+    const uint ex = (b >> 2) & 0x1Fu, m = b & 0x3u;
+    float v = ex ? as_float(((ex + 112u) << 23) | (m << 21)) : (float)m * 0x1p-16f;
+    if (ex == 31u) v = m ? NAN : INFINITY;
+    return (b & 0x80u) ? -v : v;
+}
+
+// ---- int8 -------------------------------------------------------------------------------------
+
+inline float int8_scale(float absmax) {
+#if INT8_MODE == 1
+    return fmax(absmax, 1e-8f) / 127.0f;
+#else
+    return fmax(absmax / 127.0f, FLT_EPSILON);
+#endif
+}
+
+inline char int8_encode(float x, float scale) {
+#if INT8_MODE == 1
+    const float r = rint(x / scale);   // round half to even
+#else
+    const float r = round(x / scale);  // round half away from zero
+#endif
+    return (char)clamp(r, -127.0f, 127.0f);
+}
+
+// ---- element access for the selected KV_DTYPE ------------------------------------------------
+// kv_load(p, i): the stored element as float, WITHOUT the row scale (callers fold the scale into
+// the logit or the probability; see decode_attention.cl).
+// kv_store(x, p, i, scale): encode x (a real value) into element i; for int8 `scale` is the row's
+// float scale, ignored otherwise.
+
+inline float kv_load(__global const kv_t *p, size_t i) {
+#if KV_DTYPE == KV_FP32
+    return p[i];
+#elif KV_DTYPE == KV_FP16
+    return vload_half(i, p);
+#elif KV_DTYPE == KV_INT8
+    return (float)p[i];
+#elif KV_DTYPE == KV_FP8_E4M3
+    return fp8_e4m3_decode(p[i]);
+#else
+    return fp8_e5m2_decode(p[i]);
+#endif
+}
+
+inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
+#if KV_DTYPE == KV_FP32
+    p[i] = x;
+#elif KV_DTYPE == KV_FP16
+    vstore_half_rte(x, i, p);
+#elif KV_DTYPE == KV_INT8
+    p[i] = int8_encode(x, scale);
+#elif KV_DTYPE == KV_FP8_E4M3
+    p[i] = fp8_e4m3_encode(x);
+#else
+    p[i] = fp8_e5m2_encode(x);
+#endif
+}
+
+#endif  // KVCL_COMMON_H

@@ -1,0 +1,66 @@
+"""KV storage dtypes: names, storage element types and the kernel defines that select them.
+
+One table, used by the kernels' build options, the numpy reference and memory accounting.
+
+=========  =========  ==========  ============================================================
+name       element    scale       numerics
+=========  =========  ==========  ============================================================
+fp32       float32    none        exact
+fp16       uint16     none        IEEE binary16 via ``vstore_half`` (round to nearest even)
+int8       int8       float32     symmetric absmax per (token, kv head) row:
+                                  ``scale = max(absmax / 127, FLT_EPSILON)``,
+                                  ``q = clamp(round_half_away(x / scale), -127, 127)``
+fp8_e4m3   uint8      none        OCP E4M3 ("fn": no infinities), saturating at ±448,
+                                  round to nearest even, subnormals kept
+fp8_e5m2   uint8      none        OCP E5M2, saturating at ±57344, round to nearest even
+=========  =========  ==========  ============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class KvDtype:
+    name: str
+    code: int  # the KV_DTYPE define seen by the kernels (kernels/common.h)
+    storage: np.dtype  # element type of the pool buffers
+    has_scale: bool  # one float32 scale per (token, kv head) row
+
+    @property
+    def bytes_per_elem(self) -> int:
+        return self.storage.itemsize
+
+    def row_bytes(self, head_dim: int) -> int:
+        """Bytes one (token, kv head) row of K (or V) occupies, scale included."""
+        return head_dim * self.bytes_per_elem + (4 if self.has_scale else 0)
+
+
+FP32 = KvDtype("fp32", 0, np.dtype(np.float32), False)
+FP16 = KvDtype("fp16", 1, np.dtype(np.uint16), False)
+INT8 = KvDtype("int8", 2, np.dtype(np.int8), True)
+FP8_E4M3 = KvDtype("fp8_e4m3", 3, np.dtype(np.uint8), False)
+FP8_E5M2 = KvDtype("fp8_e5m2", 4, np.dtype(np.uint8), False)
+
+KV_DTYPES: dict[str, KvDtype] = {d.name: d for d in (FP32, FP16, INT8, FP8_E4M3, FP8_E5M2)}
+
+# int8 rounding/scale conventions (the INT8_MODE define):
+INT8_MODE_AWAY = 0  # engine + oxibonsai 002: f32 scale, floor FLT_EPSILON, round half away from zero
+INT8_MODE_EVEN = 1  # ferrum 004: max(absmax, 1e-8)/127 stored as fp16, round half to even
+
+
+def kv_dtype(name: "str | KvDtype") -> KvDtype:
+    """Look a KV dtype up by name, with an error that lists the valid names."""
+    if isinstance(name, KvDtype):
+        return name
+    try:
+        return KV_DTYPES[str(name).lower()]
+    except KeyError:
+        raise InvalidArgument(
+            f"dtype: expected one of {', '.join(KV_DTYPES)}, got {name!r}"
+        ) from None

@@ -1,0 +1,157 @@
+"""Numpy reference of kvcl's KV storage formats (the twin of ``kernels/common.h``).
+
+Every function reproduces the kernels bit for bit: the arithmetic is float32 where the
+kernels compute in float, and every rounding step is exact (power-of-two scaling, rint,
+round-half-away-from-zero done in float64), so tests compare stored bytes with ``==``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import INT8_MODE_AWAY, INT8_MODE_EVEN, KvDtype, kv_dtype
+
+FLT_EPSILON = np.float32(np.finfo(np.float32).eps)
+
+# (mantissa bits, minimum normal exponent, bias, max finite, NaN code)
+_FP8 = {
+    "e4m3": (3, -6, 7, 448.0, 0x7F),
+    "e5m2": (2, -14, 15, 57344.0, 0x7E),
+}
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round half away from zero (C ``round``), exact for every float32."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return (np.sign(x64) * np.floor(np.abs(x64) + 0.5)).astype(np.float32)
+
+
+# ---- fp8 ----------------------------------------------------------------------------------------
+
+def fp8_encode(x: np.ndarray, fmt: str) -> np.ndarray:
+    """Encode float32 values as OCP fp8 bytes (``fmt`` ``"e4m3"`` or ``"e5m2"``).
+
+    Round to nearest even, saturating finite overflow and infinities to the largest finite
+    value, subnormals kept, NaN to the format's NaN code (sign preserved).
+    """
+    man_bits, emin, bias, max_value, nan_code = _FP8[fmt]
+    x = np.asarray(x, dtype=np.float32)
+    sign = np.where(np.signbit(x), 0x80, 0).astype(np.uint8)
+    a = np.minimum(np.abs(x), np.float32(max_value))
+    _, e = np.frexp(a)
+    ex = np.maximum(e - 1, emin)
+    quantum = np.ldexp(np.float32(1.0), ex - man_bits).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        q = np.minimum(np.rint(a / quantum) * quantum, np.float32(max_value)).astype(np.float32)
+    _, qe = np.frexp(q)
+    qe = qe - 1
+    sub = (q * np.ldexp(np.float32(1.0), man_bits - emin)).astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        mant = ((q * np.ldexp(np.float32(1.0), -qe) - 1.0) * (1 << man_bits)).astype(np.float32)
+    mant = np.nan_to_num(mant).astype(np.int64)
+    normal = ((qe + bias) << man_bits) | mant
+    body = np.where(q == 0, 0, np.where(qe < emin, sub, normal))
+    body = np.where(np.isnan(x), nan_code, body)
+    return (sign | body.astype(np.uint8)).astype(np.uint8)
+
+
+def fp8_decode(b: np.ndarray, fmt: str) -> np.ndarray:
+    """Decode OCP fp8 bytes to float32."""
+    man_bits, emin, bias, _, _ = _FP8[fmt]
+    b = np.asarray(b, dtype=np.uint8).astype(np.int64)
+    exp_mask = (1 << (7 - man_bits)) - 1
+    ex = (b >> man_bits) & exp_mask
+    m = b & ((1 << man_bits) - 1)
+    normal = np.ldexp(1.0 + m / float(1 << man_bits), ex - bias)
+    sub = np.ldexp(m.astype(np.float64), emin - man_bits)
+    v = np.where(ex == 0, sub, normal)
+    if fmt == "e4m3":
+        v = np.where((b & 0x7F) == 0x7F, np.nan, v)
+    else:
+        v = np.where(ex == exp_mask, np.where(m == 0, np.inf, np.nan), v)
+    v = np.where(b & 0x80, -v, v)
+    return v.astype(np.float32)
+
+
+# ---- fp16 ---------------------------------------------------------------------------------------
+
+def fp16_encode(x: np.ndarray) -> np.ndarray:
+    """float32 → IEEE binary16 bits (uint16), round to nearest even (``vstore_half_rte``)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)
+
+
+def fp16_decode(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+# ---- int8 ---------------------------------------------------------------------------------------
+
+def int8_scale(absmax: np.ndarray, mode: int = INT8_MODE_AWAY) -> np.ndarray:
+    """The float32 scale of each row from its absmax (see ``INT8_MODE`` in common.h)."""
+    absmax = np.asarray(absmax, dtype=np.float32)
+    if mode == INT8_MODE_EVEN:
+        return (np.maximum(absmax, np.float32(1e-8)) / np.float32(127.0)).astype(np.float32)
+    return np.maximum(absmax / np.float32(127.0), FLT_EPSILON).astype(np.float32)
+
+
+def quantize_int8_rows(x: np.ndarray, mode: int = INT8_MODE_AWAY) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric absmax int8 per row (last axis).
+
+    Returns ``(q, scale)``: ``q`` int8 with ``x``'s shape and ``scale`` with the last axis
+    dropped — float32 for ``INT8_MODE_AWAY``, float16 bits (uint16) for ``INT8_MODE_EVEN``,
+    as stored. ``x / scale`` uses the float32 scale in both modes.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale = int8_scale(np.max(np.abs(x), axis=-1), mode)
+    with np.errstate(invalid="ignore"):
+        r = (x / scale[..., None]).astype(np.float32)
+    r = np.rint(r) if mode == INT8_MODE_EVEN else round_half_away(r)
+    q = np.clip(r, -127, 127).astype(np.int8)
+    stored = fp16_encode(scale) if mode == INT8_MODE_EVEN else scale
+    return q, stored
+
+
+def dequantize_int8_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``q * scale`` per row; ``scale`` float32, or uint16 fp16 bits (ferrum mode)."""
+    scale = np.asarray(scale)
+    if scale.dtype == np.uint16:
+        scale = fp16_decode(scale)
+    return (np.asarray(q, dtype=np.float32) * scale.astype(np.float32)[..., None]).astype(np.float32)
+
+
+# ---- any KV dtype -------------------------------------------------------------------------------
+
+def encode_kv(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MODE_AWAY
+              ) -> tuple[np.ndarray, "np.ndarray | None"]:
+    """Encode rows ``x[..., head_dim]`` (float32) into the storage of ``dtype``.
+
+    Returns ``(data, scales)``; ``scales`` is ``None`` for formats without a row scale.
+    """
+    dt = kv_dtype(dtype)
+    x = np.asarray(x, dtype=np.float32)
+    if dt.name == "fp32":
+        return x.copy(), None
+    if dt.name == "fp16":
+        return fp16_encode(x), None
+    if dt.name == "int8":
+        return quantize_int8_rows(x, int8_mode)
+    return fp8_encode(x, dt.name.split("_")[1]), None
+
+
+def decode_kv(data: np.ndarray, scales: "np.ndarray | None", dtype: "str | KvDtype") -> np.ndarray:
+    """Stored rows back to float32 (scales applied for int8)."""
+    dt = kv_dtype(dtype)
+    if dt.name == "fp32":
+        return np.asarray(data, dtype=np.float32).copy()
+    if dt.name == "fp16":
+        return fp16_decode(data)
+    if dt.name == "int8":
+        return dequantize_int8_rows(data, scales)
+    return fp8_decode(data, dt.name.split("_")[1])
+
+
+def roundtrip(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MODE_AWAY) -> np.ndarray:
+    """What a value reads back as after being stored in ``dtype``."""
+    data, scales = encode_kv(x, dtype, int8_mode=int8_mode)
+    return decode_kv(data, scales, dtype)

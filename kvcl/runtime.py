@@ -1,0 +1,262 @@
+"""The OpenCL device runtime: device choice, contexts and queues, memoized program builds.
+
+Device choice, in order:
+
+1. ``KVCL_DEVICE``: ``"P:D"`` (platform and device index, as in ``kvcl devices``) or a
+   case-insensitive substring of the platform or device name (``"pocl"``, ``"nvidia"``, ``"llvmpipe"``);
+2. ``PYOPENCL_CTX`` (pyopencl's own convention, ``"P:D"`` or ``"P"``);
+3. the first GPU of any platform, else the first CPU, else any device.
+
+Kernels come from ``kvcl/kernels`` inside an installed wheel or ``kernels/`` of a source
+checkout, and are specialised with ``-D`` defines. A program is built once per
+(context, file, defines) and its kernel objects are reused.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pyopencl as cl
+
+from .errors import CompileError, NoDeviceError
+
+_NO_DEVICE_HELP = (
+    "no OpenCL device found. Install the embedded CPU device with "
+    "`pip install 'kvcl[pocl]'` (PoCL), or a vendor driver with its ICD "
+    "(see `kvcl devices` and the 'Devices' docs page)"
+)
+
+
+def kernel_dir() -> Path:
+    """The folder holding the ``.cl`` sources: packaged copy first, then the source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "common.h").is_file():
+            return candidate
+    raise FileNotFoundError(f"kvcl kernel sources not found next to {here}")
+
+
+def _all_devices() -> list[tuple[int, int, cl.Platform, cl.Device]]:
+    found = []
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # the ICD loader reports "no platforms" as an error
+        platforms = []
+    for pi, platform in enumerate(platforms):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:
+            continue
+        for di, device in enumerate(devices):
+            found.append((pi, di, platform, device))
+    return found
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What ``kvcl.devices()`` reports for one OpenCL device."""
+
+    index: str  # "P:D"
+    platform: str
+    name: str
+    vendor: str
+    type: str
+    opencl_version: str
+    compute_units: int
+    global_mem_bytes: int
+    max_alloc_bytes: int
+    local_mem_bytes: int
+    max_work_group_size: int
+    fp16: bool
+    fp64: bool
+    subgroups: bool
+
+    def as_row(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _device_type_name(device: cl.Device) -> str:
+    t = device.type
+    for flag, name in ((cl.device_type.GPU, "GPU"), (cl.device_type.CPU, "CPU"), (cl.device_type.ACCELERATOR, "ACCEL")):
+        if t & flag:
+            return name
+    return "OTHER"
+
+
+def describe(device: cl.Device, index: str = "?") -> DeviceInfo:
+    ext = device.extensions.split()
+    return DeviceInfo(
+        index=index,
+        platform=device.platform.name.strip(),
+        name=device.name.strip(),
+        vendor=device.vendor.strip(),
+        type=_device_type_name(device),
+        opencl_version=device.version.strip(),
+        compute_units=device.max_compute_units,
+        global_mem_bytes=device.global_mem_size,
+        max_alloc_bytes=device.max_mem_alloc_size,
+        local_mem_bytes=device.local_mem_size,
+        max_work_group_size=device.max_work_group_size,
+        fp16="cl_khr_fp16" in ext,
+        fp64="cl_khr_fp64" in ext,
+        subgroups="cl_khr_subgroups" in ext or "cl_intel_subgroups" in ext,
+    )
+
+
+def devices() -> list[DeviceInfo]:
+    """Every OpenCL device visible to this process, with its capabilities."""
+    return [describe(d, f"{pi}:{di}") for pi, di, _, d in _all_devices()]
+
+
+def _select(spec: str | None) -> cl.Device:
+    found = _all_devices()
+    if not found:
+        raise NoDeviceError(_NO_DEVICE_HELP)
+    if spec:
+        spec = spec.strip()
+        parts = spec.split(":")
+        if all(p.isdigit() for p in parts) and len(parts) in (1, 2):
+            pi = int(parts[0])
+            di = int(parts[1]) if len(parts) == 2 else 0
+            for p_i, d_i, _, d in found:
+                if (p_i, d_i) == (pi, di):
+                    return d
+            raise NoDeviceError(
+                f"device {spec!r}: no such platform:device index; available: "
+                + ", ".join(f"{p}:{d} ({dev.name.strip()})" for p, d, _, dev in found)
+            )
+        needle = spec.lower()
+        for _, _, platform, d in found:
+            if needle in platform.name.lower() or needle in d.name.lower():
+                return d
+        raise NoDeviceError(
+            f"device {spec!r}: no platform or device name contains it; available: "
+            + ", ".join(f"{p}:{d} {plat.name.strip()} / {dev.name.strip()}" for p, d, plat, dev in found)
+        )
+    for wanted in (cl.device_type.GPU, cl.device_type.CPU):
+        for _, _, _, d in found:
+            if d.type & wanted:
+                return d
+    return found[0][3]
+
+
+class Device:
+    """One OpenCL device with its context and in-order queue.
+
+    Parameters
+    ----------
+    spec : str, optional
+        ``"P:D"`` or a name substring; by default the ``KVCL_DEVICE`` / ``PYOPENCL_CTX`` rules.
+
+    Examples
+    --------
+    >>> dev = kvcl.Device()          # doctest: +SKIP
+    >>> dev.info.name                # doctest: +SKIP
+    'cpu-...'
+    """
+
+    def __init__(self, spec: str | None = None, *, device: cl.Device | None = None):
+        if device is None:
+            if spec is None:
+                spec = os.environ.get("KVCL_DEVICE") or os.environ.get("PYOPENCL_CTX") or None
+            device = _select(spec)
+        self.device = device
+        self.context = cl.Context([device])
+        self.queue = cl.CommandQueue(self.context)
+
+    @cached_property
+    def info(self) -> DeviceInfo:
+        return describe(self.device)
+
+    def kernel(self, source: str, name: str, defines: dict | None = None) -> cl.Kernel:
+        """A kernel object from ``kernels/<source>`` built with ``defines`` (memoized)."""
+        return get_kernel(self.context, source, name, defines)
+
+    def __repr__(self) -> str:
+        return f"<kvcl.Device {self.info.platform} / {self.info.name}>"
+
+
+_default: Device | None = None
+_default_lock = threading.Lock()
+
+
+def default_device() -> Device:
+    """The process-wide default :class:`Device`, created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Device()
+        return _default
+
+
+def resolve_device(device: "Device | str | None") -> Device:
+    """Accept a :class:`Device`, a device spec string, or ``None`` for the default."""
+    if device is None:
+        return default_device()
+    if isinstance(device, Device):
+        return device
+    if isinstance(device, str):
+        return Device(device)
+    raise TypeError(f"device: expected a kvcl.Device, a device spec string or None, got {type(device).__name__}")
+
+
+# ---- program builds -------------------------------------------------------------------------
+
+_programs: dict[tuple, cl.Program] = {}
+_kernels: dict[tuple, cl.Kernel] = {}
+_build_lock = threading.Lock()
+
+
+def build_options(defines: dict | None) -> list[str]:
+    # Correctly rounded division keeps x / scale bit-identical to the numpy reference.
+    opts = [f"-I{kernel_dir()}", "-cl-std=CL1.2", "-cl-fp32-correctly-rounded-divide-sqrt"]
+    for key in sorted(defines or {}):
+        value = defines[key]
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, float):
+            value = repr(value) + "f"
+        opts.append(f"-D{key}={value}")
+    return opts
+
+
+def get_program(context: cl.Context, source: str, defines: dict | None = None) -> cl.Program:
+    """Build ``kernels/<source>`` for ``context`` once per set of defines."""
+    key = (context.int_ptr, source, tuple(sorted((defines or {}).items())))
+    with _build_lock:
+        program = _programs.get(key)
+        if program is not None:
+            return program
+        path = kernel_dir() / source
+        text = path.read_text()
+        options = build_options(defines)
+        try:
+            program = cl.Program(context, text).build(options=options)
+        except cl.RuntimeError as exc:  # pyopencl folds the build log into the message
+            raise CompileError(source, options, str(exc)) from None
+        if os.environ.get("KVCL_SHOW_BUILD_LOG"):
+            for dev in context.devices:
+                log = program.get_build_info(dev, cl.program_build_info.LOG)
+                if log.strip():
+                    print(f"[kvcl] build log {source} {options}:\n{log}")
+        _programs[key] = program
+        return program
+
+
+def get_kernel(context: cl.Context, source: str, name: str, defines: dict | None = None) -> cl.Kernel:
+    """A reusable ``cl.Kernel`` (memoized per context, source, defines and name).
+
+    Kernel objects carry their argument state, so callers must set all arguments and
+    enqueue under one lock if several threads share them (the cache engine does).
+    """
+    key = (context.int_ptr, source, tuple(sorted((defines or {}).items())), name)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = cl.Kernel(get_program(context, source, defines), name)
+        with _build_lock:
+            kernel = _kernels.setdefault(key, kernel)
+    return kernel
