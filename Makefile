@@ -1,0 +1,33 @@
+# The README's commands. Everything installs into ./.venv from PyPI on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= pocl,dev
+
+.PHONY: demo test test-fast bench docs devices clean
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+demo: $(VENV)/.installed-$(EXTRAS)
+	$(VENV)/bin/kvcl demo
+
+devices: $(VENV)/.installed-$(EXTRAS)
+	$(VENV)/bin/kvcl devices
+
+test: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m pytest -q -ra -x tests/host
+
+bench: $(VENV)/.installed-$(EXTRAS)
+	$(VENV)/bin/kvcl bench --json bench-results.json --plot bench-results.png
+
+clean:
+	rm -rf $(VENV) build dist docs/_build .pytest_cache .hypothesis

@@ -1,0 +1,59 @@
+"""The ``kvcl`` command line: ``kvcl devices``, ``kvcl demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_devices(args) -> int:
+    from .runtime import devices
+    from .table import format_table, human_bytes
+
+    found = devices()
+    if not found:
+        from .runtime import _NO_DEVICE_HELP
+        print(f"kvcl: {_NO_DEVICE_HELP}", file=sys.stderr)
+        return 1
+    rows = [
+        (d.index, d.platform, d.name, d.type, d.opencl_version.split(" ")[1] if " " in d.opencl_version else d.opencl_version,
+         d.compute_units, human_bytes(d.global_mem_bytes), human_bytes(d.local_mem_bytes),
+         d.max_work_group_size, "yes" if d.fp16 else "no", "yes" if d.fp64 else "no",
+         "yes" if d.subgroups else "no")
+        for d in found
+    ]
+    print(format_table(["index", "platform", "device", "type", "OpenCL", "CUs", "global mem",
+                        "local mem", "max WG", "fp16", "fp64", "subgroups"], rows,
+                       align="llllrrrrrlll"))
+    print("\nSelect one with KVCL_DEVICE=<index or name substring> (e.g. KVCL_DEVICE=0:0).")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvcl", description="kvcl: a portable OpenCL KV-cache runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("devices", help="list OpenCL devices and their capabilities")
+    p.set_defaults(func=_cmd_devices)
+    p = sub.add_parser("demo", help="fill a paged cache and run decode attention in every KV dtype")
+    p.add_argument("--device", default=None, help="device index 'P:D' or name substring (default: KVCL_DEVICE or auto)")
+    p.set_defaults(func=_cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error for the CLI user, not a traceback
+        from .errors import KvclError
+        if isinstance(exc, KvclError):
+            print(f"kvcl: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

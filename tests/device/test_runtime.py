@@ -1,0 +1,78 @@
+"""The device runtime: selection rules, memoized builds, and build failures with their log."""
+
+import os
+import shutil
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+import pytest
+
+import kvcl
+from kvcl import runtime
+
+
+def test_devices_lists_capabilities(device):
+    infos = kvcl.devices()
+    assert infos, "the device fixture found a device, so devices() must list it"
+    for info in infos:
+        assert info.compute_units >= 1 and info.max_work_group_size >= 1
+        assert info.local_mem_bytes > 0 and info.global_mem_bytes > 0
+        assert isinstance(info.fp16, bool) and isinstance(info.subgroups, bool)
+
+
+def test_select_by_index_and_by_name(device):
+    info = next(d for d in kvcl.devices() if d.name == device.info.name)
+    by_index = kvcl.Device(info.index)
+    assert by_index.device.int_ptr == device.device.int_ptr
+    by_name = kvcl.Device(info.name[:6].upper())  # case-insensitive substring
+    assert by_name.info.name == info.name or info.name[:6].lower() in by_name.info.platform.lower() + by_name.info.name.lower()
+
+
+def test_env_variable_selects(monkeypatch, device):
+    info = next(d for d in kvcl.devices() if d.name == device.info.name)
+    monkeypatch.setenv("KVCL_DEVICE", info.index)
+    assert kvcl.Device().device.int_ptr == device.device.int_ptr
+
+
+def test_unknown_device_is_a_clear_error(device):
+    with pytest.raises(kvcl.NoDeviceError, match="no platform or device name contains it; available:"):
+        kvcl.Device("no-such-device-anywhere")
+    with pytest.raises(kvcl.NoDeviceError, match="no such platform:device index"):
+        kvcl.Device("97:3")
+
+
+def test_no_device_error_says_how_to_get_one(monkeypatch):
+    monkeypatch.setattr(runtime, "_all_devices", lambda: [])
+    with pytest.raises(kvcl.NoDeviceError, match=r"pip install 'kvcl\[pocl\]'"):
+        runtime._select(None)
+
+
+def test_programs_and_kernels_are_memoized(device, tmp_path, monkeypatch):
+    src = tmp_path / "common.h"
+    shutil.copy(runtime.kernel_dir() / "common.h", src)
+    (tmp_path / "twice.cl").write_text(
+        '#include "common.h"\n__kernel void twice(__global float *x) { size_t i = get_global_id(0); x[i] = SCALE * x[i]; }\n')
+    monkeypatch.setattr(runtime, "kernel_dir", lambda: tmp_path)
+    k1 = runtime.get_kernel(device.context, "twice.cl", "twice", {"SCALE": 2.0})
+    k2 = runtime.get_kernel(device.context, "twice.cl", "twice", {"SCALE": 2.0})
+    k3 = runtime.get_kernel(device.context, "twice.cl", "twice", {"SCALE": 3.0})
+    assert k1 is k2 and k1 is not k3
+    x = cla.to_device(device.queue, np.arange(8, dtype=np.float32))
+    k3(device.queue, (8,), None, x.data)
+    np.testing.assert_array_equal(x.get(), 3 * np.arange(8, dtype=np.float32))
+
+
+def test_build_failure_carries_the_build_log(device, tmp_path, monkeypatch):
+    (tmp_path / "common.h").write_text("")
+    (tmp_path / "broken.cl").write_text("__kernel void broken(__global float *x) { x[0] = undeclared_name; }\n")
+    monkeypatch.setattr(runtime, "kernel_dir", lambda: tmp_path)
+    with pytest.raises(kvcl.CompileError) as info:
+        runtime.get_kernel(device.context, "broken.cl", "broken", {"X": 1})
+    assert "undeclared_name" in info.value.build_log
+    assert "broken.cl" in str(info.value) and "-DX=1" in str(info.value)
+
+
+def test_kernel_dir_from_checkout_holds_every_family():
+    d = runtime.kernel_dir()
+    assert (d / "common.h").is_file()
