@@ -13,13 +13,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import (DeviceMismatchError, DtypeError, NonFiniteError, OutOfRangeError,
-                     ShapeError)
+from .errors import (
+    DeviceMismatchError,
+    DtypeError,
+    NonFiniteError,
+    OutOfRangeError,
+    ShapeError,
+)
 
 
 def is_device_array(x: Any) -> bool:
-    """True for a ``pyopencl.array.Array`` (anything with ``.context`` and ``.data``)."""
-    return hasattr(x, "context") and hasattr(x, "data") and hasattr(x, "shape") and not isinstance(x, np.ndarray)
+    """True for a ``pyopencl.array.Array`` (anything with ``.context`` and ``.base_data``).
+
+    ``base_data``, not ``data``: on a view with an offset, pyopencl's ``.data`` raises.
+    """
+    return (not isinstance(x, np.ndarray) and hasattr(x, "context") and hasattr(x, "base_data")
+            and hasattr(x, "shape"))
 
 
 def _fmt_shape(shape: Sequence) -> str:

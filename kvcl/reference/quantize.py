@@ -155,3 +155,76 @@ def roundtrip(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MO
     """What a value reads back as after being stored in ``dtype``."""
     data, scales = encode_kv(x, dtype, int8_mode=int8_mode)
     return decode_kv(data, scales, dtype)
+
+
+# ---- the twins of kvcl.ops.quantize --------------------------------------------------------------
+
+def quantize_rows(x: np.ndarray, out: np.ndarray, *, scales: "np.ndarray | None" = None,
+                  kv_dtype: "str | KvDtype", int8_mode: int = INT8_MODE_AWAY,
+                  out_row_offset: int = 0) -> tuple[np.ndarray, "np.ndarray | None"]:
+    """Numpy twin of :func:`kvcl.ops.quantize.quantize_rows` (inputs are not modified).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, float32, shape [N, head_dim]
+    out : numpy.ndarray, the storage dtype, shape [..., head_dim]
+        Treated as ``[R, head_dim]``.
+    scales : numpy.ndarray, shape ``out.shape[:-1]`` or [R], optional
+        int8 only: float32 (``int8_mode=0``) or fp16 bits uint16 (``int8_mode=1``).
+    kv_dtype : str or KvDtype
+    int8_mode : int
+    out_row_offset : int
+
+    Returns
+    -------
+    (out, scales)
+        Copies of ``out`` and ``scales`` (``None`` without scales) with rows
+        ``[out_row_offset, out_row_offset + N)`` replaced by ``encode_kv(x)``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    data, row_scales = encode_kv(x, kv_dtype, int8_mode=int8_mode)
+    head_dim = x.shape[-1]
+    new_out = np.array(out, copy=True)
+    rows = new_out.reshape(-1, head_dim)
+    rows[out_row_offset:out_row_offset + len(x)] = data
+    new_scales = None
+    if scales is not None:
+        new_scales = np.array(scales, copy=True)
+        flat = new_scales.reshape(-1)
+        flat[out_row_offset:out_row_offset + len(x)] = row_scales.view(flat.dtype)
+    return new_out, new_scales
+
+
+def dequantize_rows(data: np.ndarray, *, scales: "np.ndarray | None" = None,
+                    kv_dtype: "str | KvDtype", int8_mode: int = INT8_MODE_AWAY,
+                    row_offset: int = 0, num_rows: "int | None" = None) -> np.ndarray:
+    """Numpy twin of :func:`kvcl.ops.quantize.dequantize_rows`.
+
+    Parameters
+    ----------
+    data : numpy.ndarray, the storage dtype, shape [..., head_dim]
+        Treated as ``[R, head_dim]``.
+    scales : numpy.ndarray, shape ``data.shape[:-1]`` or [R], optional
+        int8 only: float32 (``int8_mode=0``) or fp16 as uint16 bits / float16 (``int8_mode=1``).
+    kv_dtype : str or KvDtype
+    int8_mode : int
+        Only tells how to read ``scales``.
+    row_offset, num_rows : int
+        Rows ``[row_offset, row_offset + num_rows)`` (default: to the end).
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape [num_rows, head_dim]
+    """
+    data = np.asarray(data)
+    head_dim = data.shape[-1]
+    rows = data.reshape(-1, head_dim)
+    if num_rows is None:
+        num_rows = len(rows) - row_offset
+    picked = rows[row_offset:row_offset + num_rows]
+    row_scales = None
+    if scales is not None:
+        row_scales = np.asarray(scales).reshape(-1)[row_offset:row_offset + num_rows]
+        if int8_mode == INT8_MODE_EVEN:
+            row_scales = row_scales.view(np.uint16)  # fp16 bits, decoded by decode_kv
+    return decode_kv(picked, row_scales, kv_dtype)
