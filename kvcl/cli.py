@@ -31,7 +31,8 @@ def _cmd_devices(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(device=args.device)
+    run_demo(device=args.device)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

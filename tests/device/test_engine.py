@@ -1,0 +1,353 @@
+"""PagedKVCache: attention vs the numpy reference for ragged batches, forks, prefix hits;
+save/load; refusals that change nothing; threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import kvcl
+from kvcl.engine import PagedKVCache, StaleStepError
+from kvcl.reference.decode_attention import _attend as reference_attend
+from kvcl.reference.paged_write import apply_rope, rms_norm
+from kvcl.reference.quantize import roundtrip
+
+DTYPES = ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"]
+# accuracy of each dtype's attention output vs the fp32 output (targets.md)
+COSINE_BOUND = {"fp32": 0.999999, "fp16": 0.99999, "int8": 0.9995, "fp8_e4m3": 0.995, "fp8_e5m2": 0.97}
+
+
+class Model:
+    """Random K/V/Q per sequence, and the expected attention, computed with numpy."""
+
+    def __init__(self, cache: PagedKVCache, num_q_heads: int, seed: int = 0):
+        self.cache, self.hq = cache, num_q_heads
+        self.rng = np.random.default_rng(seed)
+        self.k: dict[int, list[np.ndarray]] = {}
+        self.v: dict[int, list[np.ndarray]] = {}
+
+    def rows(self, n):
+        c = self.cache
+        return self.rng.standard_normal((n, c.num_kv_heads, c.head_dim)).astype(np.float32)
+
+    def step(self, seq_ids, counts, *, layer=0, window=0):
+        """Plan, write and attend one step; return (kernel output, fp32-model expectation)."""
+        c = self.cache
+        step = c.plan(seq_ids, counts)
+        total = sum(counts)
+        keys, values = self.rows(total), self.rows(total)
+        queries = self.rng.standard_normal((total, self.hq, c.head_dim)).astype(np.float32)
+        c.write(layer, step, keys, values)
+        out = c.attend(layer, step, queries, window=window)
+        expected = np.zeros_like(out)
+        row = 0
+        for s, n in zip(seq_ids, counts):
+            self.k.setdefault(s, []).append(keys[row:row + n])
+            self.v.setdefault(s, []).append(values[row:row + n])
+            k, v = np.concatenate(self.k[s]), np.concatenate(self.v[s])
+            expected[row:row + n] = reference_attend(queries[row:row + n], k, v, 1 / np.sqrt(c.head_dim), window)
+            row += n
+        return step, queries, out, expected
+
+    def fork(self, parent, child):
+        self.k[child] = list(self.k[parent])
+        self.v[child] = list(self.v[parent])
+
+
+def _cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _check_against_stored(cache, layer, seq_ids, counts, queries, out, window=0):
+    """The kernel equals the reference run on exactly the stored (dequantised) K/V."""
+    row = 0
+    for s, n in zip(seq_ids, counts):
+        k, v = cache.read(layer, s)
+        ref = reference_attend(queries[row:row + n], k, v, 1 / np.sqrt(cache.head_dim), window)
+        err = np.abs(out[row:row + n] - ref).max()
+        assert err <= 1e-5 * np.abs(ref).max() + 1e-7, (s, err)
+        row += n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_ragged_batches_prefill_then_decode(device, dtype, block_size):
+    cache = PagedKVCache(1, 2, 64, num_blocks=512 // block_size + 64, block_size=block_size, dtype=dtype, device=device)
+    model = Model(cache, num_q_heads=8, seed=block_size)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    # chunked prefill with ragged lengths crossing block boundaries, then decode steps
+    for counts in ([17, 1, 15], [16, 54, 2], [1, 1, 1], [1, 1, 1]):
+        step, queries, out, expected = model.step(seqs, counts)
+        _check_against_stored(cache, 0, seqs, counts, queries, out)
+        assert _cosine(out, expected) >= COSINE_BOUND[dtype]
+        if dtype == "fp32":
+            assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+        if dtype == "fp16":
+            assert np.abs(out - expected).max() <= 2e-3 * np.abs(expected).max()
+        if dtype == "int8":
+            assert np.abs(out - expected).max() / np.abs(expected).max() < 0.03
+    assert [cache.seq_len(s) for s in seqs] == [35, 57, 19]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_read_returns_what_was_written(device, dtype):
+    cache = PagedKVCache(2, 3, 16, num_blocks=16, block_size=4, dtype=dtype, device=device)
+    rng = np.random.default_rng(3)
+    s = cache.add_sequence()
+    step = cache.plan([s], [10])
+    k, v = (rng.standard_normal((10, 3, 16)).astype(np.float32) for _ in range(2))
+    cache.write(1, step, k, v)
+    got_k, got_v = cache.read(1, s)
+    np.testing.assert_array_equal(got_k, roundtrip(k, dtype))
+    np.testing.assert_array_equal(got_v, roundtrip(v, dtype))
+    # layer 0 was never written: still zeros
+    assert not cache.read(0, s)[0].any()
+
+
+def test_sliding_window(device):
+    cache = PagedKVCache(1, 1, 32, num_blocks=32, block_size=4, device=device)
+    model = Model(cache, num_q_heads=4, seed=5)
+    s = cache.add_sequence()
+    for counts in ([23], [1], [3]):
+        step, queries, out, expected = model.step([s], counts, window=7)
+        np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_fork_copy_on_write_keeps_parent_intact(device):
+    cache = PagedKVCache(1, 2, 32, num_blocks=64, block_size=4, dtype="int8", device=device)
+    model = Model(cache, num_q_heads=4, seed=7)
+    a = cache.add_sequence()
+    model.step([a], [6])                      # two blocks, the second half full
+    parent_k, parent_v = cache.read(0, a)
+    b = cache.fork(a)
+    model.fork(a, b)
+    step, queries, out, expected = model.step([b, a], [3, 1])   # both write into the shared block
+    _check_against_stored(cache, 0, [b, a], [3, 1], queries, out)
+    k_a, _ = cache.read(0, a)
+    k_b, _ = cache.read(0, b)
+    np.testing.assert_array_equal(k_a[:6], parent_k)
+    np.testing.assert_array_equal(k_b[:6], parent_k)
+    assert not np.array_equal(k_a[6], k_b[6])
+    assert cache.seq_len(a) == 7 and cache.seq_len(b) == 9
+
+
+def test_prefix_reuse_shares_blocks_and_attention_matches(device):
+    cache = PagedKVCache(1, 2, 32, num_blocks=64, block_size=4, device=device)
+    rng = np.random.default_rng(11)
+    prompt = list(range(100, 111))            # 11 tokens: 2 full blocks can be shared
+    k, v = (rng.standard_normal((11, 2, 32)).astype(np.float32) for _ in range(2))
+    a = cache.add_sequence(prompt)
+    step = cache.plan([a], [11], token_ids=[prompt])
+    cache.write(0, step, k, v)
+    free_before = cache.num_free_blocks
+    b = cache.add_sequence(prompt)
+    cached = cache.seq_len(b)
+    assert cached == 8
+    step = cache.plan([b], [11 - cached], token_ids=[prompt[cached:]])
+    cache.write(0, step, k[cached:], v[cached:])
+    assert free_before - cache.num_free_blocks == 1       # only the last block is new
+    np.testing.assert_array_equal(cache.read(0, a)[0], cache.read(0, b)[0])
+    np.testing.assert_array_equal(cache.read(0, a)[1], cache.read(0, b)[1])
+    # one decode step on both: identical histories give identical outputs
+    q = rng.standard_normal((1, 4, 32)).astype(np.float32)
+    step = cache.plan([a, b], [1, 1])
+    cache.write(0, step, np.concatenate([k[:1], k[:1]]), np.concatenate([v[:1], v[:1]]))
+    out = cache.attend(0, step, np.concatenate([q, q]))
+    np.testing.assert_array_equal(out[0], out[1])
+    assert cache.stats()["prefix_hits"] == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_save_load_bit_exact(device, dtype, tmp_path):
+    cache = PagedKVCache(2, 2, 16, num_blocks=12, block_size=4, dtype=dtype, device=device)
+    model = Model(cache, num_q_heads=2, seed=2)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    model.step([a, b], [5, 9], layer=0)
+    model.step([a, b], [2, 1], layer=1)
+    c = cache.fork(a)
+    path = tmp_path / "cache.kvcl"
+    cache.save(path)
+    loaded = PagedKVCache.load(path, device=device)
+    assert loaded.snapshot() == cache.snapshot()
+    assert loaded.seq_len(c) == cache.seq_len(a)
+    # the loaded cache keeps working: the same next step gives the same output
+    q = np.random.default_rng(0).standard_normal((1, 2, 16)).astype(np.float32)
+    outs = []
+    for obj in (cache, loaded):
+        step = obj.plan([b], [1])
+        obj.write(0, step, q[:, :2] * 0 + 1, q[:, :2])
+        outs.append(obj.attend(0, step, q))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_load_refuses_a_file_whose_arrays_disagree_with_its_config(device, tmp_path):
+    from kvcl import archive
+    cache = PagedKVCache(1, 2, 8, num_blocks=4, block_size=2, dtype="int8", device=device)
+    path = tmp_path / "c.kvcl"
+    cache.save(path)
+    meta, arrays = archive.read_archive(path)
+    meta["config"]["dtype"] = "fp16"                   # int8 bytes labelled fp16
+    archive.write_archive(path, meta, arrays)
+    with pytest.raises(archive.ArchiveError, match="do not match the config"):
+        PagedKVCache.load(path, device=device)
+
+
+# ---- refusals change nothing -------------------------------------------------------------------
+
+def _busy_cache(device, dtype="int8"):
+    cache = PagedKVCache(2, 2, 8, num_blocks=6, block_size=4, dtype=dtype, device=device)
+    model = Model(cache, num_q_heads=4, seed=9)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    model.step([a, b], [5, 3])
+    return cache, a, b
+
+
+def _bad_calls(cache, a, b):
+    good = np.ones((2, 2, 8), np.float32)
+    nan = good.copy()
+    nan[1, 0, 3] = np.nan
+    yield "out of blocks", kvcl.OutOfBlocks, lambda: cache.plan([a, b], [30, 1])
+    yield "unknown sequence", IndexError, lambda: cache.plan([a, 99], [1, 1])
+    yield "duplicate sequence", ValueError, lambda: cache.plan([a, a], [1, 1])
+    yield "unknown fork", IndexError, lambda: cache.fork(1234)
+    step = cache.plan([a], [2])
+    yield "keys wrong shape", kvcl.ShapeError, lambda: cache.write(0, step, np.ones((3, 2, 8), np.float32), good)
+    yield "values wrong dtype", kvcl.DtypeError, lambda: cache.write(0, step, good, good.astype(np.float64))
+    yield "keys NaN", kvcl.NonFiniteError, lambda: cache.write(0, step, nan, good)
+    yield "values Inf", kvcl.NonFiniteError, lambda: cache.write(0, step, good, nan * np.inf)
+    yield "layer out of range", IndexError, lambda: cache.write(2, step, good, good)
+    yield "layer kind", TypeError, lambda: cache.write(0.0, step, good, good)
+    yield "keys as list", TypeError, lambda: cache.write(0, step, good.tolist(), good)
+    yield "queries heads", kvcl.ShapeError, lambda: cache.attend(0, step, np.ones((2, 3, 8), np.float32))
+    yield "queries NaN", kvcl.NonFiniteError, lambda: cache.attend(0, step, np.full((2, 4, 8), np.nan, np.float32))
+    yield "window negative", IndexError, lambda: cache.attend(0, step, np.ones((2, 4, 8), np.float32), window=-1)
+    yield "rope name", kvcl.InvalidArgument, lambda: cache.write_qkv(0, step, np.ones((2, 64), np.float32), num_q_heads=4, rope="spiral")
+    yield "qkv width", kvcl.ShapeError, lambda: cache.write_qkv(0, step, np.ones((2, 60), np.float32), num_q_heads=4, rope="none")
+    yield "cos missing", kvcl.InvalidArgument, lambda: cache.write_qkv(0, step, np.ones((2, 64), np.float32), num_q_heads=4)
+    yield "not a step", TypeError, lambda: cache.write(0, "step", good, good)
+
+
+def test_every_refusal_leaves_the_cache_byte_identical(device):
+    cache, a, b = _busy_cache(device)
+    tried = 0
+    gen = _bad_calls(cache, a, b)
+    for name, exc, call in gen:
+        before = cache.snapshot()
+        with pytest.raises(exc) as info:
+            call()
+        assert isinstance(info.value, kvcl.KvclError), f"{name}: {type(info.value)} is not a kvcl error"
+        assert cache.snapshot() == before, f"{name}: the cache changed"
+        tried += 1
+    assert tried >= 18
+
+
+def test_stale_step_is_refused(device):
+    cache, a, b = _busy_cache(device)
+    good = np.ones((1, 2, 8), np.float32)
+    step = cache.plan([b], [1])
+    cache.free(b)
+    before = cache.snapshot()
+    with pytest.raises(StaleStepError, match="sequence 1 was freed or planned again"):
+        cache.write(0, step, good, good)
+    step2 = cache.plan([a], [1])
+    cache.plan([a], [1])                       # planned again: step2 is stale
+    with pytest.raises(StaleStepError):
+        cache.attend(0, step2, np.ones((1, 4, 8), np.float32))
+    assert cache.snapshot()["k.0"] == before["k.0"]
+
+
+def test_device_array_inputs_stay_on_device_and_nan_rows_are_not_written(device):
+    import pyopencl.array as cla
+    cache = PagedKVCache(1, 2, 8, num_blocks=8, block_size=4, device=device)
+    s = cache.add_sequence()
+    queue = device.queue
+    k = np.ones((3, 2, 8), np.float32)
+    step = cache.plan([s], [3])
+    cache.write(0, step, cla.to_device(queue, k), cla.to_device(queue, k))
+    out = cache.attend(0, step, cla.to_device(queue, np.ones((3, 2, 8), np.float32)))
+    assert isinstance(out, cla.Array)
+    np.testing.assert_allclose(out.get(), 1.0, rtol=1e-6)
+    bad = k.copy()
+    bad[0, 1, 2] = np.nan
+    step = cache.plan([s], [3])
+    cache.write(0, step, cla.to_device(queue, bad * 2), cla.to_device(queue, k * 2))
+    with pytest.raises(kvcl.NonFiniteError, match="not written"):
+        cache.synchronize()
+    got, _ = cache.read(0, s)
+    # rows are (token, kv head): only token 0's head 1 held the NaN and kept its old zeros
+    assert (got[3, 1] == 0).all() and (got[3, 0] == 2).all()
+    assert (got[4:] == 2).all()
+
+
+def test_memory_accounting_and_device_memory_error(device):
+    cache = PagedKVCache(4, 8, 128, num_blocks=32, block_size=16, dtype="int8", device=device)
+    elems = 32 * 8 * 16
+    assert cache.memory_bytes() == 4 * 2 * (elems * 128 + elems * 4)
+    assert cache.stats()["bytes_per_token"] == 4 * 2 * 8 * 132
+    huge = device.info.global_mem_bytes // (2 * 8 * 16 * 128 * 4) + 10
+    with pytest.raises(kvcl.DeviceMemoryError, match="needs .* bytes but the device has"):
+        PagedKVCache(1, 8, 128, num_blocks=huge, block_size=16, device=device)
+
+
+def test_fused_write_qkv_matches_reference(device):
+    rng = np.random.default_rng(21)
+    hq, hkv, d = 8, 2, 32
+    cache = PagedKVCache(1, hkv, d, num_blocks=16, block_size=4, device=device)
+    s = cache.add_sequence()
+    positions = np.arange(64)[:, None] / (10000 ** (np.arange(d // 2) / (d // 2)))
+    cos, sin = np.cos(positions).astype(np.float32), np.sin(positions).astype(np.float32)
+    wq, wk = (rng.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2))
+    seen_k = []
+    for n in (7, 1, 5):
+        start = cache.seq_len(s)
+        step = cache.plan([s], [n])
+        qkv = rng.standard_normal((n, (hq + 2 * hkv) * d)).astype(np.float32)
+        q = cache.write_qkv(0, step, qkv, num_q_heads=hq, cos=cos, sin=sin, q_norm_weight=wq,
+                            k_norm_weight=wk, rope="half")
+        pos = np.arange(start, start + n)
+        rows = qkv.reshape(n, hq + 2 * hkv, d)
+        q_ref = apply_rope(rms_norm(rows[:, :hq], wq, 1e-6), cos[pos][:, None], sin[pos][:, None], "half")
+        k_ref = apply_rope(rms_norm(rows[:, hq:hq + hkv], wk, 1e-6), cos[pos][:, None], sin[pos][:, None], "half")
+        np.testing.assert_allclose(q, q_ref, rtol=1e-5, atol=1e-5)
+        seen_k.append(k_ref)
+        out = cache.attend(0, step, q)
+        k, v = cache.read(0, s)
+        np.testing.assert_allclose(k, np.concatenate(seen_k), rtol=1e-5, atol=1e-5)
+        ref = reference_attend(q, k, v, 1 / np.sqrt(d), 0)
+        np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_threads_driving_different_sequences_match_the_serial_run(device):
+    def run(parallel: bool):
+        cache = PagedKVCache(1, 2, 16, num_blocks=8 * 12, block_size=4, dtype="int8", device=device)
+        seqs = [cache.add_sequence() for _ in range(8)]
+        results = {}
+
+        def drive(i):
+            rng = np.random.default_rng(100 + i)
+            outs = []
+            for n in (9, 1, 1, 3, 1):
+                step = cache.plan([seqs[i]], [n])
+                k, v = (rng.standard_normal((n, 2, 16)).astype(np.float32) for _ in range(2))
+                cache.write(0, step, k, v)
+                outs.append(cache.attend(0, step, rng.standard_normal((n, 4, 16)).astype(np.float32)))
+            results[i] = (np.concatenate(outs), cache.read(0, seqs[i]))
+
+        if parallel:
+            threads = [threading.Thread(target=drive, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for i in range(8):
+                drive(i)
+        return results
+
+    serial, parallel = run(False), run(True)
+    for i in range(8):
+        np.testing.assert_array_equal(serial[i][0], parallel[i][0])
+        np.testing.assert_array_equal(serial[i][1][0], parallel[i][1][0])
