@@ -1,4 +1,4 @@
-"""The ``kvcl`` command line: ``kvcl devices``, ``kvcl demo``."""
+"""The ``kvcl`` command line: ``kvcl devices``, ``kvcl demo``, ``kvcl bench``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import format_records, plot, run_bench, write_json
+    from .runtime import resolve_device
+
+    dev = resolve_device(args.device)
+    records = run_bench(dev, quick=args.quick, repeats=args.repeats)
+    name = f"{dev.info.platform} / {dev.info.name}"
+    print(format_records(records, name))
+    if args.json:
+        write_json(records, args.json, dev.info)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(records, args.plot, name)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvcl", description="kvcl: a portable OpenCL KV-cache runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="fill a paged cache and run decode attention in every KV dtype")
     p.add_argument("--device", default=None, help="device index 'P:D' or name substring (default: KVCL_DEVICE or auto)")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("bench", help="kernel speed vs the device's streaming-read bandwidth and vs peers")
+    p.add_argument("--device", default=None, help="device index 'P:D' or name substring")
+    p.add_argument("--json", metavar="PATH", help="write one JSON record per case")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of utilisation per case")
+    p.add_argument("--quick", action="store_true", help="small shapes (seconds, for smoke tests)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repetitions per case (median)")
+    p.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

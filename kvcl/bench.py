@@ -1,0 +1,398 @@
+"""``kvcl bench``: kernel speed as a fraction of the device's own streaming-read bandwidth,
+and against peers on the same inputs, all measured in ONE run on one machine.
+
+What is measured (each case: warm-up, then the median of several repetitions, wall clock
+around enqueue + ``queue.finish()``, inputs already on the device):
+
+* ``stream_read``: a plain wide-vector read kernel over a large buffer — the device limit.
+* ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
+  shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype; plus
+  long context (B=1, L=32768, split-K) and many sequences (B=64, L=512).
+* ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
+  2048-token prefill.
+* peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
+  with the KV cache bound in place (IOBinding), and the grouped numpy reference.
+
+Bytes per decode case: ``Σ_seq L · H_kv · (2·D·bytes_per_elem + 2·scale_bytes)`` plus page table,
+queries and output. Utilisation = (bytes / seconds) / stream-read bandwidth. Speedup of a peer
+row = peer seconds / kvcl seconds (> 1: kvcl is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyopencl.array as cla
+
+from .dtypes import KV_DTYPES, kv_dtype
+from .ops import decode_attention as attention_ops
+from .ops import paged_write as write_ops
+from .ops.stream_read import empty_partial, stream_read
+from .reference.quantize import encode_kv
+from .runtime import Device, resolve_device
+from .table import format_table
+
+
+@dataclass
+class Record:
+    """One row of the results (also one JSON record)."""
+
+    case: str
+    kv_dtype: str
+    shape: dict
+    seconds: float
+    bytes: int
+    gbps: float
+    device_read_gbps: float
+    utilization: float
+    peer: "str | None" = None
+    speedup: "float | None" = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall-clock seconds of ``run(); sync()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# ---- the device limit ---------------------------------------------------------------------------
+
+def measure_stream_read(dev: Device, *, nbytes: int = 256 << 20, repeats: int = 7) -> tuple[float, float]:
+    """(seconds, GB/s) of reading ``nbytes`` once with the streaming-read kernel."""
+    nbytes = min(nbytes, dev.info.max_alloc_bytes // 2) // 16 * 16
+    src = cla.empty(dev.queue, nbytes // 4, np.float32)
+    src.fill(1.0)
+    partial = empty_partial(dev.queue)
+    seconds = timeit(lambda: stream_read(src, partial), dev.queue.finish, repeats=repeats)
+    return seconds, nbytes / seconds / 1e9
+
+
+# ---- decode attention ---------------------------------------------------------------------------
+
+@dataclass
+class DecodeShape:
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_len: int
+    block_size: int = 16
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_bytes(shape: DecodeShape, dtype_name: str) -> int:
+    """Bytes a decode step must move: every cached K/V byte + page table + q + out."""
+    dt = kv_dtype(dtype_name)
+    scale_bytes = 4 if dt.has_scale else 0
+    kv = shape.batch * shape.kv_len * shape.num_kv_heads * (2 * shape.head_dim * dt.bytes_per_elem + 2 * scale_bytes)
+    pages = shape.batch * math.ceil(shape.kv_len / shape.block_size)
+    table = 4 * (pages + 2 * shape.batch + 1 + shape.batch + 1)
+    q_and_out = 2 * shape.batch * shape.num_q_heads * shape.head_dim * 4
+    return kv + table + q_and_out
+
+
+class DecodeCase:
+    """Random pools in ``dtype`` with a shuffled page table, ready to launch on ``dev``."""
+
+    def __init__(self, dev: Device, shape: DecodeShape, dtype_name: str, seed: int = 0):
+        self.dev, self.shape, self.dtype = dev, shape, kv_dtype(dtype_name)
+        rng = np.random.default_rng(seed)
+        s = shape
+        pages_per_seq = math.ceil(s.kv_len / s.block_size)
+        num_blocks = s.batch * pages_per_seq
+        queue = dev.queue
+        pool_shape = (num_blocks, s.num_kv_heads, s.block_size, s.head_dim)
+        self.pools = []
+        for _ in range(2):
+            # encode a modest random slab and tile it: generating GBs of normals is slow
+            slab_blocks = min(num_blocks, 64)
+            data, scales = encode_kv(rng.standard_normal((slab_blocks,) + pool_shape[1:]).astype(np.float32), self.dtype)
+            reps = -(-num_blocks // slab_blocks)
+            pool = cla.to_device(queue, np.ascontiguousarray(np.tile(data, (reps, 1, 1, 1))[:num_blocks]))
+            sc = None
+            if scales is not None:
+                sc = cla.to_device(queue, np.ascontiguousarray(np.tile(scales, (reps, 1, 1))[:num_blocks]))
+            self.pools.append((pool, sc))
+        indices = rng.permutation(num_blocks).astype(np.int32)
+        self.indptr = cla.to_device(queue, (np.arange(s.batch + 1) * pages_per_seq).astype(np.int32))
+        self.indices = cla.to_device(queue, indices)
+        last = s.kv_len - (pages_per_seq - 1) * s.block_size
+        self.last_page_len = cla.to_device(queue, np.full(s.batch, last, np.int32))
+        self.q_indptr = cla.to_device(queue, np.arange(s.batch + 1, dtype=np.int32))
+        self.queries = cla.to_device(queue, rng.standard_normal((s.batch, s.num_q_heads, s.head_dim)).astype(np.float32))
+        self.out = cla.empty(queue, (s.batch, s.num_q_heads, s.head_dim), np.float32)
+
+    def run(self):
+        (k, ks), (v, vs) = self.pools
+        return attention_ops.paged_attention(
+            self.queries, k, v, self.indptr, self.indices, self.last_page_len, self.q_indptr, self.out,
+            k_scales=ks, v_scales=vs, kv_dtype=self.dtype.name, max_q_len=1, max_kv_len=self.shape.kv_len)
+
+
+# ---- fused paged write ----------------------------------------------------------------------------
+
+def write_bytes(tokens: int, hq: int, hkv: int, d: int, dtype_name: str) -> int:
+    """Bytes in + out of the fused write: qkv in, cos/sin rows in, q out, K/V (+ scales) out."""
+    dt = kv_dtype(dtype_name)
+    qkv_in = tokens * (hq + 2 * hkv) * d * 4
+    tables = 2 * tokens * (d // 2) * 4
+    q_out = tokens * hq * d * 4
+    kv_out = tokens * hkv * 2 * (d * dt.bytes_per_elem + (4 if dt.has_scale else 0))
+    return qkv_in + tables + q_out + kv_out + 2 * tokens * 4
+
+
+class WriteCase:
+    def __init__(self, dev: Device, tokens: int, hq: int, hkv: int, d: int, block_size: int, dtype_name: str):
+        rng = np.random.default_rng(1)
+        queue = dev.queue
+        self.dtype = kv_dtype(dtype_name)
+        self.kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=block_size,
+                       kv_dtype=self.dtype.name, rope="half")
+        num_blocks = -(-tokens // block_size) + 1
+        pool_shape = (num_blocks, hkv, block_size, d)
+        self.k = cla.zeros(queue, pool_shape, self.dtype.storage)
+        self.v = cla.zeros(queue, pool_shape, self.dtype.storage)
+        self.ks = self.vs = None
+        if self.dtype.has_scale:
+            self.ks = cla.zeros(queue, pool_shape[:3], np.float32)
+            self.vs = cla.zeros(queue, pool_shape[:3], np.float32)
+        self.qkv = cla.to_device(queue, rng.standard_normal((tokens, (hq + 2 * hkv) * d)).astype(np.float32))
+        self.slots = cla.to_device(queue, rng.permutation(num_blocks * block_size)[:tokens].astype(np.int32))
+        self.positions = cla.to_device(queue, np.arange(tokens, dtype=np.int32))
+        angles = np.arange(tokens)[:, None] / (10000.0 ** (np.arange(d // 2) / (d // 2)))
+        self.cos = cla.to_device(queue, np.cos(angles).astype(np.float32))
+        self.sin = cla.to_device(queue, np.sin(angles).astype(np.float32))
+        self.qn = cla.to_device(queue, np.ones(d, np.float32))
+        self.kn = cla.to_device(queue, np.ones(d, np.float32))
+        self.q_out = cla.empty(queue, (tokens, hq, d), np.float32)
+        self.status = cla.zeros(queue, 1, np.int32)
+
+    def run(self):
+        return write_ops.paged_write_qkv(
+            self.qkv, self.slots, self.positions, self.k, self.v, self.q_out, k_scales=self.ks,
+            v_scales=self.vs, cos=self.cos, sin=self.sin, q_norm_weight=self.qn,
+            k_norm_weight=self.kn, status=self.status, **self.kw)
+
+
+# ---- peers -----------------------------------------------------------------------------------------
+
+def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
+    """onnxruntime GroupQueryAttention (CPU, fp32) with the KV cache bound in place.
+
+    Returns a zero-argument callable running one decode step, or ``None`` when onnxruntime
+    is not installed.
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    b, hq, hkv, d, length = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.kv_len
+    cap = length + 1
+    f32 = TensorProto.FLOAT
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
+        ["output", "present_key", "present_value"], domain="com.microsoft",
+        num_heads=hq, kv_num_heads=hkv, scale=1.0 / math.sqrt(d))
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([node], "gqa", [
+        vi("query", f32, [b, 1, hq * d]), vi("key", f32, [b, 1, hkv * d]), vi("value", f32, [b, 1, hkv * d]),
+        vi("past_key", f32, [b, hkv, cap, d]), vi("past_value", f32, [b, hkv, cap, d]),
+        vi("seqlens_k", TensorProto.INT32, [b]), vi("total_sequence_length", TensorProto.INT32, [])],
+        [vi("output", f32, [b, 1, hq * d]), vi("present_key", f32, [b, hkv, cap, d]),
+         vi("present_value", f32, [b, hkv, cap, d])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    past_k = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((b, hkv, cap, d)).astype(np.float32))
+    past_v = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((b, hkv, cap, d)).astype(np.float32))
+    io = session.io_binding()
+    io.bind_cpu_input("query", rng.standard_normal((b, 1, hq * d)).astype(np.float32))
+    io.bind_cpu_input("key", rng.standard_normal((b, 1, hkv * d)).astype(np.float32))
+    io.bind_cpu_input("value", rng.standard_normal((b, 1, hkv * d)).astype(np.float32))
+    io.bind_ortvalue_input("past_key", past_k)
+    io.bind_ortvalue_input("past_value", past_v)
+    io.bind_cpu_input("seqlens_k", np.full(b, length, np.int32))
+    io.bind_cpu_input("total_sequence_length", np.array(length + 1, np.int32))
+    io.bind_output("output")
+    io.bind_ortvalue_output("present_key", past_k)      # in place: present is the past buffer
+    io.bind_ortvalue_output("present_value", past_v)
+    return lambda: session.run_with_iobinding(io)
+
+
+def numpy_peer(shape: DecodeShape):
+    """The grouped numpy reference (einsum over a contiguous fp32 cache)."""
+    rng = np.random.default_rng(3)
+    b, hq, hkv, d, length = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.kv_len
+    k = rng.standard_normal((b, hkv, length, d)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, length, d)).astype(np.float32)
+    q = rng.standard_normal((b, hkv, hq // hkv, d)).astype(np.float32)
+    scale = np.float32(1.0 / math.sqrt(d))
+
+    def run():
+        s = np.einsum("bhgd,bhld->bhgl", q, k) * scale
+        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        return np.einsum("bhgl,bhld->bhgd", s / s.sum(axis=-1, keepdims=True), v)
+
+    return run
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+TARGET = DecodeShape(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=2048)
+LONG = DecodeShape(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=32768)
+MANY = DecodeShape(batch=64, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=512)
+QUICK = DecodeShape(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, kv_len=256)
+
+
+def plan_cases(quick: bool) -> list[tuple]:
+    """(name, kind, args) of every case in run order."""
+    if quick:
+        return [("paged_decode", "decode", (QUICK, name)) for name in KV_DTYPES] + [
+            ("paged_write", "write", (64, 8, 2, 64, 16, "fp32")),
+            ("peer:onnxruntime_gqa", "ort", (QUICK,)), ("peer:numpy", "numpy", (QUICK,))]
+    cases = [("paged_decode", "decode", (TARGET, name)) for name in KV_DTYPES]
+    cases += [("long_context", "decode", (LONG, "fp32")), ("many_sequences", "decode", (MANY, "fp32")),
+              ("paged_write", "write", (2048, 32, 8, 128, 16, "fp32")),
+              ("paged_write", "write", (2048, 32, 8, 128, 16, "int8")),
+              ("peer:onnxruntime_gqa", "ort", (TARGET,)), ("peer:numpy", "numpy", (TARGET,))]
+    return cases
+
+
+def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: bool = True,
+              print_fn=print) -> list[Record]:
+    """Run every case; return the records (the caller prints, writes JSON and plots)."""
+    dev = resolve_device(device)
+    cases = plan_cases(quick)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(cases) + 1, desc="kvcl bench", unit="case", leave=False)
+        except ImportError:  # pragma: no cover
+            bar = None
+    stream_seconds, read_gbps = measure_stream_read(dev, nbytes=(32 << 20) if quick else (256 << 20), repeats=repeats)
+    records = [Record("stream_read", "-", {"bytes": int(read_gbps * stream_seconds * 1e9)}, stream_seconds,
+                      int(read_gbps * stream_seconds * 1e9), read_gbps, read_gbps, 1.0,
+                      note="wide-vector streaming read: the device limit")]
+    if bar:
+        bar.update()
+    kvcl_fp32: dict[str, float] = {}
+    for name, kind, args in cases:
+        if bar:
+            bar.set_postfix_str(f"{name} {args[-1] if kind in ('decode', 'write') else ''}")
+        if kind == "decode":
+            shape, dtype_name = args
+            case = DecodeCase(dev, shape, dtype_name)
+            seconds = timeit(case.run, dev.queue.finish, repeats=repeats)
+            nbytes = decode_bytes(shape, dtype_name)
+            records.append(_record(name, dtype_name, shape.as_dict(), seconds, nbytes, read_gbps))
+            if dtype_name == "fp32":
+                kvcl_fp32[name] = seconds
+            del case
+        elif kind == "write":
+            tokens, hq, hkv, d, bs, dtype_name = args
+            case = WriteCase(dev, tokens, hq, hkv, d, bs, dtype_name)
+            seconds = timeit(case.run, dev.queue.finish, repeats=repeats)
+            records.append(_record(name, dtype_name, {"tokens": tokens, "num_q_heads": hq, "num_kv_heads": hkv,
+                                                      "head_dim": d, "block_size": bs, "rope": "half",
+                                                      "qk_norm": True},
+                                   seconds, write_bytes(tokens, hq, hkv, d, dtype_name), read_gbps))
+        else:
+            shape = args[0]
+            run = ort_gqa_peer(shape) if kind == "ort" else numpy_peer(shape)
+            if run is None:
+                records.append(Record(name, "fp32", shape.as_dict(), float("nan"), 0, float("nan"), read_gbps,
+                                      float("nan"), peer=name.split(":")[1], note="onnxruntime not installed"))
+            else:
+                seconds = timeit(run, lambda: None, repeats=repeats)
+                rec = _record(name, "fp32", shape.as_dict(), seconds, decode_bytes(shape, "fp32"), read_gbps)
+                rec.peer = name.split(":")[1]
+                ours = kvcl_fp32.get("paged_decode")
+                rec.speedup = seconds / ours if ours else None
+                rec.note = "speedup = peer seconds / kvcl fp32 paged_decode seconds"
+                records.append(rec)
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    # int8/fp16/fp8 vs kvcl's own fp32 on the same shape (target P3)
+    base = kvcl_fp32.get("paged_decode")
+    for rec in records:
+        if rec.case == "paged_decode" and rec.kv_dtype != "fp32" and base:
+            rec.extra["speedup_vs_fp32"] = base / rec.seconds
+    return records
+
+
+def _record(case, dtype_name, shape, seconds, nbytes, read_gbps) -> Record:
+    gbps = nbytes / seconds / 1e9
+    return Record(case, dtype_name, shape, seconds, int(nbytes), gbps, read_gbps, gbps / read_gbps)
+
+
+def format_records(records: list[Record], device_name: str) -> str:
+    rows = []
+    for r in records:
+        shape = r.shape
+        if "batch" in shape:
+            desc = f"B={shape['batch']} L={shape['kv_len']} Hq={shape['num_q_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']}"
+        elif "tokens" in shape:
+            desc = f"T={shape['tokens']} Hq={shape['num_q_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']}"
+        else:
+            desc = f"{shape.get('bytes', 0) / 2**20:.0f} MiB"
+        extra = ""
+        if r.speedup is not None:
+            extra = f"kvcl {r.speedup:.2f}x faster" if r.speedup >= 1 else f"kvcl {1 / r.speedup:.2f}x slower"
+        elif "speedup_vs_fp32" in r.extra:
+            extra = f"{r.extra['speedup_vs_fp32']:.2f}x vs kvcl fp32"
+        rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}",
+                     f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", extra))
+    header = f"kvcl bench on {device_name}: utilisation = GB/s / stream_read GB/s (same run)\n"
+    return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "vs"], rows, align="lllrrrl")
+
+
+def write_json(records: list[Record], path, device_info) -> None:
+    doc = {"device": device_info.as_row(), "records": [asdict(r) for r in records]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=float)
+
+
+def plot(records: list[Record], path, device_name: str) -> None:
+    """Utilisation per case against the device limit (1.0), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.case != "stream_read" and r.utilization == r.utilization]
+    labels = [f"{r.case}\n{r.kv_dtype}" if not r.peer else f"{r.peer}\nfp32" for r in rows]
+    colors = ["#999999" if r.peer else "#2a7ab9" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r.utilization for r in rows], color=colors)
+    ax.axhline(1.0, color="#c0392b", linestyle="--", label="streaming-read bandwidth (measured)")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("fraction of device read bandwidth")
+    ax.set_title(f"kvcl bench: {device_name}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""Launcher of ``kernels/stream_read.cl`` (the bandwidth yardstick of ``kvcl bench``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+
+from ..errors import ShapeError
+from ..runtime import get_kernel
+from ._launch import device_array, launch_lock, resolve_queue
+
+
+def stream_read_config(device: cl.Device) -> tuple[int, int]:
+    """(global size, local size): enough work-groups to keep every compute unit streaming."""
+    local = min(128, device.max_work_group_size)
+    groups = device.max_compute_units * 16
+    return groups * local, local
+
+
+def stream_read(src, partial, *, queue=None, wait_for=None) -> cl.Event:
+    """Read every element of ``src`` once; write per-work-item partial sums to ``partial``.
+
+    Parameters
+    ----------
+    src : pyopencl.array.Array, float32 [n], n a multiple of 4
+    partial : pyopencl.array.Array, float32 [global size] (see :func:`stream_read_config`)
+    """
+    queue = resolve_queue(queue, src=src, partial=partial)
+    device_array("src", src, ndim=1, dtype=np.float32, context=queue.context)
+    global_size, local = stream_read_config(queue.device)
+    device_array("partial", partial, shape=(global_size,), dtype=np.float32, context=queue.context)
+    if src.size % 4:
+        raise ShapeError(f"src: expected a length that is a multiple of 4, got {src.size}")
+    kernel = get_kernel(queue.context, "stream_read.cl", "stream_read", {"UNROLL": 4})
+    with launch_lock:
+        kernel.set_args(src.base_data, np.uint32(src.size // 4), partial.base_data)
+        return cl.enqueue_nd_range_kernel(queue, kernel, (global_size,), (local,), wait_for=wait_for)
+
+
+def empty_partial(queue) -> cla.Array:
+    return cla.empty(queue, (stream_read_config(queue.device)[0],), np.float32)

@@ -1,0 +1,35 @@
+"""kvcl bench runs end to end and says what it measured (no timing assertions: speed is
+reported by `kvcl bench`, never asserted in unit tests)."""
+
+import json
+
+import pytest
+
+from kvcl import bench
+from kvcl.cli import main
+
+
+def test_bytes_formula_matches_targets_md():
+    # Σ L·Hkv·(2·D·bytes + 2·scale_bytes): B=4, L=2048, Hkv=8, D=128
+    kv = 4 * 2048 * 8 * 2 * 128 * 4
+    assert bench.decode_bytes(bench.TARGET, "fp32") - kv == 4 * (4 * 128 + 2 * 4 + 1 + 4 + 1) + 2 * 4 * 32 * 128 * 4
+    kv8 = 4 * 2048 * 8 * (2 * 128 + 2 * 4)
+    assert bench.decode_bytes(bench.TARGET, "int8") - kv8 == bench.decode_bytes(bench.TARGET, "fp32") - kv
+
+
+def test_quick_bench_json_and_plot(device, tmp_path, capsys):
+    spec = next(d.index for d in __import__("kvcl").devices() if d.name == device.info.name)
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", "--quick", "--repeats", "2", "--device", spec, "--json", str(out_json),
+                 "--plot", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    assert "stream_read" in printed and "paged_decode" in printed
+    doc = json.loads(out_json.read_text())
+    cases = {(r["case"], r["kv_dtype"]) for r in doc["records"]}
+    assert {("paged_decode", d) for d in ("fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2")} <= cases
+    for r in doc["records"]:
+        for key in ("case", "kv_dtype", "shape", "seconds", "bytes", "gbps", "device_read_gbps", "utilization"):
+            assert key in r
+        if r["peer"] and r["seconds"] == r["seconds"]:
+            assert r["speedup"] > 0
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
