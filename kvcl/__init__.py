@@ -11,12 +11,13 @@ from .errors import (CapacityError, CompileError, DeviceMemoryError, DeviceMisma
                      DtypeError, InvalidArgument, KvclError, NoDeviceError, NonFiniteError,
                      OutOfBlocks, OutOfRangeError, ShapeError)
 from .runtime import Device, DeviceInfo, default_device, devices
+from .engine import PagedKVCache, Step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CapacityError", "CompileError", "Device", "DeviceInfo", "DeviceMemoryError",
     "DeviceMismatchError", "DtypeError", "InvalidArgument", "KV_DTYPES", "KvDtype", "KvclError",
-    "NoDeviceError", "NonFiniteError", "OutOfBlocks", "OutOfRangeError", "ShapeError",
+    "NoDeviceError", "NonFiniteError", "OutOfBlocks", "OutOfRangeError", "PagedKVCache", "ShapeError", "Step",
     "default_device", "devices", "kv_dtype",
 ]
