@@ -1,0 +1,429 @@
+"""Decode attention over a paged (or contiguous) KV cache: the launchers of
+``kernels/decode_attention.cl``.
+
+Both entry points validate every argument (shape, dtype, context) before the first enqueue,
+pick the kernel specialisation from the device's reported limits, and return the
+``pyopencl.Event`` of the last kernel they enqueued. The numpy twin with the same names is
+:mod:`kvcl.reference.decode_attention`; its module docstring states the maths.
+
+Work decomposition (see the header comments in the ``.cl`` file): one work-group per
+(q-row tile, kv head, sequence × split-K partition) serving every query head of the GQA
+group, so each K/V byte is read once per group. Split-K (flash-decoding) is used only when
+``B · num_kv_heads · q_tiles`` work-groups cannot fill the device; a second kernel then merges
+the partitions with log-sum-exp weights.
+
+Measured on the 2-core PoCL dev machine (fp32 KV, B=4, Hq=32, Hkv=8, D=128, L=2048, one
+layer, median of 15 after warm-up, interleaved with a streaming-read kernel): see ``_MEASURED``
+and the kernel's header comment. Not yet at the 2.8 ms target (targets.md P1).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pyopencl as cl
+
+from ..dtypes import INT8_MODE_AWAY, INT8_MODE_EVEN
+from ..dtypes import kv_dtype as _kv_dtype
+from ..errors import (
+    CapacityError,
+    DeviceMismatchError,
+    DtypeError,
+    InvalidArgument,
+    ShapeError,
+)
+from ..runtime import get_kernel
+from ..validate import check_array, check_float, check_int, is_device_array
+
+__all__ = ["contiguous_attention", "paged_attention", "plan"]
+
+SOURCE = "decode_attention.cl"
+_MEASURED = ("PoCL 3.0 2-core EPYC VM, fp32, B=4 Hq=32 Hkv=8 D=128 L=2048: median 9.9 ms/layer "
+             "(streaming read of the same bytes 3.6 ms in the same run); fp16 10.3 ms, int8 9.0 ms")
+
+_PREFERRED_WG = 128     # work-items per group before the device limits cut it down
+_V_VECTORS = 1          # head_dim vectors per work-item in the V phase (when they divide)
+_MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
+_PART_MIN, _PART_MAX = 256, 512
+
+_lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
+_configs: dict = {}
+_dummies: dict = {}
+_workspaces: dict = {}
+_page_tables: dict = {}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is laid out on the device (returned by :func:`plan`)."""
+
+    defines: tuple          # the -D build options, sorted (key, value) pairs
+    local_size: int         # work-items per group (WG)
+    q_tile: int             # query tokens per work-group
+    q_tiles: int            # work-groups along the query axis
+    partition_size: int     # tokens per split-K partition
+    num_parts: int          # partitions per sequence (1: no merge kernel)
+
+    def workspace_floats(self, total_q: int, num_q_heads: int, head_dim: int) -> int:
+        """float32 elements of the split-K workspace (0 without split)."""
+        if self.num_parts == 1:
+            return 0
+        return total_q * num_q_heads * self.num_parts * (head_dim + 2)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _local_bytes(rows: int, head_dim: int, chunk: int, has_scale: bool) -> int:
+    return 4 * (rows * head_dim + rows * chunk + 3 * rows + chunk * (2 if has_scale else 1))
+
+
+def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
+            kvd, int8_mode: int, local_size: int | None = None):
+    """(defines, WG, q_tile) for this device and shape; kernels are built (memoized) here."""
+    key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
+           _V_VECTORS)
+    found = _configs.get(key)
+    if found is not None:
+        return found
+    dev = context.devices[0]
+    vec = 8 if head_dim % 8 == 0 else 4
+    nv = head_dim // vec
+    cv = _V_VECTORS if nv % _V_VECTORS == 0 else 1
+    nvc = nv // cv
+    unit = nvc * vec // math.gcd(nvc, vec)  # WG is a multiple of both (see the .cl's #error)
+    q_tile = 1
+    if max_q_len > 1:
+        q_tile = min(_next_pow2(max_q_len), max(1, _MAX_ROWS // group))
+        q_tile = 1 << (q_tile.bit_length() - 1)  # a power of two: few distinct builds
+    wg = local_size or min(_PREFERRED_WG, dev.max_work_group_size)
+    wg = max(unit, wg // unit * unit)
+    while group * q_tile > wg and q_tile > 1:   # one work-item per row in the softmax phase
+        q_tile //= 2
+    if group > wg:
+        wg = -(-group // unit) * unit
+    local_limit = dev.local_mem_size - 1024  # headroom for the implementation's own use
+    while True:
+        rows = group * q_tile
+        chunk = min(wg, wg // block_size * block_size) if block_size <= wg else wg
+        if (_local_bytes(rows, head_dim, chunk + vec, kvd.has_scale) <= local_limit
+                or (q_tile == 1 and (wg <= unit or wg // 2 < rows))):
+            break
+        if q_tile > 1:
+            q_tile //= 2
+        else:
+            wg = max(unit, (wg // 2) // unit * unit)
+    while True:
+        defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode, "HEAD_DIM": head_dim,
+                   "BLOCK_SIZE": block_size, "GROUP": group, "ROWS": group * q_tile, "WG": wg, "VEC": vec, "CV": cv}
+        kernel = get_kernel(context, SOURCE, "paged_decode_attention", defines)
+        kwg = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
+        smaller = max(unit, min(kwg, wg // 2) // unit * unit)  # register pressure on a GPU
+        if kwg >= wg or smaller >= wg or smaller < group * q_tile:
+            break
+        wg = smaller
+    if wg > min(dev.max_work_group_size, kwg):
+        raise InvalidArgument(
+            f"queries: head_dim {head_dim} with {group} query heads per kv head needs {wg} "
+            f"work-items per group; this device/kernel allows {min(dev.max_work_group_size, kwg)}")
+    found = (tuple(sorted(defines.items())), wg, q_tile)
+    _configs[key] = found
+    return found
+
+
+def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+         block_size: int, max_q_len: int, max_kv_len: int, kv_dtype="fp32", int8_mode: int = 0,
+         partition_size: int | None = None, local_size: int | None = None) -> Plan:
+    """The launch layout :func:`paged_attention` uses for these sizes on ``context``'s device.
+
+    ``partition_size=None`` picks split-K automatically: none when the
+    ``batch · num_kv_heads · q_tiles`` work-groups already give every compute unit 2 (CPU)
+    or 4 (GPU) of them, else partitions of 256–512 tokens (a multiple of ``block_size`` when
+    that is at most 512) enough to fill it.
+    """
+    kvd = _kv_dtype(kv_dtype)
+    group = num_q_heads // num_kv_heads
+    defines, wg, q_tile = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
+                                  local_size)
+    q_tiles = -(-max_q_len // q_tile)
+    if partition_size is None:
+        dev = context.devices[0]
+        per_cu = 2 if dev.type & cl.device_type.CPU else 4
+        want = per_cu * dev.max_compute_units
+        groups = batch * num_kv_heads * q_tiles
+        if groups >= want or max_kv_len <= _PART_MAX:
+            partition_size = max_kv_len
+        else:
+            parts = -(-want // groups)
+            size = min(max(-(-max_kv_len // parts), _PART_MIN), _PART_MAX)
+            step = block_size if block_size <= _PART_MAX else 64
+            partition_size = -(-size // step) * step
+    num_parts = max(1, -(-max_kv_len // partition_size))
+    if num_parts == 1:
+        partition_size = max_kv_len
+    return Plan(defines, wg, q_tile, q_tiles, int(partition_size), num_parts)
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def _check_kv_dtype(name):
+    try:
+        return _kv_dtype(name)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"kv_dtype: {exc}") from None
+
+
+def _dev(name, x, **kw):
+    """check_array for an argument that must be a device array (offset 0, C-contiguous)."""
+    if not is_device_array(x):
+        raise DtypeError(f"{name}: expected a pyopencl.array.Array, got {type(x).__name__}")
+    check_array(name, x, **kw)
+    if getattr(x, "offset", 0) != 0 or not x.flags.c_contiguous:
+        raise InvalidArgument(f"{name}: expected a C-contiguous array at offset 0 (not a view); "
+                              "copy it first")
+    return x
+
+
+def _check_scales(kvd, int8_mode, k_scales, v_scales, shape, context):
+    if not kvd.has_scale:
+        for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if s is not None:
+                raise InvalidArgument(f"{name}: only int8 KV has scales; got an array for {kvd.name}")
+        return
+    want = np.float32 if int8_mode == INT8_MODE_AWAY else np.uint16
+    for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if s is None:
+            raise InvalidArgument(f"{name}: required for int8 KV, shape {shape}")
+        _dev(name, s, shape=shape, dtype=want, context=context)
+
+
+def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, head_dim, context,
+                  scale, window, max_q_len, max_kv_len, partition_size, queue):
+    total_q, num_q_heads, _ = queries.shape
+    if num_q_heads % num_kv_heads:
+        raise ShapeError(f"queries: num_q_heads {num_q_heads} is not a multiple of the cache's "
+                         f"num_kv_heads {num_kv_heads}")
+    if head_dim % 4:
+        raise ShapeError(f"queries: head_dim {head_dim} is not a multiple of 4")
+    _dev("q_indptr", q_indptr, shape=(batch + 1,), dtype=np.int32, context=context)
+    _dev("out", out, shape=(total_q, num_q_heads, head_dim), dtype=np.float32, context=context)
+    if out.data == queries.data:
+        raise InvalidArgument("out: must not alias queries")
+    check_int("int8_mode", int8_mode, low=INT8_MODE_AWAY, high=INT8_MODE_EVEN + 1)
+    if scale is not None:
+        check_float("scale", scale)
+    check_int("window", window, low=0)
+    check_int("max_q_len", max_q_len, low=1)   # upper bounds: larger only costs idle work-groups
+    check_int("max_kv_len", max_kv_len, low=1)
+    if partition_size is not None:
+        check_int("partition_size", partition_size, low=1)
+    if queue is not None and queue.context != context:
+        raise DeviceMismatchError("queue: belongs to another OpenCL context than the arrays")
+
+
+# ---- launch ---------------------------------------------------------------------------------
+
+def _dummy(context):
+    buf = _dummies.get(context.int_ptr)
+    if buf is None:
+        buf = _dummies.setdefault(context.int_ptr, cl.Buffer(context, cl.mem_flags.READ_ONLY, 16))
+    return buf
+
+
+def _workspace(context, nbytes: int):
+    buf = _workspaces.get(context.int_ptr)
+    if buf is None or buf.size < nbytes:
+        buf = cl.Buffer(context, cl.mem_flags.READ_WRITE, max(nbytes, 4))
+        _workspaces[context.int_ptr] = buf
+    return buf
+
+
+def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
+            q_indptr, out, *, kvd, int8_mode, num_kv_heads, block_size, scale, window, max_q_len,
+            max_kv_len, partition_size, workspace, wait_for, local_size=None):
+    context = queries.context
+    total_q, num_q_heads, head_dim = queries.shape
+    batch = q_indptr.shape[0] - 1
+    p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+             head_dim=head_dim, block_size=block_size, max_q_len=max_q_len, max_kv_len=max_kv_len,
+             kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size)
+    defines = dict(p.defines)
+    ws_floats = p.workspace_floats(total_q, num_q_heads, head_dim)
+    if ws_floats:
+        if workspace is None:
+            ws = _workspace(context, 4 * ws_floats)
+        else:
+            ws = workspace.base_data if is_device_array(workspace) else workspace
+            if not isinstance(ws, cl.Buffer):
+                raise DtypeError(f"workspace: expected a pyopencl Buffer or Array, got {type(workspace).__name__}")
+            if ws.size < 4 * ws_floats:
+                raise CapacityError(f"workspace: needs {4 * ws_floats:,} bytes for {p.num_parts} "
+                                    f"split-K partitions, got {ws.size:,}")
+    else:
+        ws = _dummy(context)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    ks = k_scales.data if k_scales is not None else _dummy(context)
+    vs = v_scales.data if v_scales is not None else _dummy(context)
+    acc_offset = np.uint64(total_q * num_q_heads * p.num_parts * 2)
+    attn = get_kernel(context, SOURCE, "paged_decode_attention", defines)
+    gsize = (p.local_size * p.q_tiles, num_kv_heads, batch * p.num_parts)
+    with _lock:
+        attn.set_args(queries.data, k_pool.data, v_pool.data, ks, vs, indptr.data, indices.data,
+                      last_page_len.data, q_indptr.data, out.data, ws, acc_offset,
+                      np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
+                      np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts))
+        event = cl.enqueue_nd_range_kernel(queue, attn, gsize, (p.local_size, 1, 1), wait_for=wait_for)
+        if p.num_parts > 1:
+            merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines)
+            merge.set_args(ws, out.data, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))
+            event = cl.enqueue_nd_range_kernel(queue, merge, (head_dim, num_q_heads, total_q), None,
+                                               wait_for=[event])
+    return event
+
+
+def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_indptr, out, *,
+                    k_scales=None, v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None,
+                    window=0, max_q_len, max_kv_len, partition_size=None, workspace=None,
+                    queue=None, wait_for=None, _local_size=None) -> cl.Event:
+    """Attention of ``queries`` over a paged KV cache, written to ``out``.
+
+    Query token ``i`` of sequence ``b`` (``q_len`` tokens, ``kv_len`` cached including
+    them) attends the cached positions ``[lo, hi)`` with ``hi = kv_len - q_len + 1 + i`` and
+    ``lo = max(0, hi - window)`` when ``window > 0`` (else 0); query head ``h`` reads kv head
+    ``h // (num_q_heads // num_kv_heads)``. Softmax and accumulation are fp32; quantised K/V
+    are dequantised on the fly.
+
+    Parameters
+    ----------
+    queries : pyopencl.array.Array
+        ``[total_q, num_q_heads, head_dim]`` float32; ``head_dim`` a multiple of 4.
+    k_pool, v_pool : pyopencl.array.Array
+        ``[num_blocks, num_kv_heads, block_size, head_dim]`` in the storage dtype of
+        ``kv_dtype`` (fp32 float32, fp16 uint16 bits, int8 int8, fp8 uint8).
+    indptr : pyopencl.array.Array
+        ``[B + 1]`` int32: the pages of sequence ``b`` are ``indices[indptr[b]:indptr[b + 1]]``.
+    indices : pyopencl.array.Array
+        ``[nnz]`` int32 block ids.
+    last_page_len : pyopencl.array.Array
+        ``[B]`` int32, 1..block_size: ``kv_len_b = (npages_b - 1) * block_size + last_page_len_b``.
+    q_indptr : pyopencl.array.Array
+        ``[B + 1]`` int32: query rows of sequence ``b``; ``1 <= q_len_b <= kv_len_b``.
+    out : pyopencl.array.Array
+        ``[total_q, num_q_heads, head_dim]`` float32, written.
+    k_scales, v_scales : pyopencl.array.Array, optional
+        ``[num_blocks, num_kv_heads, block_size]`` int8 row scales: float32
+        (``int8_mode=0``) or fp16 bits as uint16 (``int8_mode=1``). Required for int8 only.
+    kv_dtype : str
+        ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+    int8_mode : int
+        0 or 1, see ``kernels/common.h``.
+    scale : float, optional
+        Softmax scale, default ``1 / sqrt(head_dim)``.
+    window : int
+        Sliding-window length (0: none).
+    max_q_len, max_kv_len : int
+        Upper bounds of ``q_len_b`` and ``kv_len_b`` (host ints: they size the grid and the
+        split-K partition count; a sequence longer than ``max_kv_len`` is cut short).
+    partition_size : int, optional
+        Split-K partition length in tokens; ``None`` chooses (see :func:`plan`).
+    workspace : pyopencl.Buffer or pyopencl.array.Array, optional
+        Split-K scratch reused across calls (``Plan.workspace_floats`` float32 elements);
+        by default one buffer per context is cached and grown (use one queue per context then).
+    queue : pyopencl.CommandQueue, optional
+        Defaults to ``queries.queue``.
+    wait_for : list of pyopencl.Event, optional
+
+    Returns
+    -------
+    pyopencl.Event
+        The event of the last kernel enqueued.
+
+    Notes
+    -----
+    The page table's contents (block ids in range, ``indptr`` monotone, lengths consistent)
+    are trusted: checking them would need a device-to-host copy on the hot path. The paging
+    layer produces them.
+    """
+    kvd = _check_kv_dtype(kv_dtype)
+    _dev("queries", queries, ndim=3, dtype=np.float32)
+    context = queries.context
+    head_dim = queries.shape[2]
+    _dev("k_pool", k_pool, shape=(None, None, None, head_dim), dtype=kvd.storage, context=context)
+    _dev("v_pool", v_pool, shape=tuple(k_pool.shape), dtype=kvd.storage, context=context)
+    num_blocks, num_kv_heads, block_size, _ = k_pool.shape
+    _dev("indptr", indptr, ndim=1, dtype=np.int32, context=context)
+    batch = indptr.shape[0] - 1
+    if batch < 1:
+        raise ShapeError(f"indptr: expected shape (B + 1,) with B >= 1, got {tuple(indptr.shape)}")
+    _dev("indices", indices, ndim=1, dtype=np.int32, context=context)
+    _dev("last_page_len", last_page_len, shape=(batch,), dtype=np.int32, context=context)
+    _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, head_dim, context,
+                  scale, window, max_q_len, max_kv_len, partition_size, queue)
+    _check_scales(kvd, int8_mode, k_scales, v_scales, (num_blocks, num_kv_heads, block_size), context)
+    return _launch(queue or queries.queue, queries, k_pool, v_pool, k_scales, v_scales, indptr,
+                   indices, last_page_len, q_indptr, out, kvd=kvd, int8_mode=int8_mode,
+                   num_kv_heads=num_kv_heads, block_size=block_size, scale=scale, window=window,
+                   max_q_len=max_q_len, max_kv_len=max_kv_len, partition_size=partition_size,
+                   workspace=workspace, wait_for=wait_for, local_size=_local_size)
+
+
+def _contiguous_table(queue, batch: int):
+    key = (queue.context.int_ptr, batch)
+    found = _page_tables.get(key)
+    if found is None:
+        import pyopencl.array as cla
+        found = (cla.to_device(queue, np.arange(batch + 1, dtype=np.int32)),
+                 cla.to_device(queue, np.arange(batch, dtype=np.int32)))
+        queue.finish()
+        _page_tables[key] = found
+    return found
+
+
+def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k_scales=None,
+                         v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None, window=0,
+                         max_q_len, max_kv_len, partition_size=None, workspace=None, queue=None,
+                         wait_for=None, _local_size=None) -> cl.Event:
+    """Attention over a contiguous cache: the paged kernel with one ``capacity``-token page per
+    sequence (same maths and arguments as :func:`paged_attention`).
+
+    Parameters
+    ----------
+    queries : pyopencl.array.Array
+        ``[total_q, num_q_heads, head_dim]`` float32.
+    k_cache, v_cache : pyopencl.array.Array
+        ``[B, num_kv_heads, capacity, head_dim]`` in the storage dtype of ``kv_dtype``.
+    kv_lens : pyopencl.array.Array
+        ``[B]`` int32, tokens cached per sequence (1..capacity).
+    q_indptr : pyopencl.array.Array
+        ``[B + 1]`` int32.
+    out : pyopencl.array.Array
+        ``[total_q, num_q_heads, head_dim]`` float32, written.
+    k_scales, v_scales : pyopencl.array.Array, optional
+        ``[B, num_kv_heads, capacity]`` (int8 only; float32 or fp16 bits per ``int8_mode``).
+
+    Other parameters and the return value are those of :func:`paged_attention`.
+    """
+    kvd = _check_kv_dtype(kv_dtype)
+    _dev("queries", queries, ndim=3, dtype=np.float32)
+    context = queries.context
+    head_dim = queries.shape[2]
+    _dev("k_cache", k_cache, shape=(None, None, None, head_dim), dtype=kvd.storage, context=context)
+    _dev("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=kvd.storage, context=context)
+    batch, num_kv_heads, capacity, _ = k_cache.shape
+    _dev("kv_lens", kv_lens, shape=(batch,), dtype=np.int32, context=context)
+    _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, head_dim, context,
+                  scale, window, max_q_len, max_kv_len, partition_size, queue)
+    check_int("max_kv_len", max_kv_len, low=1, high=capacity + 1)
+    _check_scales(kvd, int8_mode, k_scales, v_scales, (batch, num_kv_heads, capacity), context)
+    queue = queue or queries.queue
+    indptr, indices = _contiguous_table(queue, batch)
+    return _launch(queue, queries, k_cache, v_cache, k_scales, v_scales, indptr, indices, kv_lens,
+                   q_indptr, out, kvd=kvd, int8_mode=int8_mode, num_kv_heads=num_kv_heads,
+                   block_size=capacity, scale=scale, window=window, max_q_len=max_q_len,
+                   max_kv_len=max_kv_len, partition_size=partition_size, workspace=workspace,
+                   wait_for=wait_for, local_size=_local_size)

@@ -1,0 +1,332 @@
+"""Decode attention kernels (kernels/decode_attention.cl) against the numpy reference.
+
+Every case encodes random K/V with ``encode_kv``, uploads the stored bytes, and compares the
+kernel with the reference run on the same stored bytes (so every dtype must match to ~1e-5
+relative); a separate test checks each KV dtype's accuracy against the fp32 output
+(docs: targets.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyopencl.array as cla
+import pytest
+
+import kvcl
+from kvcl.ops import decode_attention as ops
+from kvcl.reference import decode_attention as ref
+from kvcl.reference.quantize import encode_kv
+
+REL = 1e-5  # max abs error / max abs(out), same stored data
+
+
+def make_case(rng, *, lens, q_lens=None, block_size=16, num_kv_heads=2, group=4, head_dim=128,
+              kv_dtype="fp32", int8_mode=0, spare=3, shuffle=True, q_gain=1.0, kv=None):
+    """Host arrays for a paged batch: stored pools, page table, queries (and the fp32 K/V)."""
+    lens = list(lens)
+    q_lens = list(q_lens) if q_lens is not None else [1] * len(lens)
+    assert all(1 <= q <= n for q, n in zip(q_lens, lens))
+    npages = [-(-n // block_size) for n in lens]
+    num_blocks = sum(npages) + spare
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    if kv is None:
+        k = rng.standard_normal(shape).astype(np.float32)
+        v = rng.standard_normal(shape).astype(np.float32)
+    else:
+        k, v = kv
+    k_st, k_sc = encode_kv(k, kv_dtype, int8_mode=int8_mode)
+    v_st, v_sc = encode_kv(v, kv_dtype, int8_mode=int8_mode)
+    order = rng.permutation(num_blocks) if shuffle else np.arange(num_blocks)
+    indptr = np.concatenate([[0], np.cumsum(npages)]).astype(np.int32)
+    indices = order[:indptr[-1]].astype(np.int32)
+    last = np.array([n - (p - 1) * block_size for n, p in zip(lens, npages)], dtype=np.int32)
+    q_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    queries = (q_gain * rng.standard_normal((int(q_indptr[-1]), num_kv_heads * group, head_dim))
+               ).astype(np.float32)
+    return dict(queries=queries, k_pool=k_st, v_pool=v_st, k_scales=k_sc, v_scales=v_sc,
+                indptr=indptr, indices=indices, last_page_len=last, q_indptr=q_indptr,
+                kv_dtype=kv_dtype, int8_mode=int8_mode, max_q_len=max(q_lens), max_kv_len=max(lens),
+                k_fp32=k, v_fp32=v)
+
+
+_HOST_ONLY = ("k_fp32", "v_fp32", "max_q_len", "max_kv_len", "kv_dtype", "int8_mode")
+
+
+def run_reference(case, **kw):
+    args = {k: v for k, v in case.items() if k not in _HOST_ONLY}
+    return ref.paged_attention(args.pop("queries"), args.pop("k_pool"), args.pop("v_pool"),
+                               args.pop("indptr"), args.pop("indices"), args.pop("last_page_len"),
+                               args.pop("q_indptr"), kv_dtype=case["kv_dtype"], **args, **kw)
+
+
+def upload(queue, case):
+    return {k: (cla.to_device(queue, v) if isinstance(v, np.ndarray) else v)
+            for k, v in case.items() if k not in ("k_fp32", "v_fp32")}
+
+
+def run_paged(device, case, **kw):
+    q = device.queue
+    d = upload(q, case)
+    out = cla.empty(q, case["queries"].shape, np.float32)
+    out.fill(np.float32(np.nan))
+    ev = ops.paged_attention(d["queries"], d["k_pool"], d["v_pool"], d["indptr"], d["indices"],
+                             d["last_page_len"], d["q_indptr"], out, k_scales=d["k_scales"],
+                             v_scales=d["v_scales"], kv_dtype=case["kv_dtype"],
+                             int8_mode=case["int8_mode"], max_q_len=case["max_q_len"],
+                             max_kv_len=case["max_kv_len"], **kw)
+    ev.wait()
+    return out.get()
+
+
+def assert_close(got, want, rel=REL):
+    assert np.isfinite(got).all(), "kernel wrote NaN/Inf (or left rows unwritten)"
+    err = np.abs(got.astype(np.float64) - want).max()
+    bound = rel * np.abs(want).max()
+    assert err <= bound, f"max abs err {err:.3g} > {bound:.3g}"
+    return err / np.abs(want).max()
+
+
+LENS = (1, 15, 16, 17, 54, 97)
+
+
+# ---- every KV dtype, ragged batch, shuffled pages ---------------------------------------------
+
+@pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("fp16", 0), ("int8", 0), ("int8", 1),
+                                                ("fp8_e4m3", 0), ("fp8_e5m2", 0)])
+def test_every_dtype_matches_reference(device, rng, kv_dtype, int8_mode):
+    case = make_case(rng, lens=LENS, kv_dtype=kv_dtype, int8_mode=int8_mode)
+    assert_close(run_paged(device, case), run_reference(case))
+
+
+# ---- awkward shapes -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size,group,head_dim", [
+    (1, 1, 64), (1, 8, 128), (16, 1, 128), (16, 8, 64), (16, 4, 128), (5, 2, 36),
+])
+def test_shapes_match_reference(device, rng, block_size, group, head_dim):
+    case = make_case(rng, lens=LENS, block_size=block_size, group=group, head_dim=head_dim,
+                     num_kv_heads=2 if group < 8 else 1)
+    assert_close(run_paged(device, case), run_reference(case))
+
+
+@pytest.mark.parametrize("window", [0, 7, 20])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+def test_prefill_causal_and_window(device, rng, window, kv_dtype):
+    case = make_case(rng, lens=(1, 15, 17, 54, 97), q_lens=(1, 15, 5, 17, 9), kv_dtype=kv_dtype)
+    assert_close(run_paged(device, case, window=window), run_reference(case, window=window))
+
+
+def test_window_in_decode(device, rng):
+    case = make_case(rng, lens=LENS, block_size=16)
+    for window in (1, 16, 40, 500):
+        assert_close(run_paged(device, case, window=window), run_reference(case, window=window))
+
+
+def test_scale_argument(device, rng):
+    case = make_case(rng, lens=(17, 54))
+    assert_close(run_paged(device, case, scale=0.3), run_reference(case, scale=0.3))
+
+
+# ---- split-K ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q_lens,window", [((1,) * 6, 0), ((1, 3, 16, 2, 20, 33), 0),
+                                           ((1, 3, 16, 2, 20, 33), 10)])
+def test_split_k_equals_single_pass(device, rng, q_lens, window):
+    # short sequences leave later partitions empty; the window leaves early ones fully masked
+    case = make_case(rng, lens=LENS, q_lens=q_lens)
+    want = run_reference(case, window=window)
+    single = run_paged(device, case, window=window, partition_size=10_000)
+    for ps in (1, 16, 32, 48):
+        split = run_paged(device, case, window=window, partition_size=ps)
+        assert_close(split, want)
+        np.testing.assert_allclose(split, single, rtol=0, atol=2e-6 * np.abs(single).max())
+    assert_close(single, want)
+
+
+def test_split_k_automatic_long_context(device, rng):
+    # B=1 with one kv head cannot fill a device: the automatic plan splits, then merges
+    case = make_case(rng, lens=(1500,), num_kv_heads=1, group=4, kv_dtype="int8")
+    p = ops.plan(device.context, batch=1, num_q_heads=4, num_kv_heads=1, head_dim=128,
+                 block_size=16, max_q_len=1, max_kv_len=1500, kv_dtype="int8")
+    assert p.num_parts > 1 and 256 <= p.partition_size <= 512 and p.partition_size % 16 == 0
+    assert_close(run_paged(device, case), run_reference(case))
+
+
+def test_preallocated_workspace_reused(device, rng):
+    case = make_case(rng, lens=LENS, q_lens=(1, 2, 3, 1, 5, 2))
+    ws = cla.empty(device.queue, 1 << 18, np.float32)
+    want = run_reference(case)
+    for _ in range(2):
+        assert_close(run_paged(device, case, partition_size=16, workspace=ws), want)
+    small = cla.empty(device.queue, 8, np.float32)
+    with pytest.raises(kvcl.CapacityError, match="workspace"):
+        run_paged(device, case, partition_size=16, workspace=small)
+
+
+# ---- contiguous == paged ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("capacity,kv_dtype", [(100, "fp32"), (300, "int8")])
+def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
+    batch, hkv, group, d = 3, 2, 4, 64
+    lens = np.array([1, 97, capacity], dtype=np.int32)[:batch]
+    q_lens = (1, 4, 2)
+    k = rng.standard_normal((batch, hkv, capacity, d)).astype(np.float32)
+    v = rng.standard_normal((batch, hkv, capacity, d)).astype(np.float32)
+    case = make_case(rng, lens=lens, q_lens=q_lens, block_size=capacity, num_kv_heads=hkv, group=group,
+                     head_dim=d, kv_dtype=kv_dtype, spare=0, shuffle=False, kv=(k, v))
+    paged = run_paged(device, case, window=50)
+    q = device.queue
+    dd = upload(q, case)
+    out = cla.empty(q, case["queries"].shape, np.float32)
+    kv_lens = cla.to_device(q, lens)
+    ops.contiguous_attention(dd["queries"], dd["k_pool"], dd["v_pool"], kv_lens, dd["q_indptr"], out,
+                             k_scales=dd["k_scales"], v_scales=dd["v_scales"], kv_dtype=kv_dtype,
+                             window=50, max_q_len=max(q_lens), max_kv_len=int(lens.max())).wait()
+    got = out.get()
+    want = ref.contiguous_attention(case["queries"], case["k_pool"], case["v_pool"], lens,
+                                    case["q_indptr"], k_scales=case["k_scales"],
+                                    v_scales=case["v_scales"], kv_dtype=kv_dtype, window=50)
+    assert_close(got, want)
+    np.testing.assert_array_equal(got, paged)
+
+
+# ---- accuracy of each KV dtype against the fp32 output (targets.md) -------------------------
+
+def _cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_dtype_accuracy_vs_fp32(device, rng):
+    # T=512, D=128, peaky attention (large-norm queries)
+    shape_kw = dict(lens=(512, 300), block_size=16, num_kv_heads=2, group=4, head_dim=128,
+                    shuffle=False, spare=0)
+    base = make_case(rng, **shape_kw, q_gain=3.0)
+    kv = (base["k_fp32"], base["v_fp32"])
+    fp32 = run_reference(base)
+    results = {}
+    for kv_dtype in ("fp16", "int8", "fp8_e4m3", "fp8_e5m2"):
+        case = make_case(rng, **shape_kw, kv_dtype=kv_dtype, kv=kv)
+        case["queries"] = base["queries"]
+        got = run_paged(device, case)
+        results[kv_dtype] = (np.abs(got - fp32).max() / np.abs(fp32).max(), _cosine(got, fp32))
+    assert results["fp16"][0] <= 2e-3, results
+    assert results["int8"][1] >= 0.9995 and results["int8"][0] < 0.03, results
+    assert results["fp8_e4m3"][1] >= 0.995, results
+    assert results["fp8_e5m2"][1] >= 0.97, results
+
+
+# ---- property test ----------------------------------------------------------------------------
+
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a dev extra
+    hypothesis = None
+
+# a few kernel builds, many page tables / lengths / windows / partitions over them
+_CONFIGS = [("fp32", 16, 4, 128), ("int8", 16, 4, 128), ("fp16", 16, 4, 128), ("fp8_e5m2", 16, 4, 128),
+            ("fp32", 1, 8, 128), ("fp32", 5, 2, 36)]
+
+
+def _given_data(fn):
+    if hypothesis is None:
+        return pytest.mark.skip(reason="hypothesis not installed")(fn)
+    return hypothesis.given(data=st.data())(fn)
+
+
+@_given_data
+def test_property_random_batches(device, data):
+    kv_dtype, block_size, group, head_dim = data.draw(st.sampled_from(_CONFIGS), label="config")
+    batch = data.draw(st.integers(1, 4), label="batch")
+    lens = data.draw(st.lists(st.sampled_from([1, 2, block_size - 1, block_size, block_size + 1,
+                                               2 * block_size + 1, 33, 70]).filter(lambda n: n >= 1),
+                              min_size=batch, max_size=batch), label="lens")
+    # prefill (q_len > 1) only on configs whose prefill kernels other tests build anyway
+    decode = data.draw(st.booleans(), label="decode") or (kv_dtype, block_size) not in (("fp32", 16),
+                                                                                       ("int8", 16))
+    q_lens = [1 if decode else data.draw(st.integers(1, min(n, 3))) for n in lens]
+    window = data.draw(st.sampled_from([0, 0, 1, 5, 30]), label="window")
+    partition_size = data.draw(st.sampled_from([None, None, 7, 16, 32]), label="partition_size")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, lens=lens, q_lens=q_lens, block_size=block_size, num_kv_heads=2 if group < 8 else 1,
+                     group=group, head_dim=head_dim, kv_dtype=kv_dtype)
+    # max_q_len is an upper bound: a fixed one keeps the number of kernel builds small
+    case["max_q_len"] = 1 if decode else 4
+    assert_close(run_paged(device, case, window=window, partition_size=partition_size),
+                 run_reference(case, window=window))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.fixture
+def good(device, rng):
+    case = make_case(rng, lens=(17, 5), kv_dtype="int8")
+    d = upload(device.queue, case)
+    d["out"] = cla.empty(device.queue, case["queries"].shape, np.float32)
+    return d
+
+
+def _call(d, **over):
+    args = dict(d)
+    args.update(over)
+    return ops.paged_attention(args["queries"], args["k_pool"], args["v_pool"], args["indptr"],
+                               args["indices"], args["last_page_len"], args["q_indptr"], args["out"],
+                               k_scales=args["k_scales"], v_scales=args["v_scales"],
+                               kv_dtype=args["kv_dtype"], int8_mode=args["int8_mode"],
+                               window=args.get("window", 0), max_q_len=args["max_q_len"],
+                               max_kv_len=args["max_kv_len"])
+
+
+def test_good_input_runs(good):
+    _call(good).wait()
+
+
+@pytest.mark.parametrize("name,make,exc", [
+    ("queries", lambda q, d: cla.empty(q, (2, 8), np.float32), kvcl.ShapeError),
+    ("queries", lambda q, d: cla.empty(q, d["queries"].shape, np.float64), kvcl.DtypeError),
+    ("queries", lambda q, d: d["queries"].get(), kvcl.DtypeError),
+    ("k_pool", lambda q, d: cla.empty(q, d["k_pool"].shape, np.uint8), kvcl.DtypeError),
+    ("k_pool", lambda q, d: cla.empty(q, d["k_pool"].shape[:3] + (32,), np.int8), kvcl.ShapeError),
+    ("v_pool", lambda q, d: cla.empty(q, (1,) + d["v_pool"].shape[1:], np.int8), kvcl.ShapeError),
+    ("k_scales", lambda q, d: None, kvcl.InvalidArgument),
+    ("k_scales", lambda q, d: cla.empty(q, d["k_scales"].shape, np.uint16), kvcl.DtypeError),
+    ("v_scales", lambda q, d: cla.empty(q, d["v_scales"].shape[:2], np.float32), kvcl.ShapeError),
+    ("indptr", lambda q, d: cla.empty(q, 3, np.int64), kvcl.DtypeError),
+    ("indices", lambda q, d: cla.empty(q, (2, 2), np.int32), kvcl.ShapeError),
+    ("last_page_len", lambda q, d: cla.empty(q, 3, np.int32), kvcl.ShapeError),
+    ("q_indptr", lambda q, d: cla.empty(q, 2, np.int32), kvcl.ShapeError),
+    ("out", lambda q, d: cla.empty(q, d["queries"].shape, np.float16), kvcl.DtypeError),
+    ("out", lambda q, d: cla.empty(q, (2, 8, 32), np.float32), kvcl.ShapeError),
+    ("kv_dtype", lambda q, d: "bf16", kvcl.InvalidArgument),
+    ("int8_mode", lambda q, d: 2, kvcl.OutOfRangeError),
+    ("window", lambda q, d: -1, kvcl.OutOfRangeError),
+    ("max_q_len", lambda q, d: 0, kvcl.OutOfRangeError),
+    ("max_kv_len", lambda q, d: 1.5, kvcl.DtypeError),
+])
+def test_bad_input_names_the_argument(device, good, name, make, exc):
+    with pytest.raises(exc, match=name):
+        _call(good, **{name: make(device.queue, good)})
+
+
+def test_bad_head_ratio_and_head_dim(device, good):
+    q = device.queue
+    with pytest.raises(kvcl.ShapeError, match="num_q_heads"):
+        _call(good, queries=cla.empty(q, (2, 7, 128), np.float32), out=cla.empty(q, (2, 7, 128), np.float32))
+    k = cla.empty(q, good["k_pool"].shape[:3] + (30,), np.int8)
+    with pytest.raises(kvcl.ShapeError, match="multiple of 4"):
+        _call(good, queries=cla.empty(q, (2, 8, 30), np.float32), out=cla.empty(q, (2, 8, 30), np.float32),
+              k_pool=k, v_pool=k)
+
+
+def test_bad_contiguous_input(device, rng):
+    q = device.queue
+    k = cla.empty(q, (2, 2, 32, 64), np.float32)
+    qi = cla.to_device(q, np.array([0, 1, 2], np.int32))
+    queries = cla.empty(q, (2, 8, 64), np.float32)
+    out = cla.empty(q, (2, 8, 64), np.float32)
+    with pytest.raises(kvcl.ShapeError, match="kv_lens"):
+        ops.contiguous_attention(queries, k, k, cla.empty(q, 3, np.int32), qi, out, max_q_len=1, max_kv_len=4)
+    with pytest.raises(kvcl.OutOfRangeError, match="max_kv_len"):
+        ops.contiguous_attention(queries, k, k, cla.empty(q, 2, np.int32), qi, out, max_q_len=1, max_kv_len=33)
