@@ -84,12 +84,6 @@
 #define CVT(x, T) CAT(convert_, T)(x)
 #endif
 
-// Keeping the per-token loops as loops stops an implementation that vectorises across
-// work-items (PoCL) from turning each work-item's VEC-wide loads into gathers.
-#ifndef LOOP_NOT_UNROLLED
-#define LOOP_NOT_UNROLLED _Pragma("unroll 1")
-#endif
-
 inline float vsum(floatV v) {
 #if VEC == 8
     const float4 h = v.lo + v.hi;
@@ -269,7 +263,7 @@ void paged_decode_attention(
                         floatV s[ROWS];
                         #pragma unroll
                         for (int r = 0; r < ROWS; ++r) s[r] = (floatV)(0.0f);
-                        LOOP_NOT_UNROLLED
+                        #pragma unroll 1  // stay a loop: unrolled, PoCL turns each lane's VEC-wide loads into gathers
                         for (int v = 0; v < NV; ++v) {
                             const floatV kv = kv_loadv(kp, v);
                             #pragma unroll
@@ -335,7 +329,7 @@ void paged_decode_attention(
                         #pragma unroll
                         for (int c = 0; c < CV; ++c) acc[r * CV + c] *= a;
                     }
-                    LOOP_NOT_UNROLLED
+                    #pragma unroll 1
                     for (int j = jp; j < CHUNK; j += NJ) {
                         const int row = row_loc[j];
                         if (row >= 0) {
