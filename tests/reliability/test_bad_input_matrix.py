@@ -1,0 +1,241 @@
+"""The bad-input matrix: every public entry point × every way a caller can get it wrong.
+
+Each row makes a fresh, non-empty object, calls one entry point wrongly, and checks three
+things: a kvcl exception of the expected class (a subclass of the natural built-in), a message
+that names the argument, and a deep snapshot (host fields + every device buffer's bytes)
+identical before and after. The suite summary prints the totals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyopencl.array as cla
+import pytest
+
+import kvcl
+from kvcl import bitpolar, ferrum, forgellm, oxibonsai
+from kvcl.engine import PagedKVCache, StaleStepError
+
+from .state import state_of
+
+F32 = np.float32
+
+
+@dataclass
+class Case:
+    entry: str          # the public entry point
+    category: str       # shape | dtype | non-finite | range | capacity | sequence | device | kind
+    make: Callable      # device -> (object whose state is compared, context dict)
+    call: Callable      # (object, context) -> None; must raise
+    raises: type
+    names: str          # a substring the message must contain (the argument's name)
+
+
+def engine(device, dtype="int8"):
+    cache = PagedKVCache(2, 2, 8, num_blocks=6, block_size=4, dtype=dtype, device=device)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    step = cache.plan([a, b], [5, 3])
+    rng = np.random.default_rng(0)
+    cache.write(0, step, rng.standard_normal((8, 2, 8)).astype(F32), rng.standard_normal((8, 2, 8)).astype(F32))
+    step = cache.plan([a], [2])
+    other = kvcl.Device(device=device.device)          # same hardware, another OpenCL context
+    return cache, {"a": a, "b": b, "step": step, "good": np.ones((2, 2, 8), F32), "other": other}
+
+
+def engine_freed(device):
+    """An engine whose planned step is stale (sequence a freed) and whose sequence b is freed."""
+    cache, ctx = engine(device)
+    cache.free(ctx["a"])
+    cache.free(ctx["b"])
+    return cache, ctx
+
+
+def nan_like(x, where=(0,)):
+    y = np.array(x, dtype=F32, copy=True)
+    y[where] = np.nan
+    return y
+
+
+def foreign(ctx, shape):
+    return cla.to_device(ctx["other"].queue, np.ones(shape, F32))
+
+
+E = "PagedKVCache."
+CASES = [
+    # ---- the engine ---------------------------------------------------------------------------
+    Case(E + "plan", "capacity", engine, lambda c, x: c.plan([x["a"], x["b"]], [30, 1]), kvcl.OutOfBlocks, "out of KV blocks"),
+    Case(E + "plan", "sequence", engine, lambda c, x: c.plan([x["a"], 99], [1, 1]), IndexError, "99"),
+    Case(E + "plan", "range", engine, lambda c, x: c.plan([x["a"]], [-1]), IndexError, "num_new_tokens"),
+    Case(E + "plan", "shape", engine, lambda c, x: c.plan([x["a"], x["b"]], [1]), ValueError, "num_new_tokens"),
+    Case(E + "plan", "kind", engine, lambda c, x: c.plan([x["a"]], [1.5]), TypeError, "num_new_tokens"),
+    Case(E + "plan", "shape", engine, lambda c, x: c.plan([x["a"]], [2], token_ids=[[1]]), ValueError, "token_ids"),
+    Case(E + "write", "shape", engine, lambda c, x: c.write(0, x["step"], np.ones((3, 2, 8), F32), x["good"]), kvcl.ShapeError, "keys"),
+    Case(E + "write", "dtype", engine, lambda c, x: c.write(0, x["step"], x["good"], x["good"].astype(np.float64)), kvcl.DtypeError, "values"),
+    Case(E + "write", "non-finite", engine, lambda c, x: c.write(0, x["step"], nan_like(x["good"]), x["good"]), kvcl.NonFiniteError, "keys"),
+    Case(E + "write", "non-finite", engine, lambda c, x: c.write(0, x["step"], x["good"], x["good"] * np.inf), kvcl.NonFiniteError, "values"),
+    Case(E + "write", "range", engine, lambda c, x: c.write(2, x["step"], x["good"], x["good"]), IndexError, "layer"),
+    Case(E + "write", "kind", engine, lambda c, x: c.write(0, x["step"], x["good"].tolist(), x["good"]), TypeError, "keys"),
+    Case(E + "write", "kind", engine, lambda c, x: c.write(0, "step", x["good"], x["good"]), TypeError, "step"),
+    Case(E + "write", "device", engine, lambda c, x: c.write(0, x["step"], foreign(x, (2, 2, 8)), x["good"]), kvcl.DeviceMismatchError, "keys"),
+    Case(E + "write_qkv", "shape", engine, lambda c, x: c.write_qkv(0, x["step"], np.ones((2, 60), F32), num_q_heads=4, rope="none"), kvcl.ShapeError, "qkv"),
+    Case(E + "write_qkv", "kind", engine, lambda c, x: c.write_qkv(0, x["step"], np.ones((2, 64), F32), num_q_heads=4, rope="spiral"), kvcl.InvalidArgument, "rope"),
+    Case(E + "write_qkv", "shape", engine, lambda c, x: c.write_qkv(0, x["step"], np.ones((2, 64), F32), num_q_heads=4, cos=np.ones((3, 4), F32), sin=np.ones((3, 4), F32)), kvcl.ShapeError, "cos"),
+    Case(E + "write_qkv", "non-finite", engine, lambda c, x: c.write_qkv(0, x["step"], nan_like(np.ones((2, 64))), num_q_heads=4, rope="none"), kvcl.NonFiniteError, "qkv"),
+    Case(E + "write_qkv", "shape", engine, lambda c, x: c.write_qkv(0, x["step"], np.ones((2, 64), F32), num_q_heads=4, rope="none", q_norm_weight=np.ones(7, F32)), kvcl.ShapeError, "q_norm_weight"),
+    Case(E + "write_qkv", "range", engine, lambda c, x: c.write_qkv(0, x["step"], np.ones((2, 48), F32), num_q_heads=3, rope="none"), kvcl.InvalidArgument, "num_q_heads"),
+    Case(E + "attend", "shape", engine, lambda c, x: c.attend(0, x["step"], np.ones((2, 3, 8), F32)), kvcl.ShapeError, "queries"),
+    Case(E + "attend", "non-finite", engine, lambda c, x: c.attend(0, x["step"], nan_like(np.ones((2, 4, 8)))), kvcl.NonFiniteError, "queries"),
+    Case(E + "attend", "range", engine, lambda c, x: c.attend(0, x["step"], np.ones((2, 4, 8), F32), window=-1), IndexError, "window"),
+    Case(E + "attend", "non-finite", engine, lambda c, x: c.attend(0, x["step"], np.ones((2, 4, 8), F32), scale=float("nan")), kvcl.NonFiniteError, "scale"),
+    Case(E + "attend", "device", engine, lambda c, x: c.attend(0, x["step"], foreign(x, (2, 4, 8))), kvcl.DeviceMismatchError, "queries"),
+    Case(E + "attend", "sequence", engine_freed, lambda c, x: c.attend(0, x["step"], np.ones((2, 4, 8), F32)), StaleStepError, "step"),
+    Case(E + "write", "sequence", engine_freed, lambda c, x: c.write(0, x["step"], x["good"], x["good"]), StaleStepError, "step"),
+    Case(E + "fork", "sequence", engine, lambda c, x: c.fork(1234), IndexError, "1234"),
+    Case(E + "free", "sequence", engine_freed, lambda c, x: c.free(x["b"]), IndexError, "freed"),
+    Case(E + "plan", "sequence", engine_freed, lambda c, x: c.plan([x["a"]], [1]), IndexError, "freed"),
+    Case(E + "seq_len", "sequence", engine, lambda c, x: c.seq_len(77), IndexError, "77"),
+    Case(E + "read", "range", engine, lambda c, x: c.read(5, x["a"]), IndexError, "layer"),
+    Case(E + "read", "sequence", engine, lambda c, x: c.read(0, 42), IndexError, "42"),
+    Case(E + "add_sequence", "shape", engine, lambda c, x: c.add_sequence(prefix_tokens="abc"), kvcl.ShapeError, "prefix_tokens"),
+    Case(E + "add_sequence", "kind", engine, lambda c, x: c.add_sequence(prefix_tokens=[1.5, 2.0]), kvcl.DtypeError, "prefix_tokens"),
+]
+
+
+# ---- the mirrors ---------------------------------------------------------------------------------
+
+def oxi_kv(device):
+    cache = oxibonsai.KvCache(2, 2, 4, 8, device=device)
+    cache.store_key(0, 1, 0, np.arange(4, dtype=F32))
+    cache.advance()
+    return cache, {}
+
+
+def _full_oxi(device):
+    cache, _ = oxi_kv(device)
+    while cache.seq_len() < cache.max_seq_len():
+        cache.advance()
+    return cache, {}
+
+
+def oxi_quant(device):
+    layer = oxibonsai.QuantizedKvLayer(2, 2, 4, device=device)
+    layer.push(np.ones(8, F32), np.ones(8, F32))
+    return layer, {}
+
+
+def _full_quant(device):
+    layer, _ = oxi_quant(device)
+    layer.push(np.ones(8, F32), np.ones(8, F32))
+    return layer, {}
+
+
+def oxi_quant_cache(device):
+    cache = oxibonsai.QuantizedKvCache(2, 4, 2, 4, device=device)
+    cache.push_step([np.ones(8, F32)] * 2, [np.ones(8, F32)] * 2)
+    return cache, {}
+
+
+def oxi_fp8(device):
+    layer = oxibonsai.Fp8KvLayer.with_capacity(2, 4, 2, oxibonsai.Fp8KvFormat.E4M3, device=device)
+    layer.push(np.ones(8, F32), np.ones(8, F32))
+    return layer, {}
+
+
+def oxi_prefix(device):
+    cache = oxibonsai.PrefixCache(1, 4, 1, 1, 4, device=device)
+    idx = cache.insert([1, 2, 3, 4], 0, [np.ones(16, F32)], [np.ones(16, F32)])
+    cache.get_block(idx).ref_count = 1          # pinned, as the crate's own test does
+    return cache, {}
+
+
+def oxi_prefix_roomy(device):
+    cache = oxibonsai.PrefixCache(4, 4, 1, 1, 4, device=device)
+    cache.insert([1, 2, 3, 4], 0, [np.ones(16, F32)], [np.ones(16, F32)])
+    return cache, {}
+
+
+def forge(device):
+    cache = forgellm.KVCache(2, 2, 4, device=device)
+    cache.append(0, np.ones(8, F32), np.ones(8, F32))
+    cache.advance()
+    return cache, {}
+
+
+def turbo(device):
+    cfg = bitpolar.KvCacheConfig(head_dim=8, bits=4, projections=16, seed=42)
+    cache = bitpolar.MultiHeadKvCache(2, cfg, device=device)
+    cache.push_token(np.ones((2, 8), F32), np.ones((2, 8), F32))
+    return cache, {}
+
+
+def ferrum_int8(device):
+    layer = ferrum.KvInt8.alloc_paged(2, 4, 2, 8, device=device)
+    return layer, {"qkv": np.ones((3, (4 + 4) * 8), F32), "cos": np.ones((16, 4), F32), "sin": np.zeros((16, 4), F32)}
+
+
+def ferrum_write(layer, x, **over):
+    args = dict(q_norm_w=None, k_norm_w=None, cos=x["cos"], sin=x["sin"], q_out=None, tokens=3,
+                num_q_heads=4, num_kv_heads=2, head_dim=8, pos_offset=0, eps=1e-6, qk_mode=2)
+    args.update(over)
+    qkv = args.pop("qkv", x["qkv"])
+    return ferrum.KvInt8.paged_write(layer, qkv, **args)
+
+
+Q = oxibonsai.kv_cache_quant
+CASES += [
+    Case("oxibonsai.KvCache.store_key", "range", oxi_kv, lambda c, x: c.store_key(0, 2, 0, np.ones(4, F32)), IndexError, "head"),
+    Case("oxibonsai.KvCache.store_key", "range", oxi_kv, lambda c, x: c.store_key(0, 0, 8, np.ones(4, F32)), IndexError, "pos"),
+    Case("oxibonsai.KvCache.store_value", "shape", oxi_kv, lambda c, x: c.store_value(0, 0, 0, np.ones(5, F32)), ValueError, "value"),
+    Case("oxibonsai.KvCache.inject_block", "shape", oxi_kv, lambda c, x: c.inject_block(0, 0, 4, np.ones(3, F32), np.ones(3, F32)), ValueError, "keys"),
+    Case("oxibonsai.KvCache.advance", "capacity", _full_oxi, lambda c, x: c.advance(), kvcl.CapacityError, "max_seq_len"),
+    Case("oxibonsai.QuantizedKvLayer.push", "shape", oxi_quant, lambda c, x: c.push(np.ones(7, F32), np.ones(8, F32)), Q.ShapeMismatch, "expected 8, got 7"),
+    Case("oxibonsai.QuantizedKvLayer.push", "capacity", _full_quant, lambda c, x: c.push(np.ones(8, F32), np.ones(8, F32)), Q.CapacityExceeded, "capacity 2"),
+    Case("oxibonsai.QuantizedKvLayer.push", "non-finite", oxi_quant, lambda c, x: c.push(nan_like(np.ones(8)), np.ones(8, F32)), kvcl.NonFiniteError, "keys"),
+    Case("oxibonsai.QuantizedKvLayer.get_key", "range", oxi_quant, lambda c, x: c.get_key(1, 0), Q.PositionOutOfRange, "position 1"),
+    Case("oxibonsai.QuantizedKvLayer.get_value", "range", oxi_quant, lambda c, x: c.get_value(0, 2), Q.HeadOutOfRange, "head index 2"),
+    Case("oxibonsai.QuantizedKvCache.push_step", "range", oxi_quant_cache, lambda c, x: c.push_step([np.ones(8, F32)] * 3, [np.ones(8, F32)] * 3), Q.LayerOutOfRange, "layer"),
+    Case("oxibonsai.QuantizedKvCache.push_step", "shape", oxi_quant_cache, lambda c, x: c.push_step([np.ones(8, F32), np.ones(6, F32)], [np.ones(8, F32)] * 2), Q.ShapeMismatch, "expected 8, got 6"),
+    Case("oxibonsai.Fp8KvLayer.push", "non-finite", oxi_fp8, lambda c, x: c.push(np.ones(8, F32), nan_like(np.ones(8))), kvcl.NonFiniteError, "value"),
+    Case("oxibonsai.Fp8KvLayer.get_key", "range", oxi_fp8, lambda c, x: c.get_key(3), IndexError, "3"),
+    Case("oxibonsai.PrefixCache.insert", "capacity", oxi_prefix, lambda c, x: c.insert([5, 6, 7, 8], 0, [np.ones(16, F32)], [np.ones(16, F32)]), kvcl.CapacityError, "pinned"),
+    Case("oxibonsai.PrefixCache.insert", "range", oxi_prefix_roomy, lambda c, x: c.insert([5, 6, 7, 8], 5, [np.ones(16, F32)], [np.ones(16, F32)]), IndexError, "block_start"),
+    Case("oxibonsai.PrefixCache.insert", "shape", oxi_prefix_roomy, lambda c, x: c.insert([5, 6, 7, 8], 0, [np.ones(15, F32)], [np.ones(16, F32)]), kvcl.ShapeError, "keys"),
+    Case("forgellm.KVCache.append", "shape", forge, lambda c, x: c.append(0, np.ones(7, F32), np.ones(8, F32)), kvcl.ShapeError, "k"),
+    Case("forgellm.KVCache.append", "range", forge, lambda c, x: c.append(2, np.ones(8, F32), np.ones(8, F32)), IndexError, "layer"),
+    Case("forgellm.KVCache.append", "kind", forge, lambda c, x: c.append(0, "keys", np.ones(8, F32)), TypeError, "k"),
+    Case("forgellm.KVCache.append", "shape", forge, lambda c, x: c.append(0, np.ones(8, F32), np.ones(9, F32)), kvcl.ShapeError, "v"),
+    Case("bitpolar.MultiHeadKvCache.push_token", "shape", turbo, lambda c, x: c.push_token(np.ones((2, 8), F32), np.ones((2, 6), F32)), bitpolar.DimensionMismatch, "expects 8, got 6"),
+    Case("bitpolar.MultiHeadKvCache.push_token", "shape", turbo, lambda c, x: c.push_token(np.ones((3, 8), F32), np.ones((3, 8), F32)), bitpolar.DimensionMismatch, "expects 2, got 3"),
+    Case("bitpolar.MultiHeadKvCache.push_token", "non-finite", turbo, lambda c, x: c.push_token(np.ones((2, 8), F32), nan_like(np.ones((2, 8)), (1, 2))), bitpolar.NonFiniteInput, "index 2"),
+    Case("bitpolar.MultiHeadKvCache.attention_scores", "shape", turbo, lambda c, x: c.attention_scores(np.ones((2, 7), F32)), bitpolar.DimensionMismatch, "expects 8, got 7"),
+    Case("ferrum.KvInt8.paged_write", "capacity", ferrum_int8, lambda c, x: ferrum_write(c, x, pos_offset=7), kvcl.CapacityError, "capacity"),
+    Case("ferrum.KvInt8.paged_write", "shape", ferrum_int8, lambda c, x: ferrum_write(c, x, qkv=np.ones((3, 60), F32)), kvcl.ShapeError, "qkv"),
+    Case("ferrum.KvInt8.paged_write", "non-finite", ferrum_int8, lambda c, x: ferrum_write(c, x, qkv=nan_like(x["qkv"], (1, 40))), kvcl.NonFiniteError, "qkv"),
+    Case("ferrum.KvInt8.paged_write", "range", ferrum_int8, lambda c, x: ferrum_write(c, x, qk_mode=7), kvcl.KvclError, "qk_mode"),
+    Case("ferrum.KvInt8.set_len", "capacity", ferrum_int8, lambda c, x: ferrum.KvInt8.set_len(c, 9), IndexError, "new_len"),
+    Case("ferrum.KvInt8.alloc_contig", "kind", lambda d: (None, {"d": d}), lambda c, x: ferrum.KvInt8.alloc_contig(16, 2, 8, device=x["d"]), kvcl.KvclError, "INT8"),
+]
+
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.entry}-{c.category}-{i}" for i, c in enumerate(CASES)])
+def test_refusal_is_clear_and_changes_nothing(device, case, figures):
+    obj, ctx = case.make(device)
+    before = state_of(obj)
+    figures["cases"][case.category] += 1
+    figures["entry_points"].add(case.entry)
+    with pytest.raises(Exception) as info:
+        case.call(obj, ctx)
+    exc = info.value
+    ok_class = isinstance(exc, case.raises) and isinstance(exc, kvcl.KvclError)
+    figures["raised_clear_error"] += ok_class and case.names.lower() in str(exc).lower()
+    figures["wrong_exception"] += not ok_class
+    assert isinstance(exc, kvcl.KvclError), f"{type(exc).__name__} is not a kvcl error: {exc}"
+    assert isinstance(exc, case.raises), f"expected {case.raises.__name__}, got {type(exc).__name__}: {exc}"
+    assert case.names.lower() in str(exc).lower(), f"message does not name {case.names!r}: {exc}"
+    after = state_of(obj)
+    figures["state_changes"] += after != before
+    assert after == before, f"{case.entry}: state changed after a refused call"
