@@ -26,6 +26,10 @@ test: $(VENV)/.installed-$(EXTRAS)
 test-fast: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -q -ra -x tests/host
 
+# Jupyter Book: every tutorial notebook executed on the default device; warnings are errors.
+docs: $(VENV)/.installed-$(EXTRAS)
+	$(VENV)/bin/jupyter-book build --all -W -n --keep-going docs/
+
 bench: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kvcl bench --json bench-results.json --plot bench-results.png
 

@@ -167,7 +167,7 @@ def extract_blocks(pool, block_ids, out, *, queue=None, wait_for=None) -> cl.Eve
         ``[num_blocks, num_kv_heads, block_size]``.
     block_ids : int array, shape [n]
         Ids in ``[0, num_blocks)``; repeats allowed.
-    out : pyopencl.array.Array, ``pool.dtype``, shape [n, *pool.shape[1:]]
+    out : pyopencl.array.Array, ``pool.dtype``, shape ``[n, *pool.shape[1:]]``
     queue : pyopencl.CommandQueue, optional
         Defaults to ``out``'s queue.
     wait_for : list of pyopencl.Event, optional
@@ -201,7 +201,7 @@ def inject_blocks(src, block_ids, pool, *, queue=None, wait_for=None) -> cl.Even
 
     Parameters
     ----------
-    src : pyopencl.array.Array, ``pool.dtype``, shape [n, *pool.shape[1:]]
+    src : pyopencl.array.Array, ``pool.dtype``, shape ``[n, *pool.shape[1:]]``
     block_ids : int array, shape [n]
         Distinct ids in ``[0, num_blocks)``.
     pool : pyopencl.array.Array, any dtype, shape [num_blocks, ...]

@@ -26,12 +26,12 @@ def copy_blocks(pool: np.ndarray, src_ids, dst_ids) -> np.ndarray:
 
 
 def extract_blocks(pool: np.ndarray, block_ids) -> np.ndarray:
-    """The listed blocks, contiguous: [n, *pool.shape[1:]], ``pool.dtype``."""
+    """The listed blocks, contiguous: ``[n, *pool.shape[1:]]``, ``pool.dtype``."""
     return pool[np.asarray(block_ids, dtype=np.int64)].copy()
 
 
 def inject_blocks(src: np.ndarray, block_ids, pool: np.ndarray) -> np.ndarray:
-    """``pool`` with ``pool[block_ids[i]] = src[i]``; src: [n, *pool.shape[1:]], ids distinct."""
+    """``pool`` with ``pool[block_ids[i]] = src[i]``; src: ``[n, *pool.shape[1:]]``, ids distinct."""
     new = np.array(pool, copy=True)
     new[np.asarray(block_ids, dtype=np.int64)] = src
     return new
