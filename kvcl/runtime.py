@@ -4,6 +4,8 @@ Device choice, in order:
 
 1. ``KVCL_DEVICE``: ``"P:D"`` (platform and device index, as in ``kvcl devices``) or a
    case-insensitive substring of the platform or device name (``"pocl"``, ``"nvidia"``, ``"llvmpipe"``);
+   (vendor and version strings count too: ``"pocl"`` finds PoCL, whose platform is called
+   "Portable Computing Language");
 2. ``PYOPENCL_CTX`` (pyopencl's own convention, ``"P:D"`` or ``"P"``);
 3. the first GPU of any platform, else the first CPU, else any device.
 
@@ -112,6 +114,25 @@ def devices() -> list[DeviceInfo]:
     return [describe(d, f"{pi}:{di}") for pi, di, _, d in _all_devices()]
 
 
+def _names(platform: cl.Platform, device: cl.Device) -> str:
+    """Everything a name spec is matched against: platform and device names, vendors, versions
+    (PoCL calls its platform "Portable Computing Language" and says "PoCL" only in versions)."""
+    return " ".join((platform.name, platform.vendor, platform.version, device.name, device.vendor,
+                     device.version)).lower()
+
+
+def matches(spec: str, platform: cl.Platform, device: cl.Device) -> bool:
+    """True if ``spec`` (case-insensitive) occurs in the platform's or device's names."""
+    return spec.strip().lower() in _names(platform, device)
+
+
+def find(spec: str) -> list[str]:
+    """``"P:D"`` indices of every device whose names contain ``spec`` (or whose index is it)."""
+    spec = spec.strip()
+    return [f"{pi}:{di}" for pi, di, platform, device in _all_devices()
+            if spec == f"{pi}:{di}" or matches(spec, platform, device)]
+
+
 def _select(spec: str | None) -> cl.Device:
     found = _all_devices()
     if not found:
@@ -129,12 +150,11 @@ def _select(spec: str | None) -> cl.Device:
                 f"device {spec!r}: no such platform:device index; available: "
                 + ", ".join(f"{p}:{d} ({dev.name.strip()})" for p, d, _, dev in found)
             )
-        needle = spec.lower()
         for _, _, platform, d in found:
-            if needle in platform.name.lower() or needle in d.name.lower():
+            if matches(spec, platform, d):
                 return d
         raise NoDeviceError(
-            f"device {spec!r}: no platform or device name contains it; available: "
+            f"device {spec!r}: no platform or device name, vendor or version contains it; available: "
             + ", ".join(f"{p}:{d} {plat.name.strip()} / {dev.name.strip()}" for p, d, plat, dev in found)
         )
     for wanted in (cl.device_type.GPU, cl.device_type.CPU):

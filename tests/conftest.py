@@ -31,13 +31,12 @@ def _device_specs() -> list[str]:
         return []
     wanted = os.environ.get("KVCL_TEST_DEVICES")
     if wanted:
+        from kvcl.runtime import find
         keep = []
         for spec in wanted.split(","):
-            spec = spec.strip().lower()
-            for d in found:
-                if spec == d.index or spec in d.platform.lower() or spec in d.name.lower():
-                    if d.index not in keep:
-                        keep.append(d.index)
+            for index in find(spec):
+                if index not in keep:
+                    keep.append(index)
         return keep
     return [d.index for d in found]
 

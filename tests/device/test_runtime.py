@@ -36,7 +36,7 @@ def test_env_variable_selects(monkeypatch, device):
 
 
 def test_unknown_device_is_a_clear_error(device):
-    with pytest.raises(kvcl.NoDeviceError, match="no platform or device name contains it; available:"):
+    with pytest.raises(kvcl.NoDeviceError, match="no platform or device name, vendor or version contains it; available:"):
         kvcl.Device("no-such-device-anywhere")
     with pytest.raises(kvcl.NoDeviceError, match="no such platform:device index"):
         kvcl.Device("97:3")
@@ -76,3 +76,11 @@ def test_build_failure_carries_the_build_log(device, tmp_path, monkeypatch):
 def test_kernel_dir_from_checkout_holds_every_family():
     d = runtime.kernel_dir()
     assert (d / "common.h").is_file()
+
+
+def test_pocl_is_found_by_its_short_name():
+    found = kvcl.devices()
+    if not any("pocl" in (d.opencl_version + d.platform).lower() for d in found):
+        pytest.skip("no PoCL device here")
+    assert kvcl.Device("PoCL").info.opencl_version.lower().find("pocl") >= 0
+    assert runtime.find("pocl")
