@@ -6,6 +6,14 @@ import argparse
 import sys
 
 
+def code_paths(info) -> str:
+    """The code paths kvcl takes on a usable device, in words."""
+    decode = "one work-item per (sequence, kv head) group" if info.type == "CPU" else "cooperative work-groups"
+    return (f"decode attention: {decode}, split-K when groups < compute units; fp16 KV via "
+            "vload_half/vstore_half (no cl_khr_fp16 needed); reductions in local memory "
+            f"(subgroups {'reported but ' if info.subgroups else ''}not used)")
+
+
 def _cmd_devices(args) -> int:
     from .runtime import devices
     from .table import format_table, human_bytes
@@ -15,16 +23,24 @@ def _cmd_devices(args) -> int:
         from .runtime import _NO_DEVICE_HELP
         print(f"kvcl: {_NO_DEVICE_HELP}", file=sys.stderr)
         return 1
-    rows = [
-        (d.index, d.platform, d.name, d.type, d.opencl_version.split(" ")[1] if " " in d.opencl_version else d.opencl_version,
-         d.compute_units, human_bytes(d.global_mem_bytes), human_bytes(d.local_mem_bytes),
-         d.max_work_group_size, "yes" if d.fp16 else "no", "yes" if d.fp64 else "no",
-         "yes" if d.subgroups else "no")
-        for d in found
-    ]
+    rows, notes = [], []
+    for d in found:
+        problems = d.unusable
+        rows.append((d.index, d.platform, d.name, d.type,
+                     d.opencl_version.split(" ")[1] if " " in d.opencl_version else d.opencl_version,
+                     d.compute_units, human_bytes(d.global_mem_bytes), human_bytes(d.local_mem_bytes),
+                     d.max_work_group_size, "yes" if d.fp16 else "no", "yes" if d.subgroups else "no",
+                     "no (see below)" if problems else "yes"))
+        if problems:
+            notes.append(f"{d.index}: kvcl cannot run here: {'; '.join(problems)}")
+        else:
+            notes.append(f"{d.index}: {code_paths(d)}")
     print(format_table(["index", "platform", "device", "type", "OpenCL", "CUs", "global mem",
-                        "local mem", "max WG", "fp16", "fp64", "subgroups"], rows,
+                        "local mem", "max WG", "fp16", "subgroups", "kvcl"], rows,
                        align="llllrrrrrlll"))
+    print()
+    for line in notes:
+        print(line)
     print("\nSelect one with KVCL_DEVICE=<index or name substring> (e.g. KVCL_DEVICE=0:0).")
     return 0
 

@@ -76,6 +76,7 @@ class DeviceInfo:
     fp16: bool
     fp64: bool
     subgroups: bool
+    unusable: tuple = ()   # why kvcl cannot run here (empty: it can)
 
     def as_row(self) -> dict:
         return self.__dict__.copy()
@@ -106,7 +107,45 @@ def describe(device: cl.Device, index: str = "?") -> DeviceInfo:
         fp16="cl_khr_fp16" in ext,
         fp64="cl_khr_fp64" in ext,
         subgroups="cl_khr_subgroups" in ext or "cl_intel_subgroups" in ext,
+        unusable=tuple(usability(device)),
     )
+
+
+def _opencl_version(text: str) -> tuple[int, int]:
+    """(major, minor) from an OpenCL version string such as ``"OpenCL 3.0 PoCL ..."``."""
+    try:
+        major, minor = text.split()[1].split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+MIN_LOCAL_MEM = 16 * 1024   # the smallest local-memory tile plan of the kernels
+MIN_WORK_GROUP = 32
+
+
+def usability(device: cl.Device) -> list[str]:
+    """Why kvcl cannot run on ``device`` (an empty list: it can).
+
+    kvcl needs OpenCL C 1.2 (``-cl-std=CL1.2``), an online compiler, and the small local-memory
+    and work-group sizes its launch planners fall back to. fp16 arithmetic, fp64 and subgroups
+    are never required: fp16 storage uses ``vload_half``/``vstore_half`` (core OpenCL), and
+    reductions use local memory.
+    """
+    reasons = []
+    if _opencl_version(device.version) < (1, 2):
+        reasons.append(f"OpenCL {device.version.split()[1] if len(device.version.split()) > 1 else '?'} "
+                       "< 1.2 (kvcl builds with -cl-std=CL1.2)")
+    try:
+        if not device.compiler_available:
+            reasons.append("no online OpenCL C compiler")
+    except cl.Error:  # pragma: no cover - drivers that cannot answer
+        pass
+    if device.local_mem_size < MIN_LOCAL_MEM:
+        reasons.append(f"local memory {device.local_mem_size} B < {MIN_LOCAL_MEM} B")
+    if device.max_work_group_size < MIN_WORK_GROUP:
+        reasons.append(f"max work-group size {device.max_work_group_size} < {MIN_WORK_GROUP}")
+    return reasons
 
 
 def devices() -> list[DeviceInfo]:
@@ -157,11 +196,17 @@ def _select(spec: str | None) -> cl.Device:
             f"device {spec!r}: no platform or device name, vendor or version contains it; available: "
             + ", ".join(f"{p}:{d} {plat.name.strip()} / {dev.name.strip()}" for p, d, plat, dev in found)
         )
+    usable = [d for _, _, _, d in found if not usability(d)]
     for wanted in (cl.device_type.GPU, cl.device_type.CPU):
-        for _, _, _, d in found:
+        for d in usable:
             if d.type & wanted:
                 return d
-    return found[0][3]
+    if usable:
+        return usable[0]
+    raise NoDeviceError(
+        "no OpenCL device kvcl can run on: "
+        + "; ".join(f"{p}:{i} {d.name.strip()}: {', '.join(usability(d))}" for p, i, _, d in found)
+        + ". " + _NO_DEVICE_HELP.replace("no OpenCL device found. ", ""))
 
 
 class Device:
@@ -184,6 +229,9 @@ class Device:
             if spec is None:
                 spec = os.environ.get("KVCL_DEVICE") or os.environ.get("PYOPENCL_CTX") or None
             device = _select(spec)
+        problems = usability(device)
+        if problems:
+            raise NoDeviceError(f"device {device.name.strip()!r} cannot run kvcl: {'; '.join(problems)}")
         self.device = device
         self.context = cl.Context([device])
         self.queue = cl.CommandQueue(self.context)

@@ -84,3 +84,19 @@ def test_pocl_is_found_by_its_short_name():
         pytest.skip("no PoCL device here")
     assert kvcl.Device("PoCL").info.opencl_version.lower().find("pocl") >= 0
     assert runtime.find("pocl")
+
+
+def test_usability_names_what_is_missing(device, monkeypatch):
+    assert runtime.usability(device.device) == []
+
+    class Old:
+        version = "OpenCL 1.1 Mesa"
+        compiler_available = False
+        local_mem_size = 4096
+        max_work_group_size = 16
+    reasons = runtime.usability(Old())
+    assert len(reasons) == 4
+    assert "OpenCL 1.1 < 1.2" in reasons[0] and "compiler" in reasons[1]
+    monkeypatch.setattr(runtime, "usability", lambda d: ["OpenCL 1.1 < 1.2 (kvcl builds with -cl-std=CL1.2)"])
+    with pytest.raises(kvcl.NoDeviceError, match="cannot run kvcl: OpenCL 1.1 < 1.2"):
+        kvcl.Device(device=device.device)
