@@ -1,4 +1,5 @@
-"""The ``kvcl`` command line: ``kvcl devices``, ``kvcl demo``, ``kvcl bench``."""
+"""The ``kvcl`` command line: ``kvcl devices``, ``kvcl demo``, ``kvcl bench``, ``kvcl onnx ...``,
+``kvcl generate``."""
 
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="fill a paged cache and run decode attention in every KV dtype")
     p.add_argument("--device", default=None, help="device index 'P:D' or name substring (default: KVCL_DEVICE or auto)")
     p.set_defaults(func=_cmd_demo)
+    from .onnx.cli import add_commands
+    add_commands(sub)             # kvcl onnx rewrite | generate | bench, kvcl generate
     p = sub.add_parser("bench", help="kernel speed vs the device's streaming-read bandwidth and vs peers")
     p.add_argument("--device", default=None, help="device index 'P:D' or name substring")
     p.add_argument("--json", metavar="PATH", help="write one JSON record per case")

@@ -1,0 +1,149 @@
+"""``kvcl onnx rewrite``, ``kvcl onnx generate`` / ``kvcl generate`` and ``kvcl onnx bench``.
+
+``kvcl.cli`` wires these in with :func:`add_commands` (each sets ``func`` on its parser, which
+returns the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..dtypes import KV_DTYPES
+
+__all__ = ["add_commands", "main"]
+
+
+def _prompts(values: list[str]) -> list[list[int]]:
+    prompts = []
+    for v in values:
+        for part in v.split(";"):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                prompts.append([int(t) for t in part.replace(",", " ").split()])
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"--prompt-ids: expected comma-separated integers, got {part!r}") from None
+    if not prompts:
+        raise argparse.ArgumentTypeError("--prompt-ids: no prompt given")
+    return prompts
+
+
+def _cmd_rewrite(args) -> int:
+    import onnx
+
+    from .rewrite import model_info, rewrite
+    model = rewrite(args.input, kv_dtype=args.kv_dtype)
+    onnx.save(model, args.output)
+    info = model_info(model)
+    print(f"{args.output}: {info['num_layers']} layers rewritten to kvcl::Attention "
+          f"(kv heads {info['num_kv_heads']}, head dim {info['head_dim']}, scales {info['scales']}, "
+          f"kv dtype {info['kv_dtype']})")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generate import Generator
+    try:
+        prompts = _prompts(args.prompt_ids)
+    except argparse.ArgumentTypeError as exc:
+        print(f"kvcl: {exc}", file=sys.stderr)
+        return 2
+    need = sum(len(p) for p in prompts) + len(prompts) * args.max_new_tokens
+    gen = Generator(args.model, kv_dtype=args.kv_dtype, device=args.device,
+                    max_tokens=max(args.max_tokens, need))
+    try:
+        res = gen.generate(prompts, args.max_new_tokens, do_sample=args.do_sample,
+                           temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                           progress=not args.quiet)
+    finally:
+        gen.close()
+    if args.json:
+        print(json.dumps({"tokens": res.tokens.tolist(), "prompt_lengths": res.prompt_lengths,
+                          "seconds": res.seconds, "kv_dtype": gen.kv_dtype}))
+    else:
+        for i, row in enumerate(res.tokens.tolist()):
+            print(f"[{i}] " + " ".join(str(t) for t in row))
+        steps = res.tokens.shape[1]
+        if steps:
+            print(f"{steps} tokens x {len(prompts)} prompts in {res.seconds:.2f} s "
+                  f"({res.seconds / steps * 1e3:.1f} ms/step, kv {gen.kv_dtype})", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .generate import bench_step
+    rows = bench_step(args.model, contexts=args.contexts, batch=args.batch, steps=args.steps,
+                      kv_dtype=args.kv_dtype, device=args.device)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'context':>8} {'batch':>5} {'bridge ms':>10} {'original ms':>12} {'speedup':>8} {'in op ms':>9}")
+    for r in rows:
+        print(f"{r['context']:>8} {r['batch']:>5} {r['bridge_ms']:>10.3f} {r['reference_ms']:>12.3f} "
+              f"{r['speedup']:>8.2f} {r['op_ms']:>9.3f}")
+    return 0
+
+
+def _add_generate_args(p) -> None:
+    p.add_argument("model", help="an ONNX export with past_key_values I/O, or a rewritten model")
+    p.add_argument("--prompt-ids", action="append", required=True, metavar="IDS",
+                   help="token ids of one prompt, comma-separated (repeat the flag, or separate "
+                        "prompts with ';', for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default=None,
+                   help="KV storage (default: the one a rewritten model records, else fp32)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=4096, help="cache capacity in tokens")
+    p.add_argument("--device", default=None, help="device index 'P:D' or name substring")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
+
+
+def add_commands(subparsers) -> None:
+    """Register ``onnx {rewrite,generate,bench}`` and ``generate`` on ``kvcl``'s subparsers."""
+    onnx_p = subparsers.add_parser("onnx", help="the ONNX bridge: rewrite an export, generate, bench")
+    sub = onnx_p.add_subparsers(dest="onnx_command", required=True)
+    p = sub.add_parser("rewrite", help="replace each layer's attention core with kvcl::Attention")
+    p.add_argument("input", help="an ONNX export with past_key_values.N.key/value inputs")
+    p.add_argument("output", help="where to write the rewritten model")
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="fp32",
+                   help="default KV storage recorded in the model")
+    p.set_defaults(func=_cmd_rewrite)
+    _add_generate_args(sub.add_parser("generate", help="generate tokens for prompts through the bridge"))
+    p = sub.add_parser("bench", help="per-step time: the bridge vs the model fed past_key_values")
+    p.add_argument("model")
+    p.add_argument("--contexts", type=int, nargs="+", default=[16, 2048])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+    _add_generate_args(subparsers.add_parser("generate", help="generate tokens with an ONNX export through kvcl"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m kvcl.onnx.cli ...``) until ``kvcl.cli`` wires the commands in."""
+    parser = argparse.ArgumentParser(prog="kvcl")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        from ..errors import KvclError
+        if isinstance(exc, KvclError):
+            print(f"kvcl: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

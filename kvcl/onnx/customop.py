@@ -1,0 +1,336 @@
+"""The ``kvcl::Attention`` custom op for onnxruntime, its cache registry and its fast hook.
+
+The op (declared with ``onnxruntime_extensions.onnx_op``) replaces one decoder layer's
+attention core. Per step it gets every input as a tensor, so re-running a step is idempotent:
+
+========  ======================  ============================================================
+input     shape / dtype           meaning
+========  ======================  ============================================================
+q         [B, Hq, S, D] float32   queries after RoPE (and q-norm), unscaled
+k_new     [B, Hkv, S, D] float32  this step's keys (after RoPE)
+v_new     [B, Hkv, S, D] float32  this step's values
+step      [3, B] int64            rows: kvcl sequence ids, tokens already cached (past
+                                  lengths), valid new tokens (<= S; the rest is right padding)
+========  ======================  ============================================================
+
+Attributes (onnxruntime-extensions makes every attribute mandatory; int64 / float / string
+only): ``handle`` (string, names a :class:`~kvcl.engine.PagedKVCache` in the registry),
+``layer`` (int64), ``scale`` (float, every scalar Mul/Div of the q, k and score paths folded).
+Output: ``[B, Hq, S, D]`` float32 (padding rows are zero).
+
+Facts this module relies on (checked on onnxruntime 1.32 / onnxruntime-extensions 0.15):
+
+* the stock output path turns results into Python lists; :func:`_hook` (installed with
+  ``PyCustomOpDef.install_hooker``) hands back numpy arrays instead;
+* an exception escaping the hook calls ``std::terminate``: the hook catches everything, records
+  the exception on the cache binding (or in a global list) and returns zeros so that the run
+  finishes; :func:`raise_pending` re-raises it in the caller;
+* custom ops run under the GIL, serialised: the registry and each binding carry a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidArgument, KvclError, ShapeError
+
+try:  # optional dependency: kvcl[onnx]
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    from onnxruntime_extensions import _ocos
+    HAVE_EXTENSIONS = True
+except ImportError:  # pragma: no cover - exercised only without the extra
+    HAVE_EXTENSIONS = False
+
+OP_DOMAIN = "kvcl"
+OP_TYPE = "Attention"
+OP_TYPE_QKV = "AttentionQKV"
+STEP_INPUT = "kvcl_step"
+
+__all__ = ["OP_DOMAIN", "OP_TYPE", "STEP_INPUT", "HAVE_EXTENSIONS", "CacheBinding", "OpError",
+           "register_cache", "unregister_cache", "get_binding", "raise_pending", "library_path",
+           "kvcl_attention"]
+
+
+class OpError(KvclError, RuntimeError):
+    """An exception raised inside a Python custom op, re-raised in the caller."""
+
+
+@dataclass(eq=False)
+class CacheBinding:
+    """A cache registered under a handle, with the step currently planned on it."""
+
+    handle: str
+    cache: Any
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    step_key: bytes | None = None
+    step: Any = None
+    errors: list = field(default_factory=list)
+    calls: int = 0
+
+
+_REGISTRY: dict[str, CacheBinding] = {}
+_REGISTRY_LOCK = threading.Lock()
+_GLOBAL_ERRORS: list[BaseException] = []
+
+
+def register_cache(handle: str, cache: Any) -> CacheBinding:
+    """Make ``cache`` (a :class:`kvcl.engine.PagedKVCache`) reachable from ops whose
+    ``handle`` attribute is ``handle``."""
+    if not isinstance(handle, str) or not handle:
+        raise InvalidArgument(f"handle: expected a non-empty string, got {handle!r}")
+    with _REGISTRY_LOCK:
+        if handle in _REGISTRY and _REGISTRY[handle].cache is not cache:
+            raise InvalidArgument(f"handle: {handle!r} is already registered to another cache")
+        binding = _REGISTRY.get(handle) or CacheBinding(handle, cache)
+        _REGISTRY[handle] = binding
+        return binding
+
+
+def unregister_cache(handle: str) -> None:
+    with _REGISTRY_LOCK:
+        _REGISTRY.pop(handle, None)
+
+
+def get_binding(handle: str) -> CacheBinding:
+    with _REGISTRY_LOCK:
+        binding = _REGISTRY.get(handle)
+    if binding is None:
+        raise InvalidArgument(f"handle: no kvcl cache is registered as {handle!r} "
+                              "(register one with kvcl.onnx.register_cache or use kvcl.onnx.Generator)")
+    return binding
+
+
+def raise_pending(binding: "CacheBinding | None" = None, cause: BaseException | None = None) -> None:
+    """Re-raise the first exception recorded by an op (on ``binding`` or globally), if any."""
+    errors = []
+    if binding is not None:
+        with binding.lock:
+            errors, binding.errors = binding.errors, []
+    with _REGISTRY_LOCK:
+        errors += _GLOBAL_ERRORS
+        _GLOBAL_ERRORS.clear()
+    if errors:
+        exc = errors[0]
+        if isinstance(exc, KvclError):
+            raise exc.with_traceback(exc.__traceback__) from cause
+        raise OpError(f"kvcl::Attention failed: {type(exc).__name__}: {exc}") from exc
+
+
+def library_path() -> str:
+    if not HAVE_EXTENSIONS:
+        raise ImportError("kvcl.onnx needs onnxruntime-extensions: pip install 'kvcl[onnx]'")
+    return get_library_path()
+
+
+# ---- the op ----------------------------------------------------------------------------------
+
+def _gather_rows(x: np.ndarray, lens: np.ndarray, full: bool) -> np.ndarray:
+    """[B, H, S, D] -> [sum(lens), H, D] (the valid rows of each batch entry, in order)."""
+    if full:  # every row valid: one transpose
+        b, h, s, d = x.shape
+        if s == 1:
+            return np.ascontiguousarray(x[:, :, 0, :])
+        return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b * s, h, d))
+    return np.ascontiguousarray(np.concatenate(
+        [x[b, :, :n, :].transpose(1, 0, 2) for b, n in enumerate(lens)], axis=0))
+
+
+def kvcl_attention(q, k_new, v_new, step, handle, layer, scale):
+    """Body of ``kvcl::Attention`` (also callable directly with numpy arrays)."""
+    binding = get_binding(handle)
+    cache = binding.cache
+    q = np.asarray(q)
+    k_new = np.asarray(k_new)
+    v_new = np.asarray(v_new)
+    step = np.asarray(step)
+    if q.ndim != 4 or k_new.ndim != 4 or v_new.shape != k_new.shape:
+        raise ShapeError(f"kvcl::Attention: expected q [B, Hq, S, D] and k/v [B, Hkv, S, D], got "
+                         f"{q.shape}, {k_new.shape}, {v_new.shape}")
+    b, hq, s, d = q.shape
+    if k_new.shape[0] != b or k_new.shape[2] != s or k_new.shape[3] != d:
+        raise ShapeError(f"kvcl::Attention: q {q.shape} and k_new {k_new.shape} disagree")
+    if step.shape != (3, b):
+        raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
+    with binding.lock:
+        binding.calls += 1
+        kstep, lens = _plan_step(binding, cache, step, s)
+        full = bool(np.all(lens == s))
+        keys = _gather_rows(k_new.astype(np.float32, copy=False), lens, full)
+        values = _gather_rows(v_new.astype(np.float32, copy=False), lens, full)
+        queries = _gather_rows(q.astype(np.float32, copy=False), lens, full)
+        cache.write(int(layer), kstep, keys, values)
+        out = cache.attend(int(layer), kstep, queries, scale=float(scale))
+    if full:
+        if s == 1:
+            return out.reshape(b, hq, 1, d)
+        return np.ascontiguousarray(out.reshape(b, s, hq, d).transpose(0, 2, 1, 3))
+    result = np.zeros((b, hq, s, d), np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    for i, n in enumerate(lens.tolist()):
+        result[i, :, :n, :] = out[offsets[i]:offsets[i] + n].transpose(1, 0, 2)
+    return result
+
+
+def _plan_step(binding, cache, step: np.ndarray, s: int):
+    seq_ids, past, lens = (np.asarray(r, np.int64) for r in step)
+    if np.any(lens < 0) or np.any(lens > s):
+        raise InvalidArgument(f"{STEP_INPUT}: new lengths must lie in [0, {s}], got {lens.tolist()}")
+    key = step.astype(np.int64).tobytes()
+    if binding.step_key != key or binding.step is None:
+        for sid, p in zip(seq_ids.tolist(), past.tolist()):
+            have = cache.seq_len(sid)
+            if have != p:
+                raise InvalidArgument(
+                    f"{STEP_INPUT}: sequence {sid} holds {have} cached tokens but the step says "
+                    f"{p} (past lengths must equal what the cache holds)")
+        binding.step = cache.plan(seq_ids.tolist(), lens.tolist())
+        binding.step_key = key
+    return binding.step, lens
+
+
+def _device_table(binding, name: str, t: np.ndarray):
+    """Device copy of a constant rotary table (cos/sin cache), uploaded once per binding."""
+    import pyopencl.array as cla
+    t = np.ascontiguousarray(t, np.float32)
+    tag = (name, t.shape, t[:1].tobytes(), t[-1:].tobytes(), t[t.shape[0] // 2:t.shape[0] // 2 + 1].tobytes())
+    tables = binding.__dict__.setdefault("_tables", {})
+    if tables.get(name, (None,))[0] != tag:
+        tables[name] = (tag, cla.to_device(binding.cache.device.queue, t))
+    return tables[name][1]
+
+
+def kvcl_attention_qkv(qkv, step, cos, sin, handle, layer, scale, num_heads, rope):
+    """Body of ``kvcl::AttentionQKV``: packed QKV [B, S, (Hq + 2 Hkv) D] -> [B, S, Hq D].
+
+    Replaces ``com.microsoft.GroupQueryAttention``: RoPE (``rope`` = half / interleaved / none,
+    tables ``cos``/``sin`` [max_pos, D/2] indexed by each token's position in its sequence)
+    is applied by :meth:`kvcl.engine.PagedKVCache.write_qkv`.
+    """
+    binding = get_binding(handle)
+    cache = binding.cache
+    qkv = np.asarray(qkv)
+    step = np.asarray(step)
+    if qkv.ndim != 3:
+        raise ShapeError(f"kvcl::AttentionQKV: expected packed qkv [B, S, W], got {qkv.shape}")
+    b, s, w = qkv.shape
+    d = cache.head_dim
+    if w != (int(num_heads) + 2 * cache.num_kv_heads) * d:
+        raise ShapeError(f"kvcl::AttentionQKV: width {w} != (num_heads {num_heads} + 2 x kv heads "
+                         f"{cache.num_kv_heads}) x head dim {d}")
+    if step.shape != (3, b):
+        raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
+    with binding.lock:
+        binding.calls += 1
+        kstep, lens = _plan_step(binding, cache, step, s)
+        full = bool(np.all(lens == s))
+        x = qkv.astype(np.float32, copy=False)
+        rows = np.ascontiguousarray(x.reshape(b * s, w) if full else
+                                    np.concatenate([x[i, :n] for i, n in enumerate(lens.tolist())]))
+        kw = {}
+        if rope != "none":
+            kw = dict(cos=_device_table(binding, "cos", cos), sin=_device_table(binding, "sin", sin))
+        q = cache.write_qkv(int(layer), kstep, rows, num_q_heads=int(num_heads), rope=rope, **kw)
+        out = cache.attend(int(layer), kstep, q, scale=float(scale))
+    hd = int(num_heads) * d
+    if full:
+        return out.reshape(b, s, hd)
+    result = np.zeros((b, s, hd), np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    for i, n in enumerate(lens.tolist()):
+        result[i, :n] = out[offsets[i]:offsets[i] + n].reshape(n, hd)
+    return result
+
+
+if HAVE_EXTENSIONS:
+    _NP_OF = {PyCustomOpDef.dt_float: np.float32, PyCustomOpDef.dt_double: np.float64,
+              PyCustomOpDef.dt_int64: np.int64, PyCustomOpDef.dt_int32: np.int32,
+              PyCustomOpDef.dt_int8: np.int8, PyCustomOpDef.dt_uint8: np.uint8,
+              PyCustomOpDef.dt_bool: np.bool_}
+
+    _opdef = onnx_op(op_type=f"{OP_DOMAIN}::{OP_TYPE}",
+                     inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float,
+                             PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64],
+                     outputs=[PyCustomOpDef.dt_float],
+                     attrs={"handle": PyCustomOpDef.dt_string, "layer": PyCustomOpDef.dt_int64,
+                            "scale": PyCustomOpDef.dt_float})(kvcl_attention)
+    _opdef_qkv = onnx_op(op_type=f"{OP_DOMAIN}::{OP_TYPE_QKV}",
+                         inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64,
+                                 PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
+                         outputs=[PyCustomOpDef.dt_float],
+                         attrs={"handle": PyCustomOpDef.dt_string, "layer": PyCustomOpDef.dt_int64,
+                                "scale": PyCustomOpDef.dt_float, "num_heads": PyCustomOpDef.dt_int64,
+                                "rope": PyCustomOpDef.dt_string})(kvcl_attention_qkv)
+    _OPDEF_ID = id(_opdef)
+    _KVCL_IDS = {id(_opdef), id(_opdef_qkv)}
+
+    _OPS: dict = {}  # k_id -> (opdef, {attr: converter}, [output numpy dtypes]); read once
+
+    def _op_entry(k_id):
+        ent = _OPS.get(k_id)
+        if ent is None:
+            op = _ocos.Opdef._odlist.get(k_id)
+            if op is None:
+                raise RuntimeError(f"no Python custom op with id {k_id}")
+            conv = {PyCustomOpDef.dt_int64: int, PyCustomOpDef.dt_float: float, PyCustomOpDef.dt_string: str}
+            attrs = dict(op._nativedef.attrs)  # a pybind property: converted on every access
+            ent = (op, {k: conv[t] for k, t in attrs.items()}, [_NP_OF.get(t) for t in op._nativedef.output_types])
+            _OPS[k_id] = ent
+        return ent
+
+    def _hook(k_id, feed, attributes):
+        """onnxruntime-extensions' invocation hook: numpy out, never an escaping exception."""
+        try:
+            op, conv, out_types = _op_entry(k_id)
+            rv = op.body(*feed, **{k: conv[k](v) for k, v in attributes.items()})
+            if isinstance(rv, tuple):
+                res = [k_id]
+                for r, t in zip(rv, out_types):
+                    r = np.ascontiguousarray(r, dtype=t)
+                    res += [r.shape, r.reshape(-1)]
+                return tuple(res)
+            r = np.ascontiguousarray(rv, dtype=out_types[0])
+            return (k_id, r.shape, r.reshape(-1))
+        except BaseException as exc:  # noqa: BLE001 - must not reach C++ (std::terminate)
+            _record(k_id, attributes, exc)
+            return _placeholder(k_id, _ocos.Opdef._odlist.get(k_id), feed, attributes)
+
+    def _record(k_id, attributes, exc):
+        handle = None
+        try:
+            handle = attributes.get("handle") if k_id in _KVCL_IDS else None
+        except Exception:  # pragma: no cover
+            pass
+        with _REGISTRY_LOCK:
+            binding = _REGISTRY.get(handle) if handle else None
+            if binding is None:
+                _GLOBAL_ERRORS.append(exc)
+        if binding is not None:
+            with binding.lock:
+                binding.errors.append(exc)
+                binding.step_key = None  # the step may be half-done: re-plan on the next call
+
+    def _placeholder(k_id, op, feed, attributes):
+        """Zeros so that onnxruntime can finish the run; the caller raises the recorded error."""
+        types = op._nativedef.output_types if op is not None else [PyCustomOpDef.dt_float]
+        shape = (0,)
+        if op is not None and feed and k_id == _OPDEF_ID:
+            shape = tuple(np.asarray(feed[0]).shape)
+        elif op is not None and feed and k_id in _KVCL_IDS:  # [B, S, Hq * D]
+            try:
+                a = dict(attributes)
+                b, s_, _ = np.asarray(feed[0]).shape
+                binding = _REGISTRY.get(a.get("handle"))
+                shape = (b, s_, int(a["num_heads"]) * binding.cache.head_dim)
+            except Exception:
+                shape = (0,)
+        res = [k_id]
+        for t in types:
+            z = np.zeros(shape, _NP_OF.get(t, np.float32))
+            res += [z.shape, z.reshape(-1)]
+        return tuple(res)
+
+    PyCustomOpDef.install_hooker(_hook)

@@ -1,0 +1,148 @@
+"""The kvcl::Attention op: fast numpy hook, errors re-raised in Python (the process survives),
+registry lock, idempotent steps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridge_fixtures import fixture_path, require_onnx
+
+require_onnx()
+
+PROMPT = [5, 17, 33, 9, 100, 4, 61]
+
+
+def test_hook_returns_numpy():
+    from kvcl.onnx import customop
+    op = customop._opdef
+    calls = []
+    saved = op.body
+    op.body = lambda *a, **k: calls.append(1) or np.arange(6, dtype=np.float64).reshape(2, 3)
+    try:
+        res = customop._hook(id(op), [np.zeros((2, 3), np.float32)], {"handle": "x", "layer": "0", "scale": "1.0"})
+    finally:
+        op.body = saved
+    assert res[0] == id(op) and tuple(res[1]) == (2, 3)
+    assert isinstance(res[2], np.ndarray) and res[2].dtype == np.float32 and res[2].ndim == 1
+    assert calls == [1]
+
+
+def test_op_error_raises_in_python_and_generator_recovers(onnx_device):
+    from kvcl import InvalidArgument
+    from kvcl.onnx import Generator, ReferenceRunner
+    gen = Generator(fixture_path("llama_dynamo18"), device=onnx_device, max_tokens=256)
+    try:
+        seq = gen.cache.add_sequence()
+        # a step whose past length disagrees with the cache: raised inside the op, in onnxruntime
+        with pytest.raises(InvalidArgument, match="past lengths must equal"):
+            gen._run([seq], [3], [[1, 2]])
+        gen.cache.free(seq)
+        # an unknown handle
+        from kvcl.onnx import customop
+        customop.unregister_cache(gen.handle)
+        with pytest.raises(InvalidArgument, match="no kvcl cache is registered"):
+            gen.generate([PROMPT], 2)
+        customop.register_cache(gen.handle, gen.cache)
+        # the process and the generator go on
+        got = gen.generate([PROMPT], 6, return_logits=True)
+        ref = ReferenceRunner(fixture_path("llama_dynamo18")).generate(PROMPT, 6)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        assert gen.cache.sequences == []
+    finally:
+        gen.close()
+
+
+def test_op_exception_does_not_kill_the_process(tmp_path):
+    """Without the hook's catch, onnxruntime would call std::terminate (exit 134)."""
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np
+        from kvcl.onnx import Generator, OpError, customop
+        gen = Generator({str(fixture_path("llama_torchscript"))!r}, max_tokens=128)
+        def boom(*a, **k):
+            raise ZeroDivisionError("boom inside the op")
+        saved = customop._opdef.body
+        customop._opdef.body = boom
+        try:
+            gen.generate([[1, 2, 3]], 2)
+        except OpError as exc:
+            print("caught:", exc, "| cause:", type(exc.__cause__).__name__)
+        customop._opdef.body = saved
+        print("tokens after:", gen.generate([[1, 2, 3]], 2).tokens.tolist())
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       cwd=str(Path(__file__).resolve().parents[2]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "caught: kvcl::Attention failed: ZeroDivisionError: boom inside the op | cause: ZeroDivisionError" in r.stdout
+    assert "tokens after:" in r.stdout
+
+
+def test_repeated_step_is_idempotent(onnx_device):
+    """Running the same step twice (same kvcl_step) rewrites the same slots: same logits."""
+    from kvcl.onnx import Generator
+    gen = Generator(fixture_path("qwen3_dynamo18"), device=onnx_device, max_tokens=256)
+    try:
+        seq = gen.cache.add_sequence()
+        a = gen._run([seq], [0], [PROMPT])
+        b = gen._run([seq], [0], [PROMPT])
+        assert gen.cache.seq_len(seq) == len(PROMPT)
+        np.testing.assert_array_equal(a, b)
+        c = gen._run([seq], [len(PROMPT)], [[7]])
+        assert gen.cache.seq_len(seq) == len(PROMPT) + 1 and np.isfinite(c).all()
+        gen.cache.free(seq)
+    finally:
+        gen.close()
+
+
+def test_threads_with_separate_caches_match_serial(onnx_device):
+    """Two generators driven from two threads (ops serialised under the GIL, registry locked)."""
+    from kvcl.onnx import Generator
+    gens = [Generator(fixture_path(r), device=onnx_device, max_tokens=256)
+            for r in ("llama_torchscript", "qwen3_torchscript")]
+    try:
+        prompts = [[3, 4, 5, 6], [9, 8]]
+        serial = [g.generate(prompts, 10, return_logits=True) for g in gens]
+        results = [None, None]
+        errors = []
+
+        def work(i):
+            try:
+                for _ in range(3):
+                    results[i] = gens[i].generate(prompts, 10, return_logits=True)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for s, r in zip(serial, results):
+            np.testing.assert_array_equal(s.tokens, r.tokens)
+            np.testing.assert_array_equal(s.logits, r.logits)
+    finally:
+        for g in gens:
+            g.close()
+
+
+def test_register_cache_checks():
+    from kvcl import InvalidArgument
+    from kvcl.onnx import register_cache, unregister_cache
+    with pytest.raises(InvalidArgument, match="handle"):
+        register_cache("", object())
+    a, b = object(), object()
+    register_cache("kvcl-test-handle", a)
+    try:
+        register_cache("kvcl-test-handle", a)  # same cache: fine
+        with pytest.raises(InvalidArgument, match="already registered"):
+            register_cache("kvcl-test-handle", b)
+    finally:
+        unregister_cache("kvcl-test-handle")
