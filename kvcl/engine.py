@@ -242,12 +242,34 @@ class PagedKVCache:
             for s in plan.seq_ids:
                 self._last_plan[int(s)] = self._serial
 
-            def up(a):
-                a = np.ascontiguousarray(a, dtype=np.int32)
-                return cla.to_device(queue, a if a.size else np.zeros(1, np.int32), allocator=self._alloc)
+            parts = self._upload_packed((plan.slot_mapping, plan.positions, plan.indptr, plan.indices,
+                                         plan.last_page_len, plan.q_indptr))
+            return Step(self, plan, self._serial, *parts)
 
-            return Step(self, plan, self._serial, up(plan.slot_mapping), up(plan.positions),
-                        up(plan.indptr), up(plan.indices), up(plan.last_page_len), up(plan.q_indptr))
+    def _upload_packed(self, arrays) -> list[cla.Array]:
+        """Upload several int32 arrays with ONE host-to-device copy; return offset-0 views.
+
+        Every queued command costs tens of microseconds on a CPU OpenCL device, so a step's
+        metadata travels in one copy and the kernels get sub-buffers of it (each starting on
+        the device's base-address alignment, as sub-buffers must).
+        """
+        align = max(4, self.device.device.mem_base_addr_align // 8) // 4    # in int32 elements
+        sizes = [max(1, np.asarray(a).size) for a in arrays]
+        starts, total = [], 0
+        for n in sizes:
+            starts.append(total)
+            total += -(-n // align) * align
+        host = np.zeros(total, np.int32)
+        for a, start in zip(arrays, starts):
+            a = np.asarray(a, dtype=np.int32).ravel()
+            host[start:start + a.size] = a
+        packed = cl.Buffer(self.device.context, cl.mem_flags.READ_ONLY, host.nbytes)
+        copied = cl.enqueue_copy(self.device.queue, packed, host, is_blocking=False)
+        views = [cla.Array(self.device.queue, (n,), np.int32, data=packed.get_sub_region(4 * start, 4 * n))
+                 for n, start in zip(sizes, starts)]
+        for view in views:   # the event keeps `host` alive until the copy is done
+            view.add_event(copied)
+        return views
 
     def _check_step(self, step: Any) -> Step:
         if not isinstance(step, Step):
@@ -268,7 +290,16 @@ class PagedKVCache:
         check_array(name, x, shape=shape, dtype=np.float32, context=self.device.context, finite=finite)
         if is_device_array(x):
             return x, True
-        return cla.to_device(self.device.queue, np.ascontiguousarray(x), allocator=self._alloc), False
+        return self._upload(x), False
+
+    def _upload(self, host: np.ndarray) -> cla.Array:
+        """Copy a host array to the device without waiting for the queue to drain.
+
+        A blocking copy would wait for every kernel already queued (the previous layer's
+        attention, say); a non-blocking one only orders after them. pyopencl keeps ``host``
+        alive until the copy has completed.
+        """
+        return cla.to_device(self.device.queue, np.ascontiguousarray(host), allocator=self._alloc, async_=True)
 
     def _pool_args(self, layer: int) -> dict:
         return dict(k_scales=self._ks[layer], v_scales=self._vs[layer], kv_dtype=self.dtype.name,
@@ -367,7 +398,7 @@ class PagedKVCache:
                 if value is None or is_device_array(value):
                     dev[name] = value
                 else:
-                    dev[name] = cla.to_device(queue, np.ascontiguousarray(value), allocator=self._alloc)
+                    dev[name] = self._upload(value)
             write_ops.paged_write_qkv(
                 dev["qkv"], step.slot_mapping, step.positions, self._k[layer], self._v[layer], q_out,
                 num_q_heads=num_q_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
