@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -303,7 +304,10 @@ def get_program(context: cl.Context, source: str, defines: dict | None = None) -
         text = path.read_text()
         options = build_options(defines)
         try:
-            program = cl.Program(context, text).build(options=options)
+            with warnings.catch_warnings():
+                # compiler chatter (a non-empty log on success) only when asked for, below
+                warnings.simplefilter("ignore", cl.CompilerWarning)
+                program = cl.Program(context, text).build(options=options)
         except cl.RuntimeError as exc:  # pyopencl folds the build log into the message
             raise CompileError(source, options, str(exc)) from None
         if os.environ.get("KVCL_SHOW_BUILD_LOG"):
