@@ -14,8 +14,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 install: $(VENV)/.installed-$(EXTRAS)
 
+# The demo runs on the embedded PoCL device unless KVCL_DEVICE names another one.
 demo: $(VENV)/.installed-$(EXTRAS)
-	$(VENV)/bin/kvcl demo
+	$(VENV)/bin/kvcl demo --device "$${KVCL_DEVICE:-pocl}"
 
 devices: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kvcl devices
