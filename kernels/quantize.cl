@@ -1,27 +1,55 @@
 // kvcl/kernels/quantize.cl — encode float32 rows into a KV storage dtype, and decode them back.
 //
 // Idea: a work-group of (lanes, rows_per_group) work-items handles rows_per_group rows, `lanes`
-// work-items striding along each row. For int8 the lanes of a row first reduce its absmax in
-// local memory (max is exact and order-free, so the result equals numpy's whatever the tree),
-// then every lane encodes its strided slice with kv_store(); the other formats skip the
-// reduction. Decoding is element-wise: kv_load() times the row's scale. All the format maths
-// (rounding, scale floor, fp8 saturation) lives in common.h only, so this file cannot drift from
-// kvcl/reference/quantize.py.
+// work-items striding along each row. For the row-scaled formats (int8, and fp8 built with
+// FP8_ROW_SCALE) the lanes of a row first reduce its absmax in local memory (max is exact and
+// order-free, so the result equals numpy's whatever the tree; fmax ignores NaN), then every lane
+// encodes its strided slice with kv_store(); the other formats skip the reduction. Decoding is
+// element-wise: kv_load() times the row's scale. All the format maths (rounding, scale floor,
+// fp8 encode/decode and saturation) lives in common.h only, so this file cannot drift from
+// kvcl/reference/quantize.py; the one exception is FP8_ROW_SCALE's scale line below (a division
+// and an fmax, twinned by kvcl.reference.quantize.fp8_row_scale).
 //
-// Build defines: KV_DTYPE, INT8_MODE (see common.h). head_dim is a run-time argument: these are
-// memory-bound one-pass kernels, and one program per (dtype, mode) serves every head size.
+// Build defines: KV_DTYPE, INT8_MODE (see common.h), and
+//   FP8_ROW_SCALE  0 (default) | 1: only with KV_DTYPE fp8_e4m3 / fp8_e5m2. Each row gets a float32
+//                  scale = fmax(absmax / FP8_MAX, FLT_EPSILON) (FP8_MAX 448 or 57344), stores
+//                  fp8(x / scale) and decodes as fp8_decode(byte) * scale (oxibonsai's
+//                  Fp8KvLayer). The division is correctly rounded (every program is built with
+//                  -cl-fp32-correctly-rounded-divide-sqrt) and the encoder saturates x / scale
+//                  values that round past FP8_MAX, so the bytes match kvcl.reference bit for bit.
+// head_dim is a run-time argument: these are memory-bound one-pass kernels, and one program
+// per (dtype, mode) serves every head size.
 // Every `*_base` argument is an element offset into its buffer (a pyopencl array's byte offset
 // divided by the element size, plus the first row times head_dim), so views of a larger pool work.
 // Requirements on the launch: local size (lanes, rows_per_group) with lanes a power of two,
 // scratch holding lanes * rows_per_group floats; global size (lanes, round_up(num_rows, rows_per_group)).
+// With a row scale, head_dim may be 0: the row's absmax is 0 and its scale is the floor.
 #include "common.h"
+
+#ifndef FP8_ROW_SCALE
+#define FP8_ROW_SCALE 0
+#endif
+#if FP8_ROW_SCALE
+#if KV_DTYPE == KV_FP8_E4M3
+#define FP8_MAX 448.0f
+#elif KV_DTYPE == KV_FP8_E5M2
+#define FP8_MAX 57344.0f
+#else
+#error "FP8_ROW_SCALE needs KV_DTYPE fp8_e4m3 or fp8_e5m2"
+#endif
+#if INT8_MODE != 0
+#error "FP8_ROW_SCALE stores float scales: build it with INT8_MODE 0"
+#endif
+#endif
+// ROW_SCALED: the rows carry a float (or, int8 mode 1, half) scale in `scales`.
+#define ROW_SCALED (KV_HAS_SCALE || FP8_ROW_SCALE)
 
 __kernel void quantize_rows(
     __global const float *x,      // [num_rows, head_dim] starting at element x_base
     const ulong x_base,
     __global kv_t *out,           // [R, head_dim]; row r of x goes to elements out_base + r*head_dim ..
     const ulong out_base,
-    __global scale_t *scales,     // [R] int8 only (NULL otherwise); row r's scale at scales_base + r
+    __global scale_t *scales,     // [R] ROW_SCALED only (NULL otherwise); row r's scale at scales_base + r
     const ulong scales_base,
     const uint num_rows,
     const uint head_dim,
@@ -34,7 +62,7 @@ __kernel void quantize_rows(
     __global const float *src = x + x_base + (size_t)row * head_dim;
     const size_t dst = out_base + (size_t)row * head_dim;
 
-#if KV_HAS_SCALE
+#if ROW_SCALED
     __local float *partial = scratch + get_local_id(1) * lanes;
     float m = 0.0f;
     if (active)
@@ -45,19 +73,29 @@ __kernel void quantize_rows(
         if (lane < s) partial[lane] = fmax(partial[lane], partial[lane + s]);
         barrier(CLK_LOCAL_MEM_FENCE);
     }
+#if FP8_ROW_SCALE
+    const float scale = fmax(partial[0] / FP8_MAX, FLT_EPSILON);
+#else
     const float scale = int8_scale(partial[0]);
+#endif
     if (active && lane == 0) SCALE_STORE(scale, scales + scales_base, row);
 #else
     const float scale = 1.0f;  // ignored by kv_store for scale-free formats
 #endif
+#if FP8_ROW_SCALE
+    // kv_store's fp8 encoders ignore its scale argument: the value is divided here.
+    if (active)
+        for (uint i = lane; i < head_dim; i += lanes) kv_store(src[i] / scale, out, dst + i, scale);
+#else
     if (active)
         for (uint i = lane; i < head_dim; i += lanes) kv_store(src[i], out, dst + i, scale);
+#endif
 }
 
 __kernel void dequantize_rows(
     __global const kv_t *data,       // [R, head_dim]; the first decoded row starts at data_base
     const ulong data_base,
-    __global const scale_t *scales,  // [R] int8 only (NULL otherwise); first row's scale at scales_base
+    __global const scale_t *scales,  // [R] ROW_SCALED only (NULL otherwise); first row's scale at scales_base
     const ulong scales_base,
     __global float *out,             // [num_rows, head_dim] starting at element out_base
     const ulong out_base,
@@ -67,7 +105,7 @@ __kernel void dequantize_rows(
     const size_t i = get_global_id(0);
     if (i >= total) return;
     float v = kv_load(data, data_base + i);
-#if KV_HAS_SCALE
+#if ROW_SCALED
     v *= SCALE_LOAD(scales + scales_base, i / head_dim);
 #endif
     out[out_base + i] = v;

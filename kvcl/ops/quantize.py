@@ -26,19 +26,20 @@ _MAX_LANES = 256      # one row rarely needs more; keeps the reduction tree shor
 _GROUP_TARGET = 128   # work-items per group when several short rows share one
 
 
-
-
-
-
-
-
+def _check_fp8_row_scale(fp8_row_scale, dt) -> bool:
+    """The ``fp8_row_scale`` keyword: a bool, True only with an fp8 ``kv_dtype``."""
+    if not isinstance(fp8_row_scale, (bool, np.bool_)):
+        raise InvalidArgument(f"fp8_row_scale: expected True or False, got {fp8_row_scale!r}")
+    if fp8_row_scale and not dt.name.startswith("fp8_"):
+        raise InvalidArgument(f"fp8_row_scale: only for kv_dtype fp8_e4m3 or fp8_e5m2, got {dt.name}")
+    return bool(fp8_row_scale)
 def _as_rows(name: str, arr, head_dim: int | None = None) -> tuple[int, int]:
     """(rows, head_dim) of an array whose last axis is head_dim."""
     if len(arr.shape) < 1 or (head_dim is not None and arr.shape[-1] != head_dim):
         want = f"(..., {head_dim})" if head_dim is not None else "(..., head_dim)"
         raise ShapeError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
     d = int(arr.shape[-1])
-    return (int(arr.size) // d if d else 0), d
+    return int(np.prod(arr.shape[:-1], dtype=np.int64)), d
 
 
 def _scale_dtypes(dt, int8_mode: int) -> tuple:
@@ -47,19 +48,30 @@ def _scale_dtypes(dt, int8_mode: int) -> tuple:
     return (np.float32,)
 
 
-def _check_scales(scales, dt, int8_mode: int, storage, rows: int, context):
-    if not dt.has_scale:
+def _check_scales(scales, dt, int8_mode: int, storage, rows: int, context, fp8_row_scale: bool = False):
+    if fp8_row_scale:
+        if scales is None:
+            raise InvalidArgument(f"scales: fp8_row_scale=True stores one float32 scale per row; "
+                                  f"pass scales=[{rows}] float32 array")
+        dtypes = (np.float32,)
+    elif not dt.has_scale:
         if scales is not None:
-            raise InvalidArgument(f"scales: {dt.name} rows have no scale; pass scales=None")
+            hint = " (or fp8_row_scale=True for per-row scales)" if dt.name.startswith("fp8_") else ""
+            raise InvalidArgument(f"scales: {dt.name} rows have no scale; pass scales=None{hint}")
         return None
-    if scales is None:
-        raise InvalidArgument(f"scales: {dt.name} stores one scale per row; pass scales=[{rows}] array")
+    else:
+        if scales is None:
+            raise InvalidArgument(f"scales: {dt.name} stores one scale per row; pass scales=[{rows}] array")
+        dtypes = _scale_dtypes(dt, int8_mode)
     shape = tuple(storage.shape[:-1]) if len(scales.shape) == len(storage.shape) - 1 else (rows,)
-    return device_array("scales", scales, shape=shape, dtype=_scale_dtypes(dt, int8_mode), context=context)
+    return device_array("scales", scales, shape=shape, dtype=dtypes, context=context)
 
 
-def _program_defines(dt, int8_mode: int) -> dict:
-    return {"KV_DTYPE": dt.code, "INT8_MODE": int8_mode if dt.has_scale else 0}
+def _program_defines(dt, int8_mode: int, fp8_row_scale: bool = False) -> dict:
+    defines = {"KV_DTYPE": dt.code, "INT8_MODE": int8_mode if dt.has_scale else 0}
+    if fp8_row_scale:
+        defines["FP8_ROW_SCALE"] = 1
+    return defines
 
 
 def _max_group(kernel: cl.Kernel, device: cl.Device) -> int:
@@ -88,7 +100,7 @@ def _launch_shape(kernel, device, num_rows: int, head_dim: int) -> tuple[int, in
 
 
 def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_offset: int = 0,
-                  queue=None, wait_for=None) -> cl.Event:
+                  fp8_row_scale: bool = False, queue=None, wait_for=None) -> cl.Event:
     """Encode float32 rows into a KV storage dtype on the device.
 
     Parameters
@@ -100,8 +112,9 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
         ``[out_row_offset, out_row_offset + N)`` are written, the others are untouched.
         Storage dtypes: fp32 float32, fp16 uint16 (binary16 bits), int8 int8, fp8 uint8.
     scales : pyopencl.array.Array, shape ``out.shape[:-1]`` or [R], optional
-        int8 only (required then): one scale per row, float32 for ``int8_mode=0``, float16 or
-        its uint16 bits for ``int8_mode=1``. Written at the same rows as ``out``.
+        int8 (required then): one scale per row, float32 for ``int8_mode=0``, float16 or
+        its uint16 bits for ``int8_mode=1``. fp8 with ``fp8_row_scale=True`` (required then):
+        float32. Written at the same rows as ``out``; refused for the other cases.
     kv_dtype : str or KvDtype
         ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
     int8_mode : int
@@ -110,6 +123,12 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
         round half to even (ferrum). Ignored for the other dtypes.
     out_row_offset : int
         First row of ``out`` (and ``scales``) to write.
+    fp8_row_scale : bool
+        fp8 dtypes only: scale each row as oxibonsai's ``Fp8KvLayer`` does,
+        ``scale = max(absmax / FP8_MAX, FLT_EPSILON)`` (float32, FP8_MAX 448 for E4M3, 57344 for
+        E5M2), store ``fp8(x / scale)`` (correctly rounded division; quotients that round past
+        FP8_MAX saturate) and the scale. With ``head_dim == 0`` the rows' scales are still
+        written (``FLT_EPSILON``). Default False: plain fp8, no scale.
     queue : pyopencl.CommandQueue, optional
         Defaults to ``out``'s (or ``x``'s) queue.
     wait_for : list of pyopencl.Event, optional
@@ -137,22 +156,23 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
     """
     dt = _dtypes.kv_dtype(kv_dtype)
     int8_mode = check_int("int8_mode", int8_mode, low=0, high=2)
+    fp8_row_scale = _check_fp8_row_scale(fp8_row_scale, dt)
     queue = resolve_queue(queue, out=out, x=x)
     context = queue.context
     device_array("x", x, ndim=2, dtype=np.float32, context=context)
     num_rows, head_dim = int(x.shape[0]), int(x.shape[1])
     device_array("out", out, dtype=dt.storage, context=context)
     total_rows, _ = _as_rows("out", out, head_dim)
-    scales = _check_scales(scales, dt, int8_mode, out, total_rows, context)
+    scales = _check_scales(scales, dt, int8_mode, out, total_rows, context, fp8_row_scale)
     if num_rows > total_rows:
         raise ShapeError(f"x: {num_rows} rows do not fit in out's {total_rows} rows")
     out_row_offset = check_int("out_row_offset", out_row_offset, low=0, high=total_rows - num_rows + 1)
     check_int("x.shape[1] (head_dim)", head_dim, high=2**32)
     check_int("x.shape[0] (rows)", num_rows, high=2**32)
-    if num_rows == 0 or head_dim == 0:
+    if num_rows == 0 or (head_dim == 0 and not fp8_row_scale):
         return cl.enqueue_marker(queue, wait_for=wait_for)
 
-    kernel = get_kernel(context, _SOURCE, "quantize_rows", _program_defines(dt, int8_mode))
+    kernel = get_kernel(context, _SOURCE, "quantize_rows", _program_defines(dt, int8_mode, fp8_row_scale))
     lanes, rows_per_group = _launch_shape(kernel, queue.device, num_rows, head_dim)
     groups = -(-num_rows // rows_per_group)
     scale_buf, scale_base = None, 0
@@ -171,7 +191,8 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
 
 
 def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row_offset: int = 0,
-                    num_rows: int | None = None, queue=None, wait_for=None) -> cl.Event:
+                    num_rows: int | None = None, fp8_row_scale: bool = False, queue=None,
+                    wait_for=None) -> cl.Event:
     """Decode stored rows back to float32 on the device.
 
     Parameters
@@ -180,13 +201,17 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
         Treated as ``[R, head_dim]``; rows ``[row_offset, row_offset + num_rows)`` are decoded.
     out : pyopencl.array.Array, float32, shape [num_rows, head_dim] (or any shape of that many rows)
     scales : pyopencl.array.Array, shape ``data.shape[:-1]`` or [R], optional
-        int8 only (required then): float32 for ``int8_mode=0``, float16 / uint16 bits for 1.
+        int8 (required then): float32 for ``int8_mode=0``, float16 / uint16 bits for 1.
+        fp8 with ``fp8_row_scale=True`` (required then): float32.
     kv_dtype : str or KvDtype
     int8_mode : int
         Selects the scale dtype (0: float32, 1: fp16); the decode is ``q * scale`` in both.
     row_offset : int
     num_rows : int, optional
         Defaults to ``R - row_offset``.
+    fp8_row_scale : bool
+        fp8 dtypes only: the decode is ``fp8_decode(byte) * scale`` (float32), the inverse of
+        :func:`quantize_rows` with the same keyword.
     queue : pyopencl.CommandQueue, optional
         Defaults to ``out``'s (or ``data``'s) queue.
     wait_for : list of pyopencl.Event, optional
@@ -204,11 +229,12 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     """
     dt = _dtypes.kv_dtype(kv_dtype)
     int8_mode = check_int("int8_mode", int8_mode, low=0, high=2)
+    fp8_row_scale = _check_fp8_row_scale(fp8_row_scale, dt)
     queue = resolve_queue(queue, out=out, data=data)
     context = queue.context
     device_array("data", data, dtype=dt.storage, context=context)
     total_rows, head_dim = _as_rows("data", data)
-    scales = _check_scales(scales, dt, int8_mode, data, total_rows, context)
+    scales = _check_scales(scales, dt, int8_mode, data, total_rows, context, fp8_row_scale)
     row_offset = check_int("row_offset", row_offset, low=0, high=total_rows + 1)
     if num_rows is None:
         num_rows = total_rows - row_offset
@@ -222,7 +248,7 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     if total == 0:
         return cl.enqueue_marker(queue, wait_for=wait_for)
 
-    kernel = get_kernel(context, _SOURCE, "dequantize_rows", _program_defines(dt, int8_mode))
+    kernel = get_kernel(context, _SOURCE, "dequantize_rows", _program_defines(dt, int8_mode, fp8_row_scale))
     scale_buf, scale_base = None, 0
     if scales is not None:
         scale_buf, scale_base = scales.base_data, element_base(scales) + row_offset

@@ -2,12 +2,12 @@
 :class:`Fp8KvLayer` and :class:`Fp8KvCache`.
 
 Numerics, per (token, head) row as in the crate: ``scale = max(max|x| / FP8_MAX, FLT_EPSILON)``
-(float32), bytes = ``fp8_encode(x / scale)``, read back as ``fp8_decode(byte) * scale``. The
-fp8 encode and decode run in kvcl's ``quantize_rows`` / ``dequantize_rows`` kernels
+(float32), bytes = ``fp8_encode(x / scale)``, read back as ``fp8_decode(byte) * scale``. All of
+it runs in kvcl's ``quantize_rows`` / ``dequantize_rows`` kernels with ``fp8_row_scale=True``
 (``kv_dtype="fp8_e4m3"`` / ``"fp8_e5m2"``: OCP formats, round to nearest even, subnormals
-kept, saturating); the row scale, the division by it and the final multiplication are single
-float32 operations done on the host, because kvcl's fp8 kernels store no row scale (see the
-class notes).
+kept, saturating; the row absmax, the scale, the correctly rounded division and the final
+multiplication are single float32 operations, bit-identical to the crate's). The host only
+checks and uploads the pushed values and downloads the decoded rows.
 """
 
 from __future__ import annotations
@@ -70,7 +70,11 @@ def _format(fmt) -> Fp8KvFormat:
 
 
 def row_scales(rows: np.ndarray, fmt: Fp8KvFormat) -> np.ndarray:
-    """The crate's per-row scale ``max(max|row| / FP8_MAX, FLT_EPSILON)`` (float32), rows [N, D]."""
+    """The crate's per-row scale ``max(max|row| / FP8_MAX, FLT_EPSILON)`` (float32), rows [N, D].
+
+    A host-side reference for tests and callers; :class:`Fp8KvLayer` computes its scales in the
+    ``quantize_rows`` kernel (``fp8_row_scale=True``), which gives the same bits.
+    """
     rows = np.asarray(rows, dtype=np.float32)
     absmax = np.abs(rows).max(axis=-1) if rows.shape[-1] else np.zeros(rows.shape[:-1], np.float32)
     return np.maximum(absmax / np.float32(fmt.max_value), np.float32(FLT_EPSILON)).astype(np.float32)
@@ -107,10 +111,11 @@ class Fp8KvLayer:
       Rust's checks (keys length → values length → capacity).
     * E5M2: a row's maximum divided by its scale can land just above 57344 by float rounding;
       Rust's encoder turns that into an infinity (the row reads back with ``inf``), kvcl's
-      saturates to 57344 (the value reads back as about the row maximum).
-    * The row scale, ``x / scale`` and ``decoded * scale`` are computed on the host in
-      float32 (bit-identical to the crate); kvcl's fp8 kernels have no per-row scale. Only the
-      fp8 encode / decode run on the device.
+      (common.h's ``fp8_encode``, in the quantize kernel) saturates to 57344 (the value reads
+      back as about the row maximum).
+    * The row scale, ``x / scale`` and ``decoded * scale`` are computed on the device, in
+      float32 (bit-identical to the crate), by ``quantize_rows`` / ``dequantize_rows`` with
+      ``fp8_row_scale=True``.
 
     Examples
     --------
@@ -211,12 +216,9 @@ class Fp8KvLayer:
         check_array("value", v, finite=True)
         rows = self._len * self._num_kv_heads
         for data, scales, x in ((self._keys, self._key_scales, k), (self._values, self._value_scales, v)):
-            scale = row_scales(x, self._format)
-            _device.write(self._device, scales, rows, scale)
-            if x.size:
-                scaled = (x / scale[:, None]).astype(np.float32)
-                quantize_rows(_device.upload(self._device, scaled), data, kv_dtype=self._format.kv_dtype,
-                              out_row_offset=rows)
+            # Also with head_dim 0: the kernel still stores each row's FLT_EPSILON scale.
+            quantize_rows(_device.upload(self._device, x), data, scales=scales,
+                          kv_dtype=self._format.kv_dtype, fp8_row_scale=True, out_row_offset=rows)
         self._len += 1
 
     # ---- reads ---------------------------------------------------------------------------
@@ -226,9 +228,9 @@ class Fp8KvLayer:
         if h * d == 0:
             return np.zeros(h * d, np.float32)
         out = _device.zeros(self._device, (h, d), np.float32)
-        dequantize_rows(data, out, kv_dtype=self._format.kv_dtype, row_offset=pos * h, num_rows=h)
-        scale = _device.read(self._device, scales, pos * h, h)
-        return (out.get() * scale[:, None]).astype(np.float32).reshape(-1)
+        dequantize_rows(data, out, scales=scales, kv_dtype=self._format.kv_dtype, fp8_row_scale=True,
+                        row_offset=pos * h, num_rows=h)
+        return out.get().reshape(-1)
 
     def get_key(self, pos: int) -> np.ndarray:
         """Decoded keys of every head at ``pos``.

@@ -73,6 +73,37 @@ def fp8_decode(b: np.ndarray, fmt: str) -> np.ndarray:
     return v.astype(np.float32)
 
 
+# ---- fp8 with a per-row scale (oxibonsai's Fp8KvLayer; FP8_ROW_SCALE in quantize.cl) ----------
+
+def fp8_row_scale(absmax: np.ndarray, fmt: str) -> np.ndarray:
+    """``max(absmax / FP8_MAX, FLT_EPSILON)`` in float32 (FP8_MAX 448 for e4m3, 57344 for e5m2)."""
+    absmax = np.asarray(absmax, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.fmax(absmax / np.float32(_FP8[fmt][3]), FLT_EPSILON).astype(np.float32)
+
+
+def quantize_fp8_rows_scaled(x: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row scaled fp8 (last axis): ``scale = max(max|x| / FP8_MAX, FLT_EPSILON)``, bytes
+    ``fp8_encode(x / scale)`` (quotients that round past FP8_MAX saturate).
+
+    Returns ``(bytes uint8 with x's shape, scale float32 with the last axis dropped)``. As the
+    kernel's ``fmax`` reduction, the absmax ignores NaN; an empty row has absmax 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    absmax = np.fmax.reduce(np.abs(x), axis=-1, initial=np.float32(0.0)).astype(np.float32)
+    scale = fp8_row_scale(absmax, fmt)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scaled = (x / scale[..., None]).astype(np.float32)
+        return fp8_encode(scaled, fmt), scale  # NaN: a discarded branch casts it
+
+
+def dequantize_fp8_rows_scaled(b: np.ndarray, scale: np.ndarray, fmt: str) -> np.ndarray:
+    """``fp8_decode(b) * scale`` per row (float32)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (fp8_decode(b, fmt) * scale[..., None]).astype(np.float32)
+
+
 # ---- fp16 ---------------------------------------------------------------------------------------
 
 def fp16_encode(x: np.ndarray) -> np.ndarray:
@@ -159,9 +190,20 @@ def roundtrip(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MO
 
 # ---- the twins of kvcl.ops.quantize --------------------------------------------------------------
 
+def _fp8_format(dtype: str | KvDtype, fp8_row_scale: bool) -> str | None:
+    """``"e4m3"`` / ``"e5m2"`` when ``fp8_row_scale`` is set (refused for non-fp8 dtypes)."""
+    if not fp8_row_scale:
+        return None
+    name = kv_dtype(dtype).name
+    if not name.startswith("fp8_"):
+        raise ValueError(f"fp8_row_scale: only for kv_dtype fp8_e4m3 or fp8_e5m2, got {name}")
+    return name.split("_")[1]
+
+
 def quantize_rows(x: np.ndarray, out: np.ndarray, *, scales: "np.ndarray | None" = None,
                   kv_dtype: "str | KvDtype", int8_mode: int = INT8_MODE_AWAY,
-                  out_row_offset: int = 0) -> tuple[np.ndarray, "np.ndarray | None"]:
+                  out_row_offset: int = 0, fp8_row_scale: bool = False
+                  ) -> tuple[np.ndarray, "np.ndarray | None"]:
     """Numpy twin of :func:`kvcl.ops.quantize.quantize_rows` (inputs are not modified).
 
     Parameters
@@ -170,19 +212,29 @@ def quantize_rows(x: np.ndarray, out: np.ndarray, *, scales: "np.ndarray | None"
     out : numpy.ndarray, the storage dtype, shape [..., head_dim]
         Treated as ``[R, head_dim]``.
     scales : numpy.ndarray, shape ``out.shape[:-1]`` or [R], optional
-        int8 only: float32 (``int8_mode=0``) or fp16 bits uint16 (``int8_mode=1``).
+        int8: float32 (``int8_mode=0``) or fp16 bits uint16 (``int8_mode=1``); fp8 with
+        ``fp8_row_scale``: float32.
     kv_dtype : str or KvDtype
     int8_mode : int
     out_row_offset : int
+    fp8_row_scale : bool
+        fp8 only: :func:`quantize_fp8_rows_scaled` instead of plain :func:`fp8_encode`.
 
     Returns
     -------
     (out, scales)
         Copies of ``out`` and ``scales`` (``None`` without scales) with rows
-        ``[out_row_offset, out_row_offset + N)`` replaced by ``encode_kv(x)``.
+        ``[out_row_offset, out_row_offset + N)`` replaced by ``encode_kv(x)`` (or by
+        :func:`quantize_fp8_rows_scaled` with ``fp8_row_scale``).
     """
     x = np.asarray(x, dtype=np.float32)
-    data, row_scales = encode_kv(x, kv_dtype, int8_mode=int8_mode)
+    fmt = _fp8_format(kv_dtype, fp8_row_scale)
+    if fmt is not None:
+        if scales is None:
+            raise ValueError("scales: fp8_row_scale=True stores one float32 scale per row")
+        data, row_scales = quantize_fp8_rows_scaled(x, fmt)
+    else:
+        data, row_scales = encode_kv(x, kv_dtype, int8_mode=int8_mode)
     head_dim = x.shape[-1]
     new_out = np.array(out, copy=True)
     rows = new_out.reshape(-1, head_dim)
@@ -197,7 +249,8 @@ def quantize_rows(x: np.ndarray, out: np.ndarray, *, scales: "np.ndarray | None"
 
 def dequantize_rows(data: np.ndarray, *, scales: "np.ndarray | None" = None,
                     kv_dtype: "str | KvDtype", int8_mode: int = INT8_MODE_AWAY,
-                    row_offset: int = 0, num_rows: "int | None" = None) -> np.ndarray:
+                    row_offset: int = 0, num_rows: "int | None" = None,
+                    fp8_row_scale: bool = False) -> np.ndarray:
     """Numpy twin of :func:`kvcl.ops.quantize.dequantize_rows`.
 
     Parameters
@@ -211,6 +264,8 @@ def dequantize_rows(data: np.ndarray, *, scales: "np.ndarray | None" = None,
         Only tells how to read ``scales``.
     row_offset, num_rows : int
         Rows ``[row_offset, row_offset + num_rows)`` (default: to the end).
+    fp8_row_scale : bool
+        fp8 only: :func:`dequantize_fp8_rows_scaled` with the float32 ``scales`` (required).
 
     Returns
     -------
@@ -223,6 +278,12 @@ def dequantize_rows(data: np.ndarray, *, scales: "np.ndarray | None" = None,
         num_rows = len(rows) - row_offset
     picked = rows[row_offset:row_offset + num_rows]
     row_scales = None
+    fmt = _fp8_format(kv_dtype, fp8_row_scale)
+    if fmt is not None:
+        if scales is None:
+            raise ValueError("scales: fp8_row_scale=True needs the float32 row scales")
+        row_scales = np.asarray(scales, dtype=np.float32).reshape(-1)[row_offset:row_offset + num_rows]
+        return dequantize_fp8_rows_scaled(picked, row_scales, fmt)
     if scales is not None:
         row_scales = np.asarray(scales).reshape(-1)[row_offset:row_offset + num_rows]
         if int8_mode == INT8_MODE_EVEN:

@@ -218,3 +218,172 @@ def test_empty_input_is_a_no_op(device):
     quantize_rows(cla.empty(q, (0, 8), np.float32), data, kv_dtype="fp8_e5m2", out_row_offset=2).wait()
     dequantize_rows(data, cla.empty(q, (0, 8), np.float32), kv_dtype="fp8_e5m2", row_offset=2).wait()
     assert data.get().tolist() == [[3] * 8] * 2
+
+
+# ---- fp8 with a per-row scale (fp8_row_scale=True; oxibonsai's Fp8KvLayer) --------------------
+
+FP8_NAMES = ["fp8_e4m3", "fp8_e5m2"]
+
+
+def scaled_fp8_rows(rng, head_dim: int) -> np.ndarray:
+    """hard_rows plus rows that stress the row scale: tiny (scale floor, denormals), huge
+    (near FLT_MAX), one spike among tiny values, and E5M2 quotients that round past 57344."""
+    d = head_dim
+    c = np.float32(1.0) + np.arange(1, 20000, dtype=np.float32) * np.float32(2.0**-20)
+    over = c[(c / (c / np.float32(57344.0)).astype(np.float32)).astype(np.float32) > np.float32(57344.0)]
+    extra = [
+        np.full(d, 1e-38), np.resize([1e-45, -1e-42, 0.0], d),                 # absmax far below the floor
+        np.resize([3.4e38, -3.0e38, 1.0, -1e-30], d), np.full(d, -np.finfo(np.float32).max),  # huge
+        np.resize([1e-20, -1e-20, 5e3], d),                                      # one spike
+        np.resize([over[0], 0.5, -over[0]], d), np.resize([over[-1], over[0] / 3], d),  # e5m2 saturation
+        np.resize([448 * 1.5, 448 * 0.75, -448 * 0.25, 1.0], d),                 # power-of-two scale
+    ]
+    return np.vstack([hard_rows(rng, d), np.stack(extra)]).astype(np.float32)
+
+
+def run_scaled(queue, x, name, *, total_rows, offset, leading=None):
+    """fp8_row_scale quantize on the device into sentinel-filled views; (device, reference)."""
+    head_dim = x.shape[1]
+    shape = leading or (total_rows,)
+    sentinel = np.full(shape + (head_dim,), 0x5A, np.uint8)
+    big = cla.to_device(queue, np.stack([sentinel, sentinel]))
+    big_scales = cla.to_device(queue, np.full((2,) + shape, 7, np.float32))
+    out, scales = big[1], big_scales[1]
+    quantize_rows(cla.to_device(queue, x), out, scales=scales, kv_dtype=name, out_row_offset=offset,
+                  fp8_row_scale=True).wait()
+    with np.errstate(all="ignore"):
+        expected = ref.quantize_rows(x, sentinel, scales=np.full(shape, 7, np.float32), kv_dtype=name,
+                                     out_row_offset=offset, fp8_row_scale=True)
+    assert big[0].get().tobytes() == sentinel.tobytes(), "nothing before the view is touched"
+    assert big_scales[0].get().tolist() == np.full(shape, 7.0).tolist(), "nor before the scales"
+    return (out.get(), scales.get()), expected
+
+
+@pytest.mark.parametrize("name", FP8_NAMES)
+@pytest.mark.parametrize("head_dim", [128, 4, 300, 1])
+def test_fp8_row_scale_bytes_and_decode_equal_reference(device, rng, name, head_dim):
+    q = device.queue
+    x = scaled_fp8_rows(rng, head_dim)
+    (data, scales), (want, want_scales) = run_scaled(q, x, name, total_rows=len(x) + 5, offset=3)
+    assert_same_bytes(data, want, f"{name} data")
+    assert_same_bytes(scales, want_scales, f"{name} scales")
+    out = cla.empty(q, x.shape, np.float32)
+    dequantize_rows(cla.to_device(q, data), out, scales=cla.to_device(q, scales), kv_dtype=name,
+                    row_offset=3, num_rows=len(x), fp8_row_scale=True).wait()
+    with np.errstate(all="ignore"):
+        back = ref.dequantize_rows(want, scales=want_scales, kv_dtype=name, row_offset=3,
+                                   num_rows=len(x), fp8_row_scale=True)
+    assert_same_bytes(out.get(), back, f"{name} decode")
+    # the oxibonsai formula, spelled out
+    fmt = name.split("_")[1]
+    s = np.maximum(np.abs(x).max(axis=1) / np.float32(448.0 if fmt == "e4m3" else 57344.0), ref.FLT_EPSILON)
+    assert_same_bytes(scales[3:3 + len(x)], s.astype(np.float32), "scales vs formula")
+    assert np.isfinite(out.get()).all()
+
+
+@pytest.mark.parametrize("name", FP8_NAMES)
+def test_fp8_row_scale_zero_rows_and_saturation(device, name):
+    q = device.queue
+    x = np.zeros((3, 64), np.float32)
+    x[1, 0] = -0.0
+    data, scales = cla.empty(q, (3, 64), np.uint8), cla.empty(q, (3,), np.float32)
+    quantize_rows(cla.to_device(q, x), data, scales=scales, kv_dtype=name, fp8_row_scale=True).wait()
+    assert scales.get().tolist() == [float(ref.FLT_EPSILON)] * 3 and not data.get()[[0, 2]].any()
+    out = cla.empty(q, (3, 64), np.float32)
+    dequantize_rows(data, out, scales=scales, kv_dtype=name, fp8_row_scale=True).wait()
+    assert np.all(out.get() == 0)
+    if name == "fp8_e5m2":   # a quotient that rounds past 57344 saturates (the crate gives Inf)
+        c = np.float32(1.0) + np.arange(1, 20000, dtype=np.float32) * np.float32(2.0**-20)
+        over = c[(c / (c / np.float32(57344.0)).astype(np.float32)).astype(np.float32) > np.float32(57344.0)]
+        row = cla.to_device(q, np.array([[over[0], 0.5]], np.float32))
+        d2, s2 = cla.empty(q, (1, 2), np.uint8), cla.empty(q, (1,), np.float32)
+        quantize_rows(row, d2, scales=s2, kv_dtype=name, fp8_row_scale=True).wait()
+        assert d2.get()[0, 0] == 0x7B
+
+
+@pytest.mark.parametrize("name", FP8_NAMES)
+def test_fp8_row_scale_nan_is_ignored_by_the_absmax(device, name):
+    q = device.queue
+    x = np.array([[np.nan, 2.0, -448.0, 1.0], [0.5, np.nan, 0.25, 0.0]], np.float32)
+    data, scales = cla.empty(q, (2, 4), np.uint8), cla.empty(q, (2,), np.float32)
+    quantize_rows(cla.to_device(q, x), data, scales=scales, kv_dtype=name, fp8_row_scale=True).wait()
+    with np.errstate(all="ignore"):
+        want, want_scales = ref.quantize_fp8_rows_scaled(x, name.split("_")[1])
+    assert_same_bytes(data.get(), want, "data")
+    assert_same_bytes(scales.get(), want_scales, "scales")
+
+
+@pytest.mark.parametrize("name", FP8_NAMES)
+def test_fp8_row_scale_pool_layout_and_empty_head_dim(device, rng, name):
+    q = device.queue
+    x = (rng.standard_normal((16, 64)) * 100).astype(np.float32)
+    pool = cla.zeros(q, (3, 2, 16, 64), np.uint8)
+    scales = cla.zeros(q, (3, 2, 16), np.float32)
+    quantize_rows(cla.to_device(q, x), pool, scales=scales, kv_dtype=name, out_row_offset=48,
+                  fp8_row_scale=True).wait()
+    want, want_scales = ref.quantize_rows(x, np.zeros((3, 2, 16, 64), np.uint8), kv_dtype=name,
+                                          scales=np.zeros((3, 2, 16), np.float32), out_row_offset=48,
+                                          fp8_row_scale=True)
+    assert_same_bytes(pool.get(), want, "pool")
+    assert_same_bytes(scales.get(), want_scales, "scales")
+    # head_dim 0: no data, but each row still gets its FLT_EPSILON scale (as the reference)
+    empty_rows = cla.zeros(q, (4, 0), np.uint8)
+    s = cla.zeros(q, (4,), np.float32)
+    quantize_rows(cla.empty(q, (2, 0), np.float32), empty_rows, scales=s, kv_dtype=name,
+                  out_row_offset=1, fp8_row_scale=True).wait()
+    assert s.get().tolist() == [0.0, float(ref.FLT_EPSILON), float(ref.FLT_EPSILON), 0.0]
+
+
+@given(num_rows=st.integers(1, 40), head_dim=st.integers(1, 520), name=st.sampled_from(FP8_NAMES),
+       extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
+def test_property_fp8_row_scale_matches_reference(device, num_rows, head_dim, name, extra, seed):
+    r = np.random.default_rng(seed)
+    x = (r.standard_normal((num_rows, head_dim)) * np.exp2(r.uniform(-60, 60, (num_rows, 1)))).astype(np.float32)
+    offset = int(r.integers(0, extra + 1))
+    (data, scales), (want, want_scales) = run_scaled(device.queue, x, name, total_rows=num_rows + extra,
+                                                     offset=offset)
+    assert_same_bytes(data, want, "data")
+    assert_same_bytes(scales, want_scales, "scales")
+    out = cla.empty(device.queue, (num_rows, head_dim), np.float32)
+    dequantize_rows(cla.to_device(device.queue, data), out, scales=cla.to_device(device.queue, scales),
+                    kv_dtype=name, row_offset=offset, num_rows=num_rows, fp8_row_scale=True).wait()
+    with np.errstate(all="ignore"):
+        back = ref.dequantize_rows(want, scales=want_scales, kv_dtype=name, row_offset=offset,
+                                   num_rows=num_rows, fp8_row_scale=True)
+    assert_same_bytes(out.get(), back, "decode")
+
+
+def test_fp8_row_scale_bad_input_is_refused_before_anything_is_written(device):
+    q = device.queue
+    x = cla.to_device(q, np.ones((2, 8), np.float32))
+    data = cla.to_device(q, np.full((4, 8), 9, np.uint8))
+    scales = cla.to_device(q, np.full(4, 2.0, np.float32))
+    int8_data = cla.to_device(q, np.full((4, 8), 9, np.int8))
+    out = cla.empty(q, (4, 8), np.float32)
+
+    def unchanged():
+        assert data.get().tolist() == [[9] * 8] * 4 and scales.get().tolist() == [2.0] * 4
+        assert int8_data.get().tolist() == [[9] * 8] * 4
+
+    for call in (lambda **kw: quantize_rows(x, data, **kw), lambda **kw: dequantize_rows(data, out, **kw)):
+        with pytest.raises(kvcl.InvalidArgument, match=r"scales: fp8_row_scale=True stores one float32 scale per row"):
+            call(kv_dtype="fp8_e4m3", fp8_row_scale=True)
+        with pytest.raises(kvcl.DtypeError, match="scales: expected dtype float32, got float16"):
+            call(kv_dtype="fp8_e5m2", fp8_row_scale=True, scales=cla.to_device(q, np.ones(4, np.float16)))
+        with pytest.raises(kvcl.DtypeError, match="scales: expected dtype float32, got uint16"):
+            call(kv_dtype="fp8_e5m2", fp8_row_scale=True, scales=cla.to_device(q, np.ones(4, np.uint16)))
+        with pytest.raises(kvcl.ShapeError, match="scales: expected shape"):
+            call(kv_dtype="fp8_e4m3", fp8_row_scale=True, scales=cla.to_device(q, np.ones(3, np.float32)))
+        with pytest.raises(kvcl.InvalidArgument, match=r"fp8_row_scale: expected True or False, got 'yes'"):
+            call(kv_dtype="fp8_e4m3", fp8_row_scale="yes", scales=scales)
+        with pytest.raises(kvcl.InvalidArgument, match=r"scales: fp8_e4m3 rows have no scale.*fp8_row_scale=True"):
+            call(kv_dtype="fp8_e4m3", scales=scales)
+    for kind in ("int8", "fp16", "fp32"):
+        with pytest.raises(kvcl.InvalidArgument, match=f"fp8_row_scale: only for kv_dtype fp8_e4m3 or fp8_e5m2, got {kind}"):
+            quantize_rows(x, int8_data, scales=scales, kv_dtype=kind, fp8_row_scale=True)
+        with pytest.raises(kvcl.InvalidArgument, match=f"fp8_row_scale: only for kv_dtype fp8_e4m3 or fp8_e5m2, got {kind}"):
+            dequantize_rows(int8_data, out, scales=scales, kv_dtype=kind, fp8_row_scale=True)
+    with pytest.raises(kvcl.DtypeError, match="scales: expected a pyopencl.array.Array"):
+        quantize_rows(x, data, scales=np.ones(4, np.float32), kv_dtype="fp8_e4m3", fp8_row_scale=True)
+    q.finish()
+    unchanged()

@@ -132,3 +132,80 @@ def test_reference_rows_round_trip_scale_free_formats(name):
     assert scales is None
     assert np.array_equal(ref.dequantize_rows(data, kv_dtype=name, row_offset=1, num_rows=1), x)
     assert not ref.dequantize_rows(data, kv_dtype=name, num_rows=1).any()
+
+
+# ---- fp8 with a per-row scale (oxibonsai's Fp8KvLayer; FP8_ROW_SCALE in quantize.cl) ----------
+
+def _crate_fp8_rows(x, fmt):
+    """The crate's formula written out: float32 scale, x / scale, encode; decode * scale."""
+    max_value, _ = FP8[fmt]
+    scale = np.maximum(np.abs(x).max(axis=-1) / np.float32(max_value), ref.FLT_EPSILON).astype(np.float32)
+    data = ref.fp8_encode((x / scale[:, None]).astype(np.float32), fmt)
+    return data, scale, (ref.fp8_decode(data, fmt) * scale[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_rows_scaled_is_the_crate_formula(fmt):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((40, 33)) * np.exp2(rng.uniform(-40, 40, (40, 1)))).astype(np.float32)
+    x[0] = 0.0                                   # zero row: FLT_EPSILON scale, all bytes 0
+    x[1, :4] = [1e-7, -1e-6, 1e-40, -0.0]        # subnormal after scaling, float32 denormal, -0
+    x[2] = np.float32(3e38) * np.sign(rng.standard_normal(33)).astype(np.float32)
+    data, scale = ref.quantize_fp8_rows_scaled(x, fmt)
+    want_data, want_scale, want_back = _crate_fp8_rows(x, fmt)
+    assert data.dtype == np.uint8 and scale.dtype == np.float32 and scale.shape == (40,)
+    assert np.array_equal(data, want_data) and np.array_equal(scale, want_scale)
+    assert np.array_equal(ref.dequantize_fp8_rows_scaled(data, scale, fmt), want_back)
+    assert scale[0] == ref.FLT_EPSILON and not data[0].any()
+    assert ref.fp8_decode(data[1, 3], fmt) == 0 and data[1, 3] == 0x80
+
+
+def test_fp8_rows_scaled_e5m2_saturates_a_quotient_past_the_max():
+    # x / (x / 57344) can round above 57344: the encoder saturates it (the crate returns Inf).
+    c = np.float32(1.0) + np.arange(1, 20000, dtype=np.float32) * np.float32(2.0**-20)
+    over = c[(c / (c / np.float32(57344.0)).astype(np.float32)).astype(np.float32) > np.float32(57344.0)]
+    assert over.size
+    data, scale = ref.quantize_fp8_rows_scaled(np.array([[over[0], 0.5]], np.float32), "e5m2")
+    assert data[0, 0] == 0x7B
+    back = ref.dequantize_fp8_rows_scaled(data, scale, "e5m2")
+    assert np.isfinite(back).all() and abs(back[0, 0] - over[0]) <= over[0] * 2**-3
+
+
+def test_fp8_rows_scaled_absmax_ignores_nan_and_empty_rows_get_the_floor():
+    x = np.array([[np.nan, 2.0, -448.0]], np.float32)
+    data, scale = ref.quantize_fp8_rows_scaled(x, "e4m3")
+    assert scale.tolist() == [1.0] and data[0, 0] == 0x7F and data[0, 2] == 0xFE
+    data, scale = ref.quantize_fp8_rows_scaled(np.zeros((3, 0), np.float32), "e5m2")
+    assert data.shape == (3, 0) and scale.tolist() == [ref.FLT_EPSILON] * 3
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_reference_rows_fp8_row_scale_keyword(name):
+    fmt = name.split("_")[1]
+    x = np.array([[0.5, -1.25, 300.0, 0.0], [1e-3, 2e-3, -4e-3, 0.0]], dtype=np.float32)
+    out = np.full((2, 2, 4), 0x5A, np.uint8)        # any leading shape: treated as rows
+    scales = np.full((2, 2), -1.0, np.float32)
+    new_out, new_scales = ref.quantize_rows(x, out, scales=scales, kv_dtype=name, out_row_offset=1,
+                                            fp8_row_scale=True)
+    assert out.tolist() == [[[0x5A] * 4] * 2] * 2 and scales.tolist() == [[-1.0] * 2] * 2
+    data, s = ref.quantize_fp8_rows_scaled(x, fmt)
+    assert np.array_equal(new_out.reshape(4, 4)[1:3], data) and np.array_equal(new_scales.reshape(4)[1:3], s)
+    assert new_out.reshape(4, 4)[[0, 3]].tolist() == [[0x5A] * 4] * 2
+    assert new_scales.reshape(4)[[0, 3]].tolist() == [-1.0] * 2
+    back = ref.dequantize_rows(new_out, scales=new_scales, kv_dtype=name, row_offset=1, num_rows=2,
+                               fp8_row_scale=True)
+    assert np.array_equal(back, ref.dequantize_fp8_rows_scaled(data, s, fmt))
+    # without the keyword: the unscaled formats, unchanged
+    plain, none = ref.quantize_rows(x, out, kv_dtype=name, out_row_offset=1)
+    assert none is None and np.array_equal(plain.reshape(4, 4)[1:3], ref.fp8_encode(x, fmt))
+
+
+def test_reference_fp8_row_scale_refuses_other_dtypes_and_missing_scales():
+    x = np.ones((1, 4), np.float32)
+    with pytest.raises(ValueError, match="fp8_row_scale: only for kv_dtype fp8"):
+        ref.quantize_rows(x, np.zeros((1, 4), np.int8), scales=np.zeros(1, np.float32), kv_dtype="int8",
+                          fp8_row_scale=True)
+    with pytest.raises(ValueError, match="scales: fp8_row_scale=True"):
+        ref.quantize_rows(x, np.zeros((1, 4), np.uint8), kv_dtype="fp8_e4m3", fp8_row_scale=True)
+    with pytest.raises(ValueError, match="scales: fp8_row_scale=True"):
+        ref.dequantize_rows(np.zeros((1, 4), np.uint8), kv_dtype="fp8_e5m2", fp8_row_scale=True)
