@@ -20,22 +20,38 @@
 // Build options (-D): KV_DTYPE, INT8_MODE (common.h), HEAD_DIM (even), ROPE (0 none, 1 half,
 // 2 interleaved), Q_NORM, K_NORM (0/1), LX (power of two: work-items per row), ROWS (rows per
 // work-group).  The host (kvcl/ops/paged_write.py) derives LX and ROWS from the device limits.
+// paged_write_rows (CPUs, below) takes ROW_VEC, ROWS and ROW_NT instead of LX.
 //
 // status[0] bits (atomic_or; never cleared here): 1 = a K/V row was non-finite after norm/RoPE
 // and was not written; 2 = a slot >= num_slots (that token's K/V not written); 4 = a position
 // outside [0, max_position) with RoPE on (nothing of that token written).  Negative slots are
 // padding: K/V skipped silently, Q written.
 //
-// Measured (PoCL 2-core CPU shared with other jobs, load ~2: numbers swing 2-3x between runs;
-// 2048-token prefill, Hq=32, Hkv=8, D=128, qk-norm + half RoPE, shuffled slots, LX=1, ROWS=16,
-// median of 9; bytes = qkv in + q_out + K/V (+ scales) out + slots/positions):
-//   fp32: 100.7 MB in 37-67 ms = 1.5-2.8 GB/s (best run 3.8 GB/s)
-//   int8:  88.2 MB in 54-92 ms = 1.0-1.6 GB/s
-//   same run, clEnqueueCopyBuffer of the qkv bytes: 9-14 GB/s in+out.  Far from P5 (>= 50% of
-//   streaming): on PoCL the per-row scalar loops do not vectorise; see the report / TODO below.
-// TODO(perf, CPU): explicit float4/float8 vloads per row for LX=1, or one element per work-item
-//   (PoCL vectorises across dim 0: a plain row copy that way reaches ~14.6 GB/s) with a cheaper
-//   reduction than local-memory barriers (LX=64 with barriers measured 140-290 ms here).
+// CPUs run paged_write_rows (end of this file, -DROW_VEC, chosen by the host for CPU devices
+// when the vector width divides HEAD_DIM and every source offset/stride): one work-item per
+// (token, head row), the row in HEAD_DIM/ROW_VEC float16 (or narrower) registers, vector-typed
+// loads/stores, sum of squares / RoPE / absmax (as the largest |x| bit pattern) in registers,
+// int8 rounding by trunc + exact fraction compares (bit-identical to round / rint, checked
+// exhaustively for |r| <= 256), non-temporal stores for q_out and the pool rows; no barriers and
+// no per-element builtin calls.  GPUs (and widths nothing fits) keep paged_write above.
+//
+// Measured (PoCL 2-core CPU shared with other jobs: numbers swing 2-3x between runs;
+// 2048-token prefill, Hq=32, Hkv=8, D=128, qk-norm + half RoPE, shuffled slots; bytes = qkv in
+// + cos/sin rows + q_out + K/V (+ scales) out + slots/positions: fp32 100.7 MB, int8 88.2 MB).
+// One run, the cases interleaved per iteration, medians of 15 (load 3.5-4.6):
+//   before (paged_write, LX=1, ROWS=16): fp32 80.2 ms = 1.27 GB/s, int8 103.9 ms = 0.86 GB/s
+//   after (paged_write_rows, ROW_VEC=16, 48 rows a group): fp32 20.1 ms = 5.05 GB/s,
+//     int8 19.8 ms = 4.51 GB/s (int8/fp32 time 0.97; was 1.32)
+//   stream_read.cl 0.70 GB/s, clEnqueueCopyBuffer of the qkv bytes 4.23 GB/s in+out:
+//   fraction of stream read: fp32 1.81 -> 6.38, int8 1.15 -> 6.45 (P5 asks >= 0.5; that
+//   yardstick only reaches 0.4-1.5 GB/s on this machine now while numpy sums at 5-11 GB/s, so
+//   the fraction flatters); fraction of the copy: fp32 0.29 -> 1.13, int8 0.19 -> 0.94.
+// Quieter windows of other runs: after fp32 9.5-11.9 GB/s, int8 8.8-12.4 GB/s (copy 7-19).
+// Paired A/B of the steps: non-temporal stores 1.15-1.38x, ROW_VEC 16 vs 8 1.06-1.15x,
+// ROW_VEC 4 1.3-1.5x slower than 8.
+// Non-temporal stores are weakly ordered: they are made visible by the locked operations /
+// mutexes with which the runtime ends the work-group and the command (x86 flushes
+// write-combining buffers on locked instructions).
 #include "common.h"
 
 #pragma OPENCL FP_CONTRACT OFF  // a·c − b·s exactly as the numpy reference computes it
@@ -307,3 +323,257 @@ void paged_write(
         }
     }
 }
+
+// =============================================================================================
+// CPU variant (-DROW_VEC=2|4|8|16): one work-item per (token, head row), the row held in
+// HEAD_DIM / ROW_VEC vector registers from load to store, no local memory, no barriers.
+// Every step is plain vector arithmetic, vector-typed pointer loads/stores, comparisons with
+// vector ?:, and __builtin_convertvector: on PoCL these stay inline (builtins such as fmax,
+// round, rint, vloadN, convert_* would each be a call per element).  Only per-row work calls
+// a builtin (sqrt for the norm, the int8 scale, its fp16 store in INT8_MODE 1).
+// The host picks ROW_VEC so that HEAD_DIM (and HEAD_DIM/2 for half RoPE), every source element
+// offset and token stride are multiples of it: all vector accesses are then naturally aligned.
+// Results: the reference's float operations per element in the same order (FP_CONTRACT off);
+// the sum of squares is summed in another order (like the LX > 1 reductions) and the norm uses
+// 1 / sqrt (correctly rounded, as numpy) instead of rsqrt: within the tests' bounds, and bit
+// exact without norm and RoPE.  Build options: ROW_VEC, ROWS (rows a work-group, dim 1),
+// ROW_NT (0: plain stores).
+// =============================================================================================
+#ifdef ROW_VEC
+
+#define RV ROW_VEC
+#define RV_CAT_(a, b) a##b
+#define RV_CAT(a, b) RV_CAT_(a, b)
+typedef RV_CAT(float, RV) rv_f;
+typedef RV_CAT(int, RV) rv_i;
+typedef RV_CAT(uint, RV) rv_u;
+typedef RV_CAT(char, RV) rv_c;
+#if RV == 2
+typedef float rv_h;   // the RoPE cos/sin of the RV/2 interleaved pairs in one vector
+#elif RV == 4
+typedef float2 rv_h;
+#elif RV == 8
+typedef float4 rv_h;
+#elif RV == 16
+typedef float8 rv_h;
+#else
+#error "ROW_VEC must be 2, 4, 8 or 16"
+#endif
+
+#define RV_N (HEAD_DIM / RV)  // vectors per row
+#if HEAD_DIM % RV != 0
+#error "HEAD_DIM must be a multiple of ROW_VEC"
+#endif
+#if ROPE == ROPE_HALF && HALF_DIM % RV != 0
+#error "half RoPE needs HEAD_DIM/2 to be a multiple of ROW_VEC"
+#endif
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_convertvector)
+#define RV_CONVERT(x, T) __builtin_convertvector((x), T)
+#endif
+#endif
+#ifndef RV_CONVERT
+#define RV_CONVERT(x, T) RV_CAT(convert_, T)(x)  // round toward zero for float -> int, as above
+#endif
+
+// Streaming stores for the outputs (q_out, pool rows), which this kernel never reads back:
+// non-temporal stores skip the read-for-ownership of every written cache line.
+#ifndef ROW_NT
+#define ROW_NT 1
+#endif
+#if ROW_NT && defined(__has_builtin)
+#if __has_builtin(__builtin_nontemporal_store)
+#define RV_STORE(v, p) __builtin_nontemporal_store((v), (p))
+#endif
+#endif
+#ifndef RV_STORE
+#define RV_STORE(v, p) (*(p) = (v))
+#endif
+
+// Vector arguments by pointer: a by-value float16 argument draws a clang ABI warning on AVX2.
+inline float rv_hsum(const rv_f *pv) {
+    const rv_f v = *pv;
+#if RV == 16
+    const float8 v8 = v.lo + v.hi;
+#elif RV == 8
+    const float8 v8 = v;
+#endif
+#if RV >= 8
+    const float4 v4 = v8.lo + v8.hi;
+#elif RV == 4
+    const float4 v4 = v;
+#endif
+#if RV >= 4
+    const float2 v2 = v4.lo + v4.hi;
+#else
+    const float2 v2 = v;
+#endif
+    return v2.x + v2.y;
+}
+
+inline uint rv_hmax(const rv_u *pv) {
+    const rv_u v = *pv;
+#if RV == 16
+    const uint8 v8 = v.lo > v.hi ? v.lo : v.hi;
+#elif RV == 8
+    const uint8 v8 = v;
+#endif
+#if RV >= 8
+    const uint4 v4 = v8.lo > v8.hi ? v8.lo : v8.hi;
+#elif RV == 4
+    const uint4 v4 = v;
+#endif
+#if RV >= 4
+    const uint2 v2 = v4.lo > v4.hi ? v4.lo : v4.hi;
+#else
+    const uint2 v2 = v;
+#endif
+    return v2.x > v2.y ? v2.x : v2.y;
+}
+
+#if KV_DTYPE == KV_INT8
+// The int8 code of every element of x / scale, bit for bit what int8_encode (common.h) gives:
+// for |r| < 2^23, i = trunc(r) is exact and so is f = r - i (|f| < 1), hence
+//   round-half-away(r) = i + (f >= 0.5) - (f <= -0.5)
+//   rint(r)            = i + (f > 0.5 || f == 0.5 && i odd) - (f < -0.5 || f == -0.5 && i odd)
+// Here |r| <= absmax / scale <= 127·(1 + 2^-22), so i is in range; the clamp keeps +-127.
+inline rv_c rv_int8_encode(const rv_f *x, float scale) {
+    const rv_f r = *x / scale;                  // correctly rounded (build option), as in numpy
+    rv_i i = RV_CONVERT(r, rv_i);              // trunc
+    const rv_f f = r - RV_CONVERT(i, rv_f);    // exact
+#if INT8_MODE == 1
+    const rv_i odd = -(i & 1);                 // -1 where i is odd (also for negative i)
+    i = i - ((f > 0.5f) | ((f == 0.5f) & odd)) + ((f < -0.5f) | ((f == -0.5f) & odd));
+#else
+    i = i - (f >= 0.5f) + (f <= -0.5f);        // comparisons give -1 (true) / 0 per element
+#endif
+    i = i > 127 ? (rv_i)(127) : i;
+    i = i < -127 ? (rv_i)(-127) : i;
+    return RV_CONVERT(i, rv_c);
+}
+#endif
+
+__kernel __attribute__((reqd_work_group_size(1, ROWS, 1)))
+void paged_write_rows(
+    __global const float *q_src, const int q_off, const int q_stride,
+    __global const float *k_src, const int k_off, const int k_stride,
+    __global const float *v_src, const int v_off, const int v_stride,
+    __global const int *slot_mapping, __global const int *positions,
+    __global const float *cos_tab, __global const float *sin_tab, const int max_position,
+    __global const float *q_norm_w, __global const float *k_norm_w, const float eps,
+    __global float *q_out, __global kv_t *k_pool, __global kv_t *v_pool,
+    __global scale_t *k_scales, __global scale_t *v_scales, __global int *status,
+    const int num_q_heads, const int num_kv_heads, const int block_size, const int num_slots)
+{
+    // Same arguments, grid (1, rows padded to ROWS, T) and status rules as paged_write (LX = 1).
+    const int r = get_global_id(1);
+    const int t = get_global_id(2);
+    const int nq = num_q_heads, nkv = num_kv_heads;
+    const int kind = r < nq ? ROW_Q : r < nq + nkv ? ROW_K : r < nq + 2 * nkv ? ROW_V : ROW_NONE;
+    const int h = kind == ROW_Q ? r : kind == ROW_K ? r - nq : r - nq - nkv;
+
+    const int slot = slot_mapping[t];
+#if ROPE != ROPE_NONE
+    const int pos = positions[t];
+    const bool pos_ok = pos >= 0 && pos < max_position;
+#else
+    const bool pos_ok = true;
+#endif
+    const bool slot_ok = slot >= 0 && slot < num_slots;
+    if (!pos_ok && r == 0) atomic_or(status, STATUS_BAD_POSITION);
+    if (pos_ok && slot >= num_slots && r == nq) atomic_or(status, STATUS_BAD_SLOT);
+    if (!pos_ok || kind == ROW_NONE || (kind != ROW_Q && !slot_ok)) return;
+
+    __global const float *src =
+        kind == ROW_Q ? q_src + q_off + (size_t)t * q_stride
+      : kind == ROW_K ? k_src + k_off + (size_t)t * k_stride
+                      : v_src + v_off + (size_t)t * v_stride;
+    __global const rv_f *srcv = (__global const rv_f *)(src + h * HEAD_DIM);
+    rv_f x[RV_N];
+    for (int j = 0; j < RV_N; ++j) x[j] = srcv[j];
+
+#if Q_NORM || K_NORM
+    {
+        bool normed = false;
+#if Q_NORM
+        normed = normed || kind == ROW_Q;
+#endif
+#if K_NORM
+        normed = normed || kind == ROW_K;
+#endif
+        if (normed) {
+            rv_f acc = x[0] * x[0];
+            for (int j = 1; j < RV_N; ++j) acc += x[j] * x[j];
+            const float inv = 1.0f / sqrt(rv_hsum(&acc) / (float)HEAD_DIM + eps);
+            __global const rv_f *w = (__global const rv_f *)(kind == ROW_Q ? q_norm_w : k_norm_w);
+            for (int j = 0; j < RV_N; ++j) x[j] = (x[j] * inv) * w[j];
+        }
+    }
+#endif
+
+#if ROPE == ROPE_HALF
+    if (kind != ROW_V) {
+        __global const rv_f *c = (__global const rv_f *)(cos_tab + (size_t)pos * HALF_DIM);
+        __global const rv_f *s = (__global const rv_f *)(sin_tab + (size_t)pos * HALF_DIM);
+        for (int j = 0; j < RV_N / 2; ++j) {
+            const rv_f cp = c[j], sp = s[j], x0 = x[j], x1 = x[j + RV_N / 2];
+            x[j] = x0 * cp - x1 * sp;
+            x[j + RV_N / 2] = x1 * cp + x0 * sp;
+        }
+    }
+#elif ROPE == ROPE_INTERLEAVED
+    if (kind != ROW_V) {
+        __global const rv_h *c = (__global const rv_h *)(cos_tab + (size_t)pos * HALF_DIM);
+        __global const rv_h *s = (__global const rv_h *)(sin_tab + (size_t)pos * HALF_DIM);
+        for (int j = 0; j < RV_N; ++j) {
+            const rv_h cp = c[j], sp = s[j], x0 = x[j].even, x1 = x[j].odd;
+            x[j].even = x0 * cp - x1 * sp;
+            x[j].odd = x1 * cp + x0 * sp;
+        }
+    }
+#endif
+
+    if (kind == ROW_Q) {
+        __global rv_f *dst = (__global rv_f *)(q_out + ((size_t)t * nq + h) * HEAD_DIM);
+        for (int j = 0; j < RV_N; ++j) RV_STORE(x[j], dst + j);
+        return;
+    }
+
+    // absmax as the largest |x| bit pattern: NaN and +-Inf have the largest ones (>= 0x7f800000)
+    rv_u mb = RV_CAT(as_uint, RV)(x[0]) & 0x7fffffffu;
+    for (int j = 1; j < RV_N; ++j) {
+        const rv_u b = RV_CAT(as_uint, RV)(x[j]) & 0x7fffffffu;
+        mb = b > mb ? b : mb;
+    }
+    const uint mbits = rv_hmax(&mb);
+    if (mbits >= 0x7f800000u) {  // non-finite K/V row: leave the slot as it was, tell the caller
+        atomic_or(status, STATUS_NONFINITE);
+        return;
+    }
+    const int block = slot / block_size;
+    const size_t row = ((size_t)block * nkv + h) * block_size + (slot - block * block_size);
+    __global kv_t *pool = kind == ROW_K ? k_pool : v_pool;
+#if KV_DTYPE == KV_FP32
+    __global rv_f *dst = (__global rv_f *)(pool + row * HEAD_DIM);
+    for (int j = 0; j < RV_N; ++j) RV_STORE(x[j], dst + j);
+#elif KV_DTYPE == KV_INT8
+    const float scale = int8_scale(as_float(mbits));
+    SCALE_STORE(scale, kind == ROW_K ? k_scales : v_scales, row);
+#if RV == 8 && RV_N % 2 == 0  // 16-byte stores (one vmovntdq, not two 8-byte movnti)
+    __global char16 *dst = (__global char16 *)(pool + row * HEAD_DIM);
+    for (int j = 0; j < RV_N; j += 2)
+        RV_STORE((char16)(rv_int8_encode(&x[j], scale), rv_int8_encode(&x[j + 1], scale)), dst + j / 2);
+#else
+    __global rv_c *dst = (__global rv_c *)(pool + row * HEAD_DIM);
+    for (int j = 0; j < RV_N; ++j) RV_STORE(rv_int8_encode(&x[j], scale), dst + j);
+#endif
+#else
+    for (int j = 0; j < RV_N; ++j) {
+        const rv_f v = x[j];
+        const float *e = (const float *)&v;
+        for (int i = 0; i < RV; ++i) kv_store(e[i], pool, row * HEAD_DIM + j * RV + i, 0.0f);
+    }
+#endif
+}
+#endif  // ROW_VEC

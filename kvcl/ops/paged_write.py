@@ -19,6 +19,8 @@ The numpy twin is :mod:`kvcl.reference.paged_write`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
@@ -50,7 +52,8 @@ def launch_config(device: cl.Device, head_dim: int, num_rows: int) -> tuple[int,
 
     GPUs get LX = up to 32 work-items per row (one or two rotation pairs each) and about 256
     work-items per group; CPUs (PoCL, where work-items of a group become one vectorised loop and
-    every barrier costs a loop split) get LX = 1 and a group of up to 16 whole rows.
+    every barrier costs a loop split) get LX = 1 and a group of up to 16 whole rows (only where
+    the row kernel of :func:`row_vec` cannot be used).
     Both are capped by ``max_work_group_size``, ``max_work_item_sizes`` and ``local_mem_size``.
     """
     max_wg = int(device.max_work_group_size)
@@ -69,16 +72,58 @@ def launch_config(device: cl.Device, head_dim: int, num_rows: int) -> tuple[int,
     return lx, rows
 
 
-# Tests set this to (LX, ROWS, TREE_REDUCE) to exercise GPU-shaped launches on any device.
+def row_vec(device: cl.Device, head_dim: int, rope: str, align: int) -> int:
+    """``ROW_VEC`` of the CPU row kernel (``paged_write_rows``), or 0 for the work-group kernel.
+
+    CPUs get one work-item per (token, head row) holding the row in ``ROW_VEC``-wide vectors:
+    the largest of 16, 8, 4, 2 dividing ``head_dim`` (``head_dim / 2`` for half RoPE) and
+    ``align`` (every source element offset and token stride), so that every vector access is
+    naturally aligned.  16 measured ~6-15% faster than 8 on PoCL / AVX2 (LLVM splits it in two
+    registers; fewer loop trips, 16-byte int8 stores).  GPUs, and rows no width fits, use the
+    work-group kernel.
+    """
+    if not device.type & cl.device_type.CPU:
+        return 0
+    for vec in (16, 8, 4, 2):
+        if head_dim % vec or (rope == "half" and (head_dim // 2) % vec) or align % vec:
+            continue
+        return vec
+    return 0
+
+
+def _row_rows(device: cl.Device, num_rows: int) -> int:
+    """Rows per work-group of the row kernel: a whole token where the device allows."""
+    limit = min(int(device.max_work_group_size), int(device.max_work_item_sizes[1]), 64)
+    groups = -(-num_rows // limit)
+    return max(1, -(-num_rows // groups))  # balanced: little padding when num_rows > limit
+
+
+# Tests set this to (LX, ROWS, TREE_REDUCE) to exercise GPU-shaped launches on any device,
+# or _force_row_vec to a ROW_VEC (2, 4, 8, 16) to run the CPU row kernel on any device.
 _force_config: "tuple[int, int, int] | None" = None
+_force_row_vec: "int | None" = None
 
 
-def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int, num_rows: int):
+def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int, num_rows: int,
+            rope: str = "none", align: int = 0):
     """Build (memoized) with a local size the compiled kernel accepts: ``(kernel, LX, ROWS)``."""
-    key = (context.int_ptr, tuple(sorted(defines.items())), num_rows, _force_config)
+    vec = 0
+    if _force_config is None:
+        vec = _force_row_vec if _force_row_vec is not None else row_vec(device, head_dim, rope, align)
+    key = (context.int_ptr, tuple(sorted(defines.items())), num_rows, _force_config, vec)
     hit = _config_cache.get(key)
     if hit is not None:
         return hit
+    if vec:
+        rows = _row_rows(device, num_rows)
+        while True:
+            kernel = get_kernel(context, _SOURCE, "paged_write_rows", dict(defines, ROW_VEC=vec, ROWS=rows))
+            limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device)
+            if rows <= limit or rows == 1:
+                break
+            rows //= 2
+        _config_cache[key] = (kernel, 1, rows)
+        return kernel, 1, rows
     if _force_config is not None:
         lx, rows, tree = _force_config
     else:
@@ -275,8 +320,9 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
                "HEAD_DIM": D, "ROPE": _ROPE_CODE[rope],
                "Q_NORM": int(q_norm_weight is not None), "K_NORM": int(k_norm_weight is not None)}
     num_rows = Hq + 2 * Hkv
-    kernel, lx, rows = _kernel(context, queue.device, defines, D, num_rows)
     base = element_base(qkv)
+    align = math.gcd(base, row, Hq * D)
+    kernel, lx, rows = _kernel(context, queue.device, defines, D, num_rows, rope, align)
     stride = np.int32(row)
     args = (qkv.base_data, np.int32(base), stride,
             qkv.base_data, np.int32(base + Hq * D), stride,
@@ -355,8 +401,9 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
     defines = {"KV_DTYPE": dt.code, "INT8_MODE": int8_mode if dt.has_scale else 0,
                "HEAD_DIM": D, "ROPE": 0, "Q_NORM": 0, "K_NORM": 0}
     num_rows = 2 * Hkv
-    kernel, lx, rows = _kernel(context, queue.device, defines, D, num_rows)
     stride = np.int32(Hkv * D)
+    align = math.gcd(element_base(keys), element_base(values), Hkv * D)
+    kernel, lx, rows = _kernel(context, queue.device, defines, D, num_rows, "none", align)
     args = (None, np.int32(0), np.int32(0),
             keys.base_data, np.int32(element_base(keys)), stride,
             values.base_data, np.int32(element_base(values)), stride,

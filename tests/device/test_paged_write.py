@@ -223,6 +223,145 @@ def test_launch_shapes(device, monkeypatch, config):
         assert_matches(case, got, want, exact=False)
 
 
+# The CPU row kernel (paged_write_rows) in every vector width, on whatever device runs this
+@pytest.mark.parametrize("vec", [2, 4, 8, 16], ids=lambda v: f"ROW_VEC{v}")
+def test_row_kernel_widths(device, monkeypatch, vec):
+    monkeypatch.setattr(pw, "_force_row_vec", vec)
+    rng = np.random.default_rng(100 + vec)
+    for kv_dtype, int8_mode in DTYPES:
+        for rope, norm in (("none", False), ("half", True), ("interleaved", True), ("half", False)):
+            case = make_case(rng, T=21, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                             kv_dtype=kv_dtype, int8_mode=int8_mode, rope=rope, q_norm=norm,
+                             k_norm=norm, neg_slots=3, scale=float(rng.uniform(0.05, 20)))
+            got, want = run_both(device, case)
+            assert_matches(case, got, want, exact=(rope == "none" and not norm))
+    # non-finite rows, a bad slot and a bad position through the row kernel
+    case = make_case(rng, T=9, num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                     kv_dtype="int8", rope="half", q_norm=True, k_norm=True, max_position=16)
+    case["qkv"][2, 5 * 32 + 7] = np.nan       # token 2, K head 1
+    case["qkv"][6, 6 * 32 + 1] = -np.inf      # token 6, V head 0
+    case["slot_mapping"][1] = case["k_pool"].shape[0] * 4
+    case["positions"][4] = 16
+    got, want = run_both(device, case)
+    assert got["status"][0] == ref.STATUS_NONFINITE | ref.STATUS_BAD_SLOT | ref.STATUS_BAD_POSITION
+    np.testing.assert_array_equal(got["q_out"][4], case["q_out"][4])
+    assert_matches(case, got, want, exact=False)
+
+
+def test_cpu_devices_use_the_row_kernel(device):
+    """The fast path is what a CPU gets for the prefill shape of targets.md (P5)."""
+    kernel, lx, rows = pw._kernel(device.context, device.device,
+                                  {"KV_DTYPE": 2, "INT8_MODE": 0, "HEAD_DIM": 128, "ROPE": 1,
+                                   "Q_NORM": 1, "K_NORM": 1}, 128, 48, "half", 48 * 128)
+    want = "paged_write_rows" if device.device.type & cl.device_type.CPU else "paged_write"
+    assert kernel.function_name == want
+    if want == "paged_write_rows":
+        assert lx == 1 and 1 <= rows <= 48
+    assert pw.row_vec(device.device, 128, "half", 48 * 128) == (0 if want == "paged_write" else
+                                                                pw.row_vec(device.device, 128, "none", 128))
+    # widths the data cannot be aligned to are never chosen
+    assert pw.row_vec(device.device, 128, "half", 1) == 0
+    assert pw.row_vec(device.device, 6, "half", 6 * 8) == 0
+
+
+def _tricky_int8_rows(rng, head_dim):
+    """Rows whose x / scale land on, and one ulp either side of, every rounding boundary."""
+    rows = []
+    k = np.arange(-127, 127, dtype=np.float32)
+    vals = np.concatenate([k + 0.5, k, np.float32([0.49999997, -0.49999997, 0.5, -0.5, 1e-30,
+                                                   -1e-30, 0.0, -0.0, 126.99999, -126.99999])])
+    vals = np.concatenate([vals, np.nextafter(vals, np.float32(np.inf)),
+                           np.nextafter(vals, np.float32(-np.inf))]).astype(np.float32)
+    vals = vals[np.abs(vals) <= 127]
+    rng.shuffle(vals)
+    body = head_dim - 1
+    chunks = [vals[i:i + body] for i in range(0, len(vals), body)]
+    for i, c in enumerate(chunks):  # absmax 127 · 2^e: scale exactly 2^e (both int8 modes)
+        c = np.pad(c, (0, body - len(c)))
+        e = np.float32(2.0 ** (i % 7 - 3))
+        rows.append(np.concatenate([[np.float32(127) * (1 if i % 2 else -1)], c]) * e)
+    for _ in range(8):  # random scales: x = (k + 0.5 ± a little) · scale
+        scale = np.float32(rng.uniform(1e-3, 10))
+        r = rng.integers(-127, 127, head_dim) + np.float32(0.5)
+        r += rng.choice([0, 1, -1], head_dim) * np.float32(2.0**-18)
+        rows.append((r.astype(np.float32) * scale).astype(np.float32))
+    rows.append(np.zeros(head_dim, np.float32))                       # scale floor, all zeros
+    rows.append((rng.standard_normal(head_dim) * 1e-7).astype(np.float32))  # scale FLT_EPSILON
+    rows.append(np.full(head_dim, 3.0e38, np.float32))                # huge but finite
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "rows2", "rows8", "rows16", "workgroup"])
+@pytest.mark.parametrize("int8_mode", [0, 1])
+def test_int8_rounding_boundaries_exact(device, monkeypatch, int8_mode, kernel):
+    """int8 bytes and scales equal the reference bit for bit on every rounding boundary."""
+    if kernel.startswith("rows"):
+        monkeypatch.setattr(pw, "_force_row_vec", int(kernel[4:]))
+    elif kernel == "workgroup":
+        monkeypatch.setattr(pw, "_force_config", (1, 4, 1))
+    rng = np.random.default_rng(17 + int8_mode)
+    D = 64
+    rows = _tricky_int8_rows(rng, D)
+    Hkv = 2
+    T = -(-len(rows) // Hkv)
+    rows = np.concatenate([rows, np.zeros((T * Hkv - len(rows), D), np.float32)])
+    keys = rows.reshape(T, Hkv, D)
+    values = -keys[::-1].copy()
+    bs = 16
+    nb = -(-T // bs) + 1
+    slots = rng.permutation(nb * bs)[:T].astype(np.int32)
+    q = device.queue
+    pools = [np.zeros((nb, Hkv, bs, D), np.int8) for _ in range(2)]
+    sdt = np.uint16 if int8_mode else np.float32
+    scales = [np.zeros((nb, Hkv, bs), sdt) for _ in range(2)]
+    d = [cl_array.to_device(q, a) for a in pools + scales]
+    status = cl_array.zeros(q, 1, np.int32)
+    pw.paged_write_kv(cl_array.to_device(q, keys), cl_array.to_device(q, values),
+                      cl_array.to_device(q, slots), d[0], d[1], block_size=bs, kv_dtype="int8",
+                      int8_mode=int8_mode, k_scales=d[2], v_scales=d[3], status=status).wait()
+    want = ref.paged_write_kv(keys, values, slots, *pools, block_size=bs, kv_dtype="int8",
+                              int8_mode=int8_mode, k_scales=scales[0], v_scales=scales[1])
+    for name, g, w in zip(("k_pool", "v_pool", "k_scales", "v_scales"), d, want):
+        np.testing.assert_array_equal(g.get(), w, err_msg=name)
+    assert status.get()[0] == 0
+
+
+@pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("int8", 0), ("int8", 1), ("fp16", 0)])
+def test_unaligned_sources_exact(device, kv_dtype, int8_mode):
+    """Views at odd element offsets (no vector width fits): still exact, via the fallback."""
+    rng = np.random.default_rng(23)
+    T, Hkv, D, bs = 13, 2, 16, 4
+    case = make_case(rng, T=T, num_q_heads=2, num_kv_heads=Hkv, head_dim=D, block_size=bs,
+                     kv_dtype=kv_dtype, int8_mode=int8_mode, rope="none", neg_slots=2)
+    keys = rng.standard_normal((T, Hkv, D)).astype(np.float32)
+    values = (rng.standard_normal((T, Hkv, D)) * 3).astype(np.float32)
+    q = device.queue
+    d = {k: None if case[k] is None else cl_array.to_device(q, case[k])
+         for k in ("slot_mapping", "k_pool", "v_pool", "k_scales", "v_scales")}
+    big_k = cl_array.to_device(q, np.concatenate([[np.float32(9)], keys.ravel()]))
+    big_v = cl_array.to_device(q, np.concatenate([np.float32([9, 9, 9]), values.ravel()]))
+    pw.paged_write_kv(big_k[1:].reshape(T, Hkv, D), big_v[3:].reshape(T, Hkv, D), d["slot_mapping"],
+                      d["k_pool"], d["v_pool"], block_size=bs, kv_dtype=kv_dtype,
+                      int8_mode=int8_mode, k_scales=d["k_scales"], v_scales=d["v_scales"]).wait()
+    want = ref.paged_write_kv(keys, values, case["slot_mapping"], case["k_pool"], case["v_pool"],
+                              block_size=bs, kv_dtype=kv_dtype, int8_mode=int8_mode,
+                              k_scales=case["k_scales"], v_scales=case["v_scales"])
+    for name, w in zip(("k_pool", "v_pool", "k_scales", "v_scales"), want):
+        if w is not None:
+            np.testing.assert_array_equal(d[name].get(), w, err_msg=name)
+    # a fused qkv view at an odd offset (rope "none", no norm: exact)
+    big = cl_array.to_device(q, np.concatenate([[np.float32(5)], case["qkv"].ravel()]))
+    dev = {k: (cl_array.to_device(q, np.ascontiguousarray(v)) if k in _ARRAYS and v is not None else v)
+           for k, v in case.items()}
+    dev["qkv"] = big[1:].reshape(case["qkv"].shape)
+    outs = ("q_out", "k_pool", "v_pool", "k_scales", "v_scales", "status")
+    pw.paged_write_qkv(dev["qkv"], dev["slot_mapping"], dev["positions"], dev["k_pool"], dev["v_pool"],
+                       dev["q_out"], **{k: v for k, v in dev.items() if k not in (
+                           "qkv", "slot_mapping", "positions", "k_pool", "v_pool", "q_out")}).wait()
+    got = {k: None if dev[k] is None else dev[k].get() for k in outs}
+    assert_matches(case, got, dict(zip(outs, ref.paged_write_qkv(**case))), exact=True)
+
+
 # ---- the plain write of computed keys / values --------------------------------------------------
 
 @pytest.mark.parametrize("kv_dtype,int8_mode", DTYPES, ids=DTYPE_IDS)
