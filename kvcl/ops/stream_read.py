@@ -11,8 +11,18 @@ from ..runtime import get_kernel
 from ._launch import device_array, launch_lock, resolve_queue
 
 
+def is_cpu(device: cl.Device) -> bool:
+    return bool(device.type & cl.device_type.CPU)
+
+
 def stream_read_config(device: cl.Device) -> tuple[int, int]:
-    """(global size, local size): enough work-groups to keep every compute unit streaming."""
+    """(global size, local size): enough work-groups to keep every compute unit streaming.
+
+    CPUs get a few work-items per core, each streaming one contiguous chunk; GPUs get many
+    work-groups of coalesced grid-stride readers.
+    """
+    if is_cpu(device):
+        return device.max_compute_units * 64, 1
     local = min(128, device.max_work_group_size)
     groups = device.max_compute_units * 16
     return groups * local, local
@@ -23,18 +33,20 @@ def stream_read(src, partial, *, queue=None, wait_for=None) -> cl.Event:
 
     Parameters
     ----------
-    src : pyopencl.array.Array, float32 [n], n a multiple of 4
+    src : pyopencl.array.Array, float32 [n], n a multiple of 16
     partial : pyopencl.array.Array, float32 [global size] (see :func:`stream_read_config`)
     """
     queue = resolve_queue(queue, src=src, partial=partial)
     device_array("src", src, ndim=1, dtype=np.float32, context=queue.context)
     global_size, local = stream_read_config(queue.device)
     device_array("partial", partial, shape=(global_size,), dtype=np.float32, context=queue.context)
-    if src.size % 4:
-        raise ShapeError(f"src: expected a length that is a multiple of 4, got {src.size}")
-    kernel = get_kernel(queue.context, "stream_read.cl", "stream_read", {"UNROLL": 4})
+    if src.size % 16:
+        raise ShapeError(f"src: expected a length that is a multiple of 16, got {src.size}")
+    cpu = is_cpu(queue.device)
+    vec = 16 if cpu else 4
+    kernel = get_kernel(queue.context, "stream_read.cl", "stream_read", {"CONTIGUOUS": int(cpu), "VEC": vec})
     with launch_lock:
-        kernel.set_args(src.base_data, np.uint32(src.size // 4), partial.base_data)
+        kernel.set_args(src.base_data, np.uint32(src.size // vec), partial.base_data)
         return cl.enqueue_nd_range_kernel(queue, kernel, (global_size,), (local,), wait_for=wait_for)
 
 

@@ -7,7 +7,7 @@ from kvcl.ops.stream_read import empty_partial, stream_read
 from kvcl.reference.stream_read import stream_read as reference
 
 
-@pytest.mark.parametrize("n", [4, 4 * 1001, 1 << 20])
+@pytest.mark.parametrize("n", [16, 16 * 1001, 1 << 20])
 def test_stream_read_reads_every_element_once(device, n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     src = cla.to_device(device.queue, x)
@@ -17,5 +17,5 @@ def test_stream_read_reads_every_element_once(device, n):
 
 
 def test_stream_read_refuses_ragged_length(device):
-    with pytest.raises(kvcl.ShapeError, match="src: expected a length that is a multiple of 4, got 6"):
-        stream_read(cla.zeros(device.queue, 6, np.float32), empty_partial(device.queue))
+    with pytest.raises(kvcl.ShapeError, match="src: expected a length that is a multiple of 16, got 24"):
+        stream_read(cla.zeros(device.queue, 24, np.float32), empty_partial(device.queue))
