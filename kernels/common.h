@@ -142,4 +142,59 @@ inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
 #endif
 }
 
+// ---- inline math for hot loops ----------------------------------------------------------------
+// Some implementations (PoCL 3.0) do not inline their built-in library: every exp2 / vload_half
+// is a call costing ~10x the arithmetic.  These helpers are plain operators and bit tricks.
+
+// kvcl_exp2(x) = 2^x for float, float4 and float8: x = n + f with n = round(x) (the 1.5*2^23
+// magic-number trick, which also leaves n in the low bits), f in [-0.5, 0.5]; 2^f by a degree-6
+// minimax polynomial (max relative error 2.6e-9, ~1.0e-7 after float rounding), 2^n as two
+// exponent-field scalings so gradual underflow and overflow are right: relative error <= 2e-7
+// for normal results, 0 below ~2^-150 (-inf -> 0), +inf from 128 on, NaN -> NaN.
+// kvcl_exp(x) = e^x the same way with n = round(x * log2(e)) and f = (x - n * ln2) * log2(e),
+// ln2 split in a high part whose product with n is exact and a low part (Cody-Waite).
+#define KVCL_POW2_PARTS(T, IT, AS_T)                                                           \
+    const IT n1 = n >> 1, n2 = n - n1;                                                         \
+    T p = (T)(0x1.41d332p-13f);                                                                \
+    p = p * f + (T)(0x1.5f456ap-10f);                                                          \
+    p = p * f + (T)(0x1.3b2dbcp-7f);                                                           \
+    p = p * f + (T)(0x1.c6aed4p-5f);                                                           \
+    p = p * f + (T)(0x1.ebfbdap-3f);                                                           \
+    p = p * f + (T)(0x1.62e430p-1f);                                                           \
+    p = p * f + (T)(1.0f);                                                                     \
+    return p * AS_T((n1 + (IT)(127)) << 23) * AS_T((n2 + (IT)(127)) << 23);
+#define KVCL_EXP2_BODY(T, IT, AS_T, AS_IT)                                                    \
+    x = x < (T)(-151.0f) ? (T)(-151.0f) : x;                                                   \
+    x = x > (T)(129.0f) ? (T)(129.0f) : x;                                                     \
+    const T big = x + (T)(0x1.8p23f);                                                          \
+    const T f = x - (big - (T)(0x1.8p23f));                                                    \
+    const IT n = AS_IT(big) - (IT)(0x4B400000);                                                \
+    KVCL_POW2_PARTS(T, IT, AS_T)
+#define KVCL_EXP_BODY(T, IT, AS_T, AS_IT)                                                     \
+    x = x < (T)(-105.0f) ? (T)(-105.0f) : x;                                                   \
+    x = x > (T)(90.0f) ? (T)(90.0f) : x;                                                       \
+    const T big = x * (T)(0x1.715476p+0f) + (T)(0x1.8p23f);                                    \
+    const T nf = big - (T)(0x1.8p23f);                                                         \
+    const T f = ((x - nf * (T)(0x1.62e400p-1f)) - nf * (T)(0x1.7f7d1cp-20f)) * (T)(0x1.715476p+0f); \
+    const IT n = AS_IT(big) - (IT)(0x4B400000);                                                \
+    KVCL_POW2_PARTS(T, IT, AS_T)
+
+inline float __attribute__((overloadable)) kvcl_exp2(float x) { KVCL_EXP2_BODY(float, int, as_float, as_int) }
+inline float4 __attribute__((overloadable)) kvcl_exp2(float4 x) { KVCL_EXP2_BODY(float4, int4, as_float4, as_int4) }
+inline float8 __attribute__((overloadable)) kvcl_exp2(float8 x) { KVCL_EXP2_BODY(float8, int8, as_float8, as_int8) }
+inline float __attribute__((overloadable)) kvcl_exp(float x) { KVCL_EXP_BODY(float, int, as_float, as_int) }
+inline float4 __attribute__((overloadable)) kvcl_exp(float4 x) { KVCL_EXP_BODY(float4, int4, as_float4, as_int4) }
+inline float8 __attribute__((overloadable)) kvcl_exp(float8 x) { KVCL_EXP_BODY(float8, int8, as_float8, as_int8) }
+
+// kvcl_half_bits_to_float(h): IEEE binary16 bits (low 16 bits of h) -> float, the scalar twin of
+// vload_half without the library call: normals by re-biasing the exponent, subnormals as
+// mantissa * 2^-24 (exact), Inf/NaN by forcing the exponent to all ones.
+inline float kvcl_half_bits_to_float(uint h) {
+    const uint e = h & 0x7C00u, m = h & 0x3FFu, sign = (h & 0x8000u) << 16;
+    uint bits = ((h & 0x7FFFu) << 13) + (112u << 23);
+    bits = e == 0x7C00u ? (0x7F800000u | (m << 13)) : bits;
+    const float v = e == 0u ? (float)(int)m * 0x1p-24f : as_float(bits);
+    return as_float(as_uint(v) | sign);
+}
+
 #endif  // KVCL_COMMON_H

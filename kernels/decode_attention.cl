@@ -1,19 +1,34 @@
 // kvcl/kernels/decode_attention.cl — decode attention over a paged (or contiguous) KV cache.
 //
-// Build-time specialisation (-D), chosen by kvcl/ops/decode_attention.py from the device limits:
+// Two algorithms behind one kernel signature, chosen at build time by kvcl/ops/decode_attention.py
+// from the device type (see the header comment of each below); they share the tile set-up, the
+// K/V decoders, the result store and the split-K merge kernel:
+//   SERIAL=1  CPU-shaped: one work-item per work-group owns a whole (q-row tile, kv head,
+//             sequence x partition) and walks its tokens in order with wide vector code
+//             (default on CPU devices where a work-item is a loop iteration: PoCL);
+//   SERIAL=0  cooperative (GPU-shaped): a work-group of WG work-items shares one such tile
+//             (default on GPUs and on llvmpipe, which vectorises across work-items).
+//
+// Build-time specialisation (-D), chosen from the device limits:
 //   KV_DTYPE, INT8_MODE   storage format (common.h)
 //   HEAD_DIM              head dimension, a multiple of VEC
 //   BLOCK_SIZE            tokens per page (the capacity for a contiguous cache: one page per sequence)
 //   GROUP                 query heads per kv head (GQA ratio)
 //   ROWS                  query rows per work-group = GROUP * query tokens per tile
-//   WG                    work-group size (reqd_work_group_size), a multiple of HEAD_DIM / VEC
 //   VEC                   4 or 8: vector width of the loads along head_dim
+//   SERIAL                1: the CPU-shaped variant (WG = 1), 0: the cooperative one
+//   WG                    work-group size (reqd_work_group_size): a multiple of VEC, at least
+//                         HEAD_DIM / VEC / CV and ROWS (cooperative); 1 (serial)
+//   CV                    cooperative: head_dim vectors per work-item in the V phase (divides NV)
+//   CT                    serial: tokens per chunk (a multiple of 8)
+//   SV                    serial: head_dim vectors per slice of the V phase (divides NV)
 //
 // Runtime arguments keep everything that changes per call (window, scale, partition size and
 // count, the page table) out of the build key, so one program serves every step of a model.
 //
 // Numerics: the softmax scale and log2(e) are folded into q once, so logits live in the log2
-// domain and every exponential is exp2; the running max m, the sum l and the accumulator are fp32.
+// domain and every exponential is exp2 (kvcl_exp2 of common.h: inline, no library call); the
+// running max m, the sum l and the accumulator are fp32.
 // int8: the K row scale multiplies the logit, the V row scale multiplies the probability
 // (after it was added to l) — no dequantised copy of K or V exists anywhere.
 #include "common.h"
@@ -30,8 +45,15 @@
 #ifndef ROWS
 #define ROWS GROUP
 #endif
+#ifndef SERIAL
+#define SERIAL 0
+#endif
 #ifndef WG
+#if SERIAL
+#define WG 1
+#else
 #define WG 64
+#endif
 #endif
 #ifndef VEC
 #define VEC 4
@@ -39,11 +61,30 @@
 
 #define QTILE (ROWS / GROUP)           // query tokens per work-group tile
 #define NV (HEAD_DIM / VEC)            // vectors per K/V row
+
+#if (HEAD_DIM % VEC) != 0 || (ROWS % GROUP) != 0
+#error "inconsistent HEAD_DIM / VEC / ROWS / GROUP"
+#endif
+
+#if SERIAL
+#ifndef CT
+#define CT 32
+#endif
+#ifndef SV
+#define SV 1
+#endif
+#define CT8 (CT / 8)                   // float8 logits per row and chunk
+#define ROW_BYTES (HEAD_DIM * (int)sizeof(kv_t))
+#define PD (BLOCK_SIZE < 16 ? BLOCK_SIZE : 16)  // prefetch distance of K rows, in tokens
+#if WG != 1 || (CT % 8) != 0 || (NV % SV) != 0
+#error "inconsistent WG / CT / SV for the serial variant"
+#endif
+#else
 #ifndef CV
 #define CV 1
 #endif
-#define NVC (NV / CV)                 // work-items per token in the V phase (CV vectors each)
-#define NJ (WG / NVC)                  // token lanes of the V phase
+#define NVC (NV / CV)                  // work-items per token in the V phase (CV vectors each)
+#define NJ (WG / NVC)                  // token lanes of the V phase (work-items beyond NJ*NVC idle)
 #if BLOCK_SIZE <= WG
 #define PPC (WG / BLOCK_SIZE)          // pages per chunk
 #define SLOTS BLOCK_SIZE               // token slots per page in a chunk
@@ -53,10 +94,9 @@
 #endif
 #define CHUNK (PPC * SLOTS)            // tokens per chunk (<= WG)
 #define CHUNKP ((CHUNK + VEC - 1) / VEC * VEC)  // padded to whole vectors (<= WG)
-
-#if (HEAD_DIM % VEC) != 0 || (NV % CV) != 0 || (WG % NVC) != 0 || (WG % VEC) != 0 || (ROWS % GROUP) != 0 \
-    || ROWS > WG
-#error "inconsistent HEAD_DIM / VEC / WG / ROWS / GROUP"
+#if (NV % CV) != 0 || NVC > WG || (WG % VEC) != 0 || ROWS > WG
+#error "inconsistent HEAD_DIM / VEC / CV / WG / ROWS for the cooperative variant"
+#endif
 #endif
 
 #pragma OPENCL FP_CONTRACT ON
@@ -75,6 +115,7 @@
 #define ucharV CAT(uchar, VEC)
 #define AS_FLOATV CAT(as_float, VEC)
 #define AS_UINTV CAT(as_uint, VEC)
+#define AS_INTV CAT(as_int, VEC)
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_convertvector)
 #define CVT(x, T) __builtin_convertvector((x), T)
@@ -84,23 +125,29 @@
 #define CVT(x, T) CAT(convert_, T)(x)
 #endif
 
+inline float sum4(float4 h) { return (h.x + h.y) + (h.z + h.w); }
+
+inline float max4(float4 h) {
+    const float2 a = h.lo > h.hi ? h.lo : h.hi;
+    return a.x > a.y ? a.x : a.y;
+}
+
 inline float vsum(floatV v) {
 #if VEC == 8
-    const float4 h = v.lo + v.hi;
+    return sum4(v.lo + v.hi);
 #else
-    const float4 h = v;
+    return sum4(v);
 #endif
-    return (h.x + h.y) + (h.z + h.w);
 }
+
+inline float max8(float8 v) { return max4(v.lo > v.hi ? v.lo : v.hi); }
 
 inline float vmax(floatV v) {
 #if VEC == 8
-    const float4 h = v.lo > v.hi ? v.lo : v.hi;
+    return max8(v);
 #else
-    const float4 h = v;
+    return max4(v);
 #endif
-    const float2 a = h.lo > h.hi ? h.lo : h.hi;
-    return a.x > a.y ? a.x : a.y;
 }
 
 #if KV_DTYPE == KV_FP16
@@ -110,7 +157,7 @@ inline floatV half_bits_to_float(uintV h) {
     const uintV e = h & 0x7C00u, m = h & 0x3FFu, sign = (h & 0x8000u) << 16;
     uintV bits = ((h & 0x7FFFu) << 13) + (112u << 23);
     bits = e == 0x7C00u ? (0x7F800000u | (m << 13)) : bits;
-    const floatV sub = CVT(m, floatV) * 0x1p-24f;
+    const floatV sub = CVT(AS_INTV(m), floatV) * 0x1p-24f;
     const floatV v = e == 0u ? sub : AS_FLOATV(bits);
     return AS_FLOATV(AS_UINTV(v) | sign);
 }
@@ -122,51 +169,122 @@ inline floatV fp8v_decode(uintV b) {
 #if KV_DTYPE == KV_FP8_E4M3
     const uintV ex = (b >> 3) & 0xFu, m = b & 0x7u;
     floatV v = AS_FLOATV(((ex + 120u) << 23) | (m << 20));
-    v = ex == 0u ? CVT(m, floatV) * 0x1p-9f : v;
+    v = ex == 0u ? CVT(AS_INTV(m), floatV) * 0x1p-9f : v;
     v = (b & 0x7Fu) == 0x7Fu ? (floatV)(NAN) : v;
 #else
     const uintV ex = (b >> 2) & 0x1Fu, m = b & 0x3u;
     floatV v = AS_FLOATV(((ex + 112u) << 23) | (m << 21));
-    v = ex == 0u ? CVT(m, floatV) * 0x1p-16f : v;
+    v = ex == 0u ? CVT(AS_INTV(m), floatV) * 0x1p-16f : v;
     v = ex == 31u ? (m != 0u ? (floatV)(NAN) : (floatV)(INFINITY)) : v;
 #endif
     return AS_FLOATV(AS_UINTV(v) | ((b & 0x80u) << 24));
 }
 #endif
 
+// CPU_BUILTINS=1 lets the serial variant use clang target builtins: __builtin_prefetch, and the
+// x86 F16C conversion (8 fp16 -> 8 float in one instruction) where __has_builtin reports it.
+// The launcher sets it on PoCL only (SPIR-V based compilers, rusticl's, abort on them).
+#ifndef CPU_BUILTINS
+#define CPU_BUILTINS 0
+#endif
+#if CPU_BUILTINS && VEC == 8 && defined(__has_builtin)
+#if __has_builtin(__builtin_ia32_vcvtph2ps256)
+#define F16C_8 1                       // ph8_to_float8: fp16 bits -> float, exact, Inf/NaN kept
+#define ph8_to_float8(h) __builtin_ia32_vcvtph2ps256(as_short8(h))
+#endif
+#endif
+
 // Vector i (VEC elements) of a stored row starting at p, as float, without the int8 row scale.
 inline floatV kv_loadv(__global const kv_t *p, int i) {
 #if KV_DTYPE == KV_FP32
     return ((__global const floatV *)p)[i];
+#elif KV_DTYPE == KV_FP16 && defined(F16C_8)
+    return ph8_to_float8(((__global const ushort8 *)p)[i]);
 #elif KV_DTYPE == KV_FP16
     return half_bits_to_float(CVT(((__global const ushortV *)p)[i], uintV));
 #elif KV_DTYPE == KV_INT8
     return CVT(((__global const charV *)p)[i], floatV);
+#elif KV_DTYPE == KV_FP8_E5M2 && defined(F16C_8)
+    // e5m2 is the high byte of an fp16
+    return ph8_to_float8(CVT(((__global const uchar8 *)p)[i], ushort8) << (ushort)8);
+#elif KV_DTYPE == KV_FP8_E4M3 && defined(F16C_8)
+    // e4m3 -> fp16 bits with the same exponent field (bias 7 vs 15: times 2^8 after), exact for
+    // subnormals too; 0x7F / 0xFF are NaN
+    const ushort8 b = CVT(((__global const uchar8 *)p)[i], ushort8);
+    const float8 v = ph8_to_float8(((b & (ushort)0x7F) << (ushort)7) | ((b & (ushort)0x80) << (ushort)8)) * 0x1p8f;
+    return (CVT(b & (ushort)0x7F, int8) == (int8)(0x7F)) ? (float8)(NAN) : v;
 #else
     return fp8v_decode(CVT(((__global const ucharV *)p)[i], uintV));
 #endif
 }
 
-// paged_decode_attention — the idea:
-//   One work-group per (q-row tile, kv head, sequence x split-K partition).  Its ROWS rows are
-//   every query head of the GQA group times QTILE query tokens, so each K/V byte of the
-//   partition is read from global memory once per group and tile.  The token range is walked
-//   page group by page group (PPC pages of BLOCK_SIZE tokens, or WG-token slices of one large
-//   page), so the page id is one load per page and no per-token division happens.  Per chunk:
+
+#if KV_HAS_SCALE
+// The int8 row scale as float (INT8_MODE 1 stores it as fp16 bits: converted inline).
+inline float scale_load(__global const scale_t *p, const int i) {
+#if INT8_MODE == 1
+    return kvcl_half_bits_to_float(((__global const ushort *)p)[i]);
+#else
+    return p[i];
+#endif
+}
+#endif
+
+// One result element of query row qh: normalised into `out` with one partition, else the
+// partition's unnormalised accumulator and (m, l) into the split-K workspace for the merge.
+inline void store_result(__global float *out, __global float *ws, const ulong acc_offset,
+                         const int num_parts, const int part, const size_t qh, const int d,
+                         const float acc, const float m, const float l) {
+    if (num_parts == 1) {
+        out[qh * HEAD_DIM + d] = l > 0.0f ? acc / l : 0.0f;
+    } else {
+        const size_t w = qh * num_parts + part;
+        ws[acc_offset + w * HEAD_DIM + d] = acc;
+        if (d == 0) { ws[2 * w] = m; ws[2 * w + 1] = l; }
+    }
+}
+
+// paged_decode_attention, common part: one work-group per (q-row tile, kv head, sequence x
+// split-K partition).  Its ROWS rows are every query head of the GQA group times QTILE query
+// tokens, so each K/V byte of the partition is read from global memory once per group and tile.
+// Query row i of the tile attends [lo_i, hi_i); the work-group walks the union [t0, t1) of the
+// tile's rows clipped to its partition and masks per row.  Empty partitions / fully masked rows
+// store m = -inf, l = 0, acc = 0.
+//
+// SERIAL=1 (CPU devices) — the idea: one work-item is the whole work-group, so there are no
+// barriers and no local memory (on PoCL each barrier splits the kernel into work-item loops), and
+// all its arithmetic is explicit VEC-wide vector code.  It walks its tokens in chunks of CT:
+//     A  per token: the pool row (page id loaded once per page, no division), ROWS dot products
+//        with the scaled q held in private memory (VEC-wide loads along head_dim, fused
+//        dequantisation), the K scale (int8), the mask; logits into a private float8 array;
+//     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector kvcl_exp2,
+//        l update, then the V scale (int8) folded into p;
+//     C  head_dim slice (SV vectors) outer, tokens inner: the slice of acc for all ROWS rows sits
+//        in registers while the chunk's V rows stream through it (each V byte read once).
+//   Split-K (flash-decoding) only when B * Hkv * q_tiles work-items cannot fill the compute units.
+//   Measured (PoCL 3.0, 2-core EPYC VM shared with other jobs: min of 9 runs interleaved with
+//   the original cooperative kernel and a contiguous float8 streaming reader, 32 work-items):
+//   fp32 B=4 Hq=32 Hkv=8 D=128 L=2048: 8.4 ms = 84% of the reader (cooperative 14.4 ms, 49%);
+//   fp16 6.1 ms, int8 6.6 ms, fp8_e4m3 7.2 ms; B=1 L=32768 63.5 ms (50%); B=64 L=512 52.3 ms
+//   (44%).  Without the V prefetch phase C was latency-bound (each slice pass missed once per
+//   row); without two FMA chains per row phase A was.  kvcl's stream_read kernel read 0.9 GB/s
+//   in the same runs (grid-stride pattern, see the report) so utilisation uses the reader.
+//
+// SERIAL=0 (GPUs) — the idea: the work-group's WG work-items cooperate on the tile.  The token
+//   range is walked page group by page group (PPC pages of BLOCK_SIZE tokens, or WG-token slices
+//   of one large page), so the page id is one load per page and no per-token division happens.
+//   Per chunk:
 //     A  one work-item per token: ROWS dot products against q held in local memory (vector
 //        loads along head_dim, fused dequantisation), causal / window mask, logits to local;
 //     B  one work-item per row: online-softmax update (max, rescale factor, probabilities);
-//     C  work-items split as (token lane, head_dim vector): accumulate p * v for all ROWS rows
+//     C  work-items split as (token lane, head_dim vectors): accumulate p * v for all ROWS rows
 //        in private vectors, rescaled by the chunk's factor.
 //   At the end the token lanes are summed in local memory; with one partition the normalised
 //   result goes straight to `out`, otherwise (m, l, acc) go to the workspace for the merge.
-//   Empty partitions / fully masked rows write m = -inf, l = 0, acc = 0.
-// Measured (PoCL 3.0, 2-core EPYC VM, fp32, B=4, Hq=32, Hkv=8, D=128, L=2048, WG=128, VEC=8,
-// median of 15 interleaved with a float16 streaming-read kernel over the same 67 MB):
-// 9.9 ms per layer (6.8 GB/s of KV) vs 3.6 ms for the streaming read; fp16 10.3 ms, int8 9.0 ms.
-// The shared VM swung 6-13 ms between runs.  fp16/int8 being no faster than fp32 says the kernel
-// is instruction-bound on PoCL, not memory-bound: phases A and C and the per-chunk barrier
-// skeleton cost roughly a third each.  NOT yet at the 2.8 ms target.
+//   Measured on PoCL 3.0 before the serial variant existed (2-core EPYC VM, fp32, B=4, Hq=32,
+//   Hkv=8, D=128, L=2048, WG=128, VEC=8): 9.9 ms per layer vs 3.6 ms for a streaming read of
+//   the same bytes (36%); fp16 10.3 ms, int8 9.0 ms — instruction-bound on a CPU (phases A and C
+//   and the per-chunk barrier skeleton about a third each), hence the serial variant there.
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void paged_decode_attention(
     __global const float *queries,        // [total_q, num_q_heads, HEAD_DIM]
@@ -188,6 +306,7 @@ void paged_decode_attention(
     const int partition_size,             // scalar: tokens per split-K partition
     const int num_parts)                  // scalar: split-K partitions per sequence
 {
+#if !SERIAL
     __local floatV q_locv[ROWS * NV];      // scaled queries; reused for the final lane reduction
     __local floatV p_locv[ROWS * CHUNKP / VEC];  // logits, then probabilities (x V scale for int8)
     __local float alpha_loc[ROWS];          // per-row rescale factor of the current chunk
@@ -199,8 +318,9 @@ void paged_decode_attention(
 #endif
     __local float *q_loc = (__local float *)q_locv;
     __local float *p_loc = (__local float *)p_locv;
-
     const int lid = get_local_id(0);
+#endif
+
     const int tile = get_group_id(0);
     const int kvh = get_group_id(1);
     const int b = get_group_id(2) / num_parts;  // once per work-group
@@ -221,14 +341,180 @@ void paged_decode_attention(
     const int part_lo = part * partition_size;
     const int t0 = max(part_lo, lo_first);
     const int t1 = min(part_lo + partition_size, hi_last);  // hi_last <= kv_len
+    const size_t qh0 = (size_t)(q0 + i_first) * num_q_heads + kvh * GROUP;  // row 0 of the tile
 
+#if SERIAL
+    floatV q[ROWS * NV];                   // scaled queries (0 for rows past the tile's end)
+    floatV acc[ROWS * NV];                 // unnormalised output rows
+    float m[ROWS], l[ROWS];                // running max (log2 domain) and sum per row
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int qt = r / GROUP;
+        __global const floatV *qp = (__global const floatV *)(queries + (qh0 + (size_t)qt * num_q_heads + r % GROUP) * HEAD_DIM);
+        for (int v = 0; v < NV; ++v) {
+            q[r * NV + v] = qt < n_qt ? qp[v] * qk_scale_log2 : (floatV)(0.0f);
+            acc[r * NV + v] = (floatV)(0.0f);
+        }
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+
+    int pg = t0 / BLOCK_SIZE, off = t0 - pg * BLOCK_SIZE;  // the only division
+    int blk = t0 < t1 ? indices[p0 + pg] : 0;
+#if CPU_BUILTINS
+    int nblk = t0 < t1 && pg + 1 < npages ? indices[p0 + pg + 1] : blk;  // the next page's block
+#endif
+    for (int tc = t0; tc < t1; tc += CT) {
+        const int n = min(CT, t1 - tc);    // tokens in this chunk, all in the pool
+        int rows[CT];                      // pool row of each token
+        float8 s8[ROWS * CT8];             // logits, then probabilities (x V scale for int8)
+        float *s = (float *)s8;
+#if KV_HAS_SCALE
+        float8 vsc8[CT8];                  // V row scale per token
+        float *vsc = (float *)vsc8;
+        #pragma unroll
+        for (int j = 0; j < CT8; ++j) vsc8[j] = (float8)(0.0f);
+#endif
+        #pragma unroll
+        for (int j = 0; j < ROWS * CT8; ++j) s8[j] = (float8)(-INFINITY);
+
+        // ---- A: logits ----
+        #pragma unroll 1
+        for (int t = 0; t < n; ++t) {
+            const int row = (blk * num_kv_heads + kvh) * BLOCK_SIZE + off;
+            rows[t] = row;
+            __global const kv_t *kp = k_pool + (size_t)row * HEAD_DIM;
+#if CPU_BUILTINS
+            {   // phase C reads this V row slice by slice: start all its cache lines now; and the
+                // K row PD tokens ahead (pages are scattered: the hardware prefetcher stops at them)
+                __global const char *vb = (__global const char *)(v_pool + (size_t)row * HEAD_DIM);
+                const int ahead = off + PD < BLOCK_SIZE
+                    ? row + PD : (nblk * num_kv_heads + kvh) * BLOCK_SIZE + off + PD - BLOCK_SIZE;
+                __global const char *kb = (__global const char *)(k_pool + (size_t)ahead * HEAD_DIM);
+                #pragma unroll
+                for (int o = 0; o < ROW_BYTES; o += 64) {
+                    __builtin_prefetch(vb + o);
+                    __builtin_prefetch(kb + o);
+                }
+                __builtin_prefetch(vb + ROW_BYTES - 1);
+                __builtin_prefetch(kb + ROW_BYTES - 1);
+            }
+#endif
+            floatV a[2 * ROWS];                // two FMA chains per row (latency)
+            #pragma unroll
+            for (int r = 0; r < 2 * ROWS; ++r) a[r] = (floatV)(0.0f);
+            #pragma unroll
+            for (int v = 0; v < NV; ++v) {
+                const floatV kv = kv_loadv(kp, v);
+                #pragma unroll
+                for (int r = 0; r < ROWS; ++r) a[2 * r + (v & 1)] += q[r * NV + v] * kv;
+            }
+#if KV_HAS_SCALE
+            const float ks = scale_load(k_scales, row);
+            vsc[t] = scale_load(v_scales, row);
+#else
+            const float ks = 1.0f;
+#endif
+            const int tok = tc + t;
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const int hi = hi_first + r / GROUP;
+                const int lo = window > 0 ? hi - window : 0;
+                if (tok < hi && tok >= lo) s[r * CT + t] = vsum(a[2 * r] + a[2 * r + 1]) * ks;
+            }
+            if (++off == BLOCK_SIZE && t + 1 < n) {  // next page (t + 1 < n: it exists)
+                off = 0;
+                blk = indices[p0 + ++pg];
+#if CPU_BUILTINS
+                nblk = pg + 1 < npages ? indices[p0 + pg + 1] : blk;
+#endif
+            }
+        }
+        if (off == BLOCK_SIZE) {  // the chunk ended on a page boundary
+            off = 0;
+            ++pg;
+            if (tc + CT < t1) blk = indices[p0 + pg];
+#if CPU_BUILTINS
+            nblk = tc + CT < t1 && pg + 1 < npages ? indices[p0 + pg + 1] : blk;
+#endif
+        }
+
+        // ---- B: online softmax per row ----
+        float alpha[ROWS];
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float8 mv = s8[r * CT8];
+            #pragma unroll
+            for (int j = 1; j < CT8; ++j) mv = s8[r * CT8 + j] > mv ? s8[r * CT8 + j] : mv;
+            const float cm = max8(mv);
+            const float mx = cm > m[r] ? cm : m[r];
+            alpha[r] = 1.0f;
+            if (mx != -INFINITY) {  // else the row saw nothing yet: p = 2^-inf = 0 below
+                alpha[r] = kvcl_exp2(m[r] - mx);
+                float8 sv = (float8)(0.0f);
+                #pragma unroll
+                for (int j = 0; j < CT8; ++j) {
+                    const float8 p = kvcl_exp2(s8[r * CT8 + j] - mx);
+                    sv += p;
+#if KV_HAS_SCALE
+                    s8[r * CT8 + j] = p * vsc8[j];
+#else
+                    s8[r * CT8 + j] = p;
+#endif
+                }
+                l[r] = l[r] * alpha[r] + sum4(sv.lo + sv.hi);
+                m[r] = mx;
+            } else {
+                #pragma unroll
+                for (int j = 0; j < CT8; ++j) s8[r * CT8 + j] = (float8)(0.0f);
+            }
+        }
+
+        // ---- C: acc = acc * alpha + p . V, head_dim slice outer, tokens inner ----
+        #pragma unroll 1
+        for (int sl = 0; sl < NV; sl += SV) {
+            floatV a[ROWS * SV];
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                #pragma unroll
+                for (int c = 0; c < SV; ++c) a[r * SV + c] = acc[r * NV + sl + c] * alpha[r];
+            }
+            #pragma unroll 1
+            for (int t = 0; t < n; ++t) {
+                __global const kv_t *vp = v_pool + (size_t)rows[t] * HEAD_DIM;
+                floatV vv[SV];
+                #pragma unroll
+                for (int c = 0; c < SV; ++c) vv[c] = kv_loadv(vp, sl + c);
+                #pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const float p = s[r * CT + t];
+                    #pragma unroll
+                    for (int c = 0; c < SV; ++c) a[r * SV + c] += p * vv[c];
+                }
+            }
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                #pragma unroll
+                for (int c = 0; c < SV; ++c) acc[r * NV + sl + c] = a[r * SV + c];
+            }
+        }
+    }
+
+    for (int r = 0; r < ROWS; ++r) {
+        const int qt = r / GROUP;
+        if (qt >= n_qt) break;
+        const size_t qh = qh0 + (size_t)qt * num_q_heads + r % GROUP;
+        const float *ar = (const float *)(acc + r * NV);
+        for (int d = 0; d < HEAD_DIM; ++d)
+            store_result(out, ws, acc_offset, num_parts, part, qh, d, ar[d], m[r], l[r]);
+    }
+#else
     for (int e = lid; e < ROWS * HEAD_DIM; e += WG) {
         const int r = e / HEAD_DIM, d = e - r * HEAD_DIM;  // constant divisors
         const int qt = r / GROUP, g = r - qt * GROUP;
         float x = 0.0f;
         if (qt < n_qt)
-            x = queries[((size_t)(q0 + i_first + qt) * num_q_heads + kvh * GROUP + g) * HEAD_DIM + d]
-                * qk_scale_log2;
+            x = queries[(qh0 + (size_t)qt * num_q_heads + g) * HEAD_DIM + d] * qk_scale_log2;
         q_loc[e] = x;
     }
 
@@ -270,8 +556,8 @@ void paged_decode_attention(
                             for (int r = 0; r < ROWS; ++r) s[r] += q_locv[r * NV + v] * kv;
                         }
 #if KV_HAS_SCALE
-                        const float ks = SCALE_LOAD(k_scales, row);
-                        vs_loc[lid] = SCALE_LOAD(v_scales, row);
+                        const float ks = scale_load(k_scales, row);
+                        vs_loc[lid] = scale_load(v_scales, row);
 #else
                         const float ks = 1.0f;
 #endif
@@ -303,10 +589,10 @@ void paged_decode_attention(
                     if (mx == -INFINITY) {
                         for (int j = 0; j < CHUNKP / VEC; ++j) pr[j] = (floatV)(0.0f);
                     } else {
-                        alpha = exp2(m_r - mx);
+                        alpha = kvcl_exp2(m_r - mx);
                         floatV sv = (floatV)(0.0f);
                         for (int j = 0; j < CHUNKP / VEC; ++j) {
-                            const floatV pv = exp2(pr[j] - mx);
+                            const floatV pv = kvcl_exp2(pr[j] - mx);
                             sv += pv;
 #if KV_HAS_SCALE
                             pr[j] = pv * vs_locv[j];
@@ -370,16 +656,10 @@ void paged_decode_attention(
         const int r = e / HEAD_DIM, d = e - r * HEAD_DIM;
         const int qt = r / GROUP, g = r - qt * GROUP;
         if (qt >= n_qt) continue;
-        const size_t qh = (size_t)(q0 + i_first + qt) * num_q_heads + kvh * GROUP + g;
-        if (num_parts == 1) {
-            const float l = l_loc[r];
-            out[qh * HEAD_DIM + d] = l > 0.0f ? q_loc[e] / l : 0.0f;
-        } else {
-            const size_t w = qh * num_parts + part;
-            ws[acc_offset + w * HEAD_DIM + d] = q_loc[e];
-            if (d == 0) { ws[2 * w] = m_loc[r]; ws[2 * w + 1] = l_loc[r]; }
-        }
+        store_result(out, ws, acc_offset, num_parts, part, qh0 + (size_t)qt * num_q_heads + g, d,
+                     q_loc[e], m_loc[r], l_loc[r]);
     }
+#endif
 }
 
 // paged_decode_attention_merge — the idea: one work-item per (q row, q head, head_dim element)
@@ -399,13 +679,13 @@ __kernel void paged_decode_attention_merge(
     __global const float *ml = ws + qh * num_parts * 2;
     __global const float *a = ws + acc_offset + qh * num_parts * HEAD_DIM + d;
     float mx = -INFINITY;
-    for (int p = 0; p < num_parts; ++p) mx = fmax(mx, ml[2 * p]);
+    for (int p = 0; p < num_parts; ++p) mx = ml[2 * p] > mx ? ml[2 * p] : mx;
     float num = 0.0f, den = 0.0f;
     if (mx != -INFINITY) {
         for (int p = 0; p < num_parts; ++p) {
             const float m = ml[2 * p];
             if (m == -INFINITY) continue;
-            const float w = exp2(m - mx);
+            const float w = kvcl_exp2(m - mx);
             num += w * a[(size_t)p * HEAD_DIM];
             den += w * ml[2 * p + 1];
         }

@@ -8,13 +8,14 @@ pick the kernel specialisation from the device's reported limits, and return the
 
 Work decomposition (see the header comments in the ``.cl`` file): one work-group per
 (q-row tile, kv head, sequence × split-K partition) serving every query head of the GQA
-group, so each K/V byte is read once per group. Split-K (flash-decoding) is used only when
-``B · num_kv_heads · q_tiles`` work-groups cannot fill the device; a second kernel then merges
-the partitions with log-sum-exp weights.
+group, so each K/V byte is read once per group. Two kernel variants: on CPU devices the
+*serial* one (one work-item per work-group, explicit vector code, no barriers, inline exp2,
+software prefetch where the compiler lowers it), elsewhere the *cooperative* one (WG work-items
+per tile, derived from the device's and kernel's work-group limits). Split-K (flash-decoding) is
+used only when ``B · num_kv_heads · q_tiles`` work-groups cannot fill the device; a second
+kernel then merges the partitions with log-sum-exp weights.
 
-Measured on the 2-core PoCL dev machine (fp32 KV, B=4, Hq=32, Hkv=8, D=128, L=2048, one
-layer, median of 15 after warm-up, interleaved with a streaming-read kernel): see ``_MEASURED``
-and the kernel's header comment. Not yet at the 2.8 ms target (targets.md P1).
+Measured on the 2-core PoCL dev machine: see ``_MEASURED`` and the kernel's header comment.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ from ..validate import check_array, check_float, check_int, is_device_array
 __all__ = ["contiguous_attention", "paged_attention", "plan"]
 
 SOURCE = "decode_attention.cl"
-_MEASURED = ("PoCL 3.0 2-core EPYC VM, fp32, B=4 Hq=32 Hkv=8 D=128 L=2048: median 9.9 ms/layer "
-             "(streaming read of the same bytes 3.6 ms in the same run); fp16 10.3 ms, int8 9.0 ms")
+_MEASURED = ("PoCL 3.0 2-core EPYC VM (shared, noisy), serial variant, fp32 B=4 Hq=32 Hkv=8 D=128 "
+             "L=2048: min 8.4 ms/layer = 84% of a contiguous float8 streaming reader in the same run "
+             "(cooperative variant 14.4 ms); fp16 6.1 ms, int8 6.6 ms, fp8_e4m3 7.2 ms")
 
-_PREFERRED_WG = 128     # work-items per group before the device limits cut it down
-_V_VECTORS = 1          # head_dim vectors per work-item in the V phase (when they divide)
+VARIANTS = ("serial", "cooperative")
+_PREFERRED_WG = 128     # cooperative: work-items per group before the device limits cut it down
+_V_VECTORS = 1          # cooperative: head_dim vectors per work-item in the V phase (when they divide)
+_SERIAL_CHUNK = 32      # serial: tokens per chunk (CT)
+_SERIAL_ACC_VECTORS = 8  # serial: accumulator vectors (rows x SV) held in registers in the V phase
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
 
@@ -82,25 +87,72 @@ def _local_bytes(rows: int, head_dim: int, chunk: int, has_scale: bool) -> int:
     return 4 * (rows * head_dim + rows * chunk + 3 * rows + chunk * (2 if has_scale else 1))
 
 
+def _divisor_at_least(n: int, low: int) -> int:
+    """The smallest divisor of ``n`` that is >= ``low`` (``n`` itself at worst)."""
+    return next(d for d in range(max(1, low), n + 1) if n % d == 0)
+
+
+def _divisor_at_most(n: int, high: int) -> int:
+    """The largest divisor of ``n`` that is <= ``high`` (1 at worst)."""
+    return next(d for d in range(max(1, min(n, high)), 0, -1) if n % d == 0)
+
+
+def _variant_for(dev, variant: str | None) -> str:
+    """The serial variant where a work-item is a thread's loop iteration (CPU OpenCL such as PoCL);
+    the cooperative one where the implementation spreads work-items over SIMD lanes: GPUs, and
+    llvmpipe (a CPU device that vectorises across work-items: the serial variant measured 9x
+    slower there, 1.28 s vs 0.14 s for fp32 B=4 L=512)."""
+    if variant is None:
+        simt_cpu = "llvmpipe" in dev.name.lower()
+        return "serial" if dev.type & cl.device_type.CPU and not simt_cpu else "cooperative"
+    if variant not in VARIANTS:
+        raise InvalidArgument(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
-            kvd, int8_mode: int, local_size: int | None = None):
-    """(defines, WG, q_tile) for this device and shape; kernels are built (memoized) here."""
+            kvd, int8_mode: int, local_size: int | None = None, variant: str | None = None):
+    """(defines, WG, q_tile) for this device and shape; kernels are built (memoized) here.
+
+    ``variant``: ``"serial"`` (one work-item per work-group, the CPU-shaped kernel; the default on
+    CPU devices except llvmpipe) or ``"cooperative"`` (WG work-items per tile; the default
+    elsewhere), see :func:`_variant_for`.
+    """
     key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
-           _V_VECTORS)
+           variant, _V_VECTORS, _SERIAL_CHUNK)
     found = _configs.get(key)
     if found is not None:
         return found
     dev = context.devices[0]
+    variant = _variant_for(dev, variant)
     vec = 8 if head_dim % 8 == 0 else 4
     nv = head_dim // vec
-    cv = _V_VECTORS if nv % _V_VECTORS == 0 else 1
-    nvc = nv // cv
-    unit = nvc * vec // math.gcd(nvc, vec)  # WG is a multiple of both (see the .cl's #error)
     q_tile = 1
     if max_q_len > 1:
         q_tile = min(_next_pow2(max_q_len), max(1, _MAX_ROWS // group))
         q_tile = 1 << (q_tile.bit_length() - 1)  # a power of two: few distinct builds
-    wg = local_size or min(_PREFERRED_WG, dev.max_work_group_size)
+    base = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode, "HEAD_DIM": head_dim,
+            "BLOCK_SIZE": block_size, "GROUP": group, "VEC": vec}
+    if variant == "serial":
+        rows = group * q_tile
+        # the acc slice of the V phase (rows x SV vectors) should fit the vector registers
+        sv = _divisor_at_most(nv, max(1, _SERIAL_ACC_VECTORS // rows))
+        # clang target builtins (prefetch, F16C): PoCL compiles OpenCL C natively for the host and
+        # lowers them; SPIR-V based compilers (rusticl) abort the whole process on them, so no
+        # trial build: only devices whose version string names PoCL get them
+        builtins = int("pocl" in dev.version.lower() and bool(dev.type & cl.device_type.CPU))
+        defines = dict(base, SERIAL=1, WG=1, ROWS=rows, CT=_SERIAL_CHUNK, SV=sv, CPU_BUILTINS=builtins)
+        get_kernel(context, SOURCE, "paged_decode_attention", defines)
+        found = (tuple(sorted(defines.items())), 1, q_tile)
+        _configs[key] = found
+        return found
+
+    def cv_for(wg):  # head_dim vectors per work-item in the V phase: NV / CV <= WG
+        return _divisor_at_least(nv, max(_V_VECTORS if nv % _V_VECTORS == 0 else 1, -(-nv // wg)))
+
+    unit = vec  # WG is a multiple of VEC (the padded chunk must fit the work-group)
+    limit = dev.max_work_group_size
+    wg = min(local_size or _PREFERRED_WG, limit)
     wg = max(unit, wg // unit * unit)
     while group * q_tile > wg and q_tile > 1:   # one work-item per row in the softmax phase
         q_tile //= 2
@@ -118,18 +170,17 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         else:
             wg = max(unit, (wg // 2) // unit * unit)
     while True:
-        defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode, "HEAD_DIM": head_dim,
-                   "BLOCK_SIZE": block_size, "GROUP": group, "ROWS": group * q_tile, "WG": wg, "VEC": vec, "CV": cv}
+        defines = dict(base, SERIAL=0, ROWS=group * q_tile, WG=wg, CV=cv_for(wg))
         kernel = get_kernel(context, SOURCE, "paged_decode_attention", defines)
         kwg = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
-        smaller = max(unit, min(kwg, wg // 2) // unit * unit)  # register pressure on a GPU
+        smaller = max(unit, min(kwg, wg // 2) // unit * unit)  # register pressure / device limits
         if kwg >= wg or smaller >= wg or smaller < group * q_tile:
             break
         wg = smaller
-    if wg > min(dev.max_work_group_size, kwg):
+    if wg > min(limit, kwg):
         raise InvalidArgument(
-            f"queries: head_dim {head_dim} with {group} query heads per kv head needs {wg} "
-            f"work-items per group; this device/kernel allows {min(dev.max_work_group_size, kwg)}")
+            f"queries: {group} query heads per kv head need {wg} work-items per group in the "
+            f"cooperative kernel; this device/kernel allows {min(limit, kwg)}")
     found = (tuple(sorted(defines.items())), wg, q_tile)
     _configs[key] = found
     return found
@@ -137,8 +188,12 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
 
 def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
          block_size: int, max_q_len: int, max_kv_len: int, kv_dtype="fp32", int8_mode: int = 0,
-         partition_size: int | None = None, local_size: int | None = None) -> Plan:
+         partition_size: int | None = None, local_size: int | None = None,
+         variant: str | None = None) -> Plan:
     """The launch layout :func:`paged_attention` uses for these sizes on ``context``'s device.
+
+    ``variant`` (``"serial"`` / ``"cooperative"``, default by device: serial on CPUs but llvmpipe) and
+    ``local_size`` (cooperative only) override the kernel choice, for tests and measurements.
 
     ``partition_size=None`` picks split-K automatically: none when the
     ``batch · num_kv_heads · q_tiles`` work-groups already give every compute unit 2 (CPU)
@@ -148,7 +203,7 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     kvd = _kv_dtype(kv_dtype)
     group = num_q_heads // num_kv_heads
     defines, wg, q_tile = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
-                                  local_size)
+                                  local_size, variant)
     q_tiles = -(-max_q_len // q_tile)
     if partition_size is None:
         dev = context.devices[0]
@@ -244,13 +299,14 @@ def _workspace(context, nbytes: int):
 
 def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
             q_indptr, out, *, kvd, int8_mode, num_kv_heads, block_size, scale, window, max_q_len,
-            max_kv_len, partition_size, workspace, wait_for, local_size=None):
+            max_kv_len, partition_size, workspace, wait_for, local_size=None, variant=None):
     context = queries.context
     total_q, num_q_heads, head_dim = queries.shape
     batch = q_indptr.shape[0] - 1
     p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
              head_dim=head_dim, block_size=block_size, max_q_len=max_q_len, max_kv_len=max_kv_len,
-             kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size)
+             kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size,
+             variant=variant)
     defines = dict(p.defines)
     ws_floats = p.workspace_floats(total_q, num_q_heads, head_dim)
     if ws_floats:
@@ -289,7 +345,7 @@ def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices,
 def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_indptr, out, *,
                     k_scales=None, v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None,
                     window=0, max_q_len, max_kv_len, partition_size=None, workspace=None,
-                    queue=None, wait_for=None, _local_size=None) -> cl.Event:
+                    queue=None, wait_for=None, _local_size=None, _variant=None) -> cl.Event:
     """Attention of ``queries`` over a paged KV cache, written to ``out``.
 
     Query token ``i`` of sequence ``b`` (``q_len`` tokens, ``kv_len`` cached including
@@ -369,7 +425,8 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
                    indices, last_page_len, q_indptr, out, kvd=kvd, int8_mode=int8_mode,
                    num_kv_heads=num_kv_heads, block_size=block_size, scale=scale, window=window,
                    max_q_len=max_q_len, max_kv_len=max_kv_len, partition_size=partition_size,
-                   workspace=workspace, wait_for=wait_for, local_size=_local_size)
+                   workspace=workspace, wait_for=wait_for, local_size=_local_size,
+                   variant=_variant)
 
 
 def _contiguous_table(queue, batch: int):
@@ -387,7 +444,7 @@ def _contiguous_table(queue, batch: int):
 def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k_scales=None,
                          v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None, window=0,
                          max_q_len, max_kv_len, partition_size=None, workspace=None, queue=None,
-                         wait_for=None, _local_size=None) -> cl.Event:
+                         wait_for=None, _local_size=None, _variant=None) -> cl.Event:
     """Attention over a contiguous cache: the paged kernel with one ``capacity``-token page per
     sequence (same maths and arguments as :func:`paged_attention`).
 
@@ -426,4 +483,4 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k
                    q_indptr, out, kvd=kvd, int8_mode=int8_mode, num_kv_heads=num_kv_heads,
                    block_size=capacity, scale=scale, window=window, max_q_len=max_q_len,
                    max_kv_len=max_kv_len, partition_size=partition_size, workspace=workspace,
-                   wait_for=wait_for, local_size=_local_size)
+                   wait_for=wait_for, local_size=_local_size, variant=_variant)

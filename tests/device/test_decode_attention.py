@@ -190,6 +190,101 @@ def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
     np.testing.assert_array_equal(got, paged)
 
 
+# ---- both kernel variants on every device (the default depends on the device type) ----------
+
+_VARIANT_SHAPES = [(16, 4, 128, "fp32"), (16, 4, 128, "fp16"), (16, 4, 128, "int8"), (16, 4, 128, "fp8_e4m3"),
+                   (16, 4, 128, "fp8_e5m2"), (1, 8, 64, "fp32"), (5, 2, 36, "fp32"), (7, 1, 20, "int8")]
+
+
+@pytest.mark.parametrize("variant", ops.VARIANTS)
+@pytest.mark.parametrize("block_size,group,head_dim,kv_dtype", _VARIANT_SHAPES)
+def test_each_variant_matches_reference(device, rng, variant, block_size, group, head_dim, kv_dtype):
+    case = make_case(rng, lens=LENS, q_lens=(1, 3, 2, 1, 5, 1), block_size=block_size, group=group,
+                     head_dim=head_dim, num_kv_heads=2 if group < 8 else 1, kv_dtype=kv_dtype)
+    want = run_reference(case, window=20)
+    assert_close(run_paged(device, case, window=20, _variant=variant), want)
+    assert_close(run_paged(device, case, window=20, partition_size=16, _variant=variant), want)
+
+
+@pytest.mark.parametrize("local_size", [8, 12, 32])
+@pytest.mark.parametrize("head_dim", [36, 20, 128])
+def test_cooperative_fits_small_work_groups(device, rng, local_size, head_dim):
+    # launch parameters derive from the limits: head_dim / VEC need not divide the work-group
+    # (llvmpipe allows 32 work-items for this kernel; head_dim 36 has 9 vectors per row)
+    case = make_case(rng, lens=LENS, block_size=5, group=2, head_dim=head_dim)
+    p = ops.plan(device.context, batch=len(LENS), num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
+                 block_size=5, max_q_len=1, max_kv_len=max(LENS), local_size=local_size,
+                 variant="cooperative")
+    assert p.local_size <= max(local_size, 4) and p.local_size % 4 == 0
+    assert_close(run_paged(device, case, _variant="cooperative", _local_size=local_size),
+                 run_reference(case))
+
+
+def test_default_variant_follows_the_device_type(device):
+    import pyopencl as cl
+    p = ops.plan(device.context, batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                 block_size=16, max_q_len=1, max_kv_len=2048)
+    dev = device.context.devices[0]
+    cpu = bool(dev.type & cl.device_type.CPU) and "llvmpipe" not in dev.name.lower()
+    assert dict(p.defines)["SERIAL"] == int(cpu)
+    assert (p.local_size == 1) == cpu
+    with pytest.raises(kvcl.InvalidArgument, match="variant"):
+        ops.plan(device.context, batch=1, num_q_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
+                 max_q_len=1, max_kv_len=16, variant="warp")
+
+
+# ---- the inline math of common.h ----------------------------------------------------------------
+
+_MATH_SRC = """#include "common.h"
+__kernel void math(__global const float *x, __global float *e2, __global float *e2v4,
+                   __global float *e2v8, __global float *e, __global float *ev8,
+                   __global const uint *h, __global float *hf) {
+    const int i = get_global_id(0);
+    e2[i] = kvcl_exp2(x[i]);
+    e[i] = kvcl_exp(x[i]);
+    hf[i] = kvcl_half_bits_to_float(h[i]);
+    if (i % 4 == 0) vstore4(kvcl_exp2(vload4(i / 4, x)), i / 4, e2v4);
+    if (i % 8 == 0) {
+        vstore8(kvcl_exp2(vload8(i / 8, x)), i / 8, e2v8);
+        vstore8(kvcl_exp(vload8(i / 8, x)), i / 8, ev8);
+    }
+}
+"""
+
+
+def test_inline_exp_and_half_conversion_match_numpy(device, rng):
+    import pyopencl as cl
+    from kvcl.runtime import kernel_dir
+    prg = cl.Program(device.context, _MATH_SRC).build(options=[f"-I{kernel_dir()}", "-cl-std=CL1.2"])
+    special = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 127.0, 127.99, 128.0, -126.0, -126.5, -149.0, -150.0,
+               -151.0, -1e30, 1e30, 88.7, 88.8, -87.3, -103.0, -104.0, np.inf, -np.inf, np.nan]
+    x = np.concatenate([special, np.linspace(-160.0, 130.0, 60001), rng.uniform(-40.0, 2.0, 40001)])
+    n = -(-x.size // 8) * 8
+    x = np.resize(x, n).astype(np.float32)
+    h = np.resize(np.arange(1 << 16, dtype=np.uint32), n)
+    q = device.queue
+    xd, hd = cla.to_device(q, x), cla.to_device(q, h)
+    outs = [cla.empty(q, n, np.float32) for _ in range(6)]
+    prg.math(q, (n,), None, xd.data, *[o.data for o in outs[:5]], hd.data, outs[5].data)
+    e2, e2v4, e2v8, e, ev8, hf = (o.get() for o in outs)
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        for got, want in ((e2, np.exp2(x64)), (e2v4, np.exp2(x64)), (e2v8, np.exp2(x64)),
+                          (e, np.exp(x64)), (ev8, np.exp(x64))):
+            normal = np.isfinite(want) & (want >= 2.0 ** -126) & (want <= np.finfo(np.float32).max)
+            rel = np.abs(got[normal] - want[normal]) / want[normal]
+            assert rel.max() <= 2e-7, rel.max()
+            tiny = want < 2.0 ** -126            # subnormal range: absolute error below 2^-148
+            assert np.all(np.abs(got[tiny] - want[tiny]) <= 2.0 ** -148)
+            assert np.all(got[want < 2.0 ** -151] == 0.0)       # very negative (and -inf) -> 0
+            assert np.all(np.isposinf(got[want > np.finfo(np.float32).max * 1.0000001]))
+            assert np.all(np.isnan(got[np.isnan(x)]))
+    want_h = (h & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
+    nan = np.isnan(want_h)
+    np.testing.assert_array_equal(hf[~nan], want_h[~nan])
+    assert np.isnan(hf[nan]).all()
+
+
 # ---- accuracy of each KV dtype against the fp32 output (targets.md) -------------------------
 
 def _cosine(a, b):
