@@ -6,13 +6,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pyopencl as cl
 
-def code_paths(info) -> str:
-    """The code paths kvcl takes on a usable device, in words."""
-    decode = "one work-item per (sequence, kv head) group" if info.type == "CPU" else "cooperative work-groups"
-    return (f"decode attention: {decode}, split-K when groups < compute units; fp16 KV via "
-            "vload_half/vstore_half (no cl_khr_fp16 needed); reductions in local memory "
-            f"(subgroups {'reported but ' if info.subgroups else ''}not used)")
+
+def code_paths(device) -> str:
+    """The code paths kvcl takes on a usable ``pyopencl.Device``, in words."""
+    from .ops.decode_attention import variant_for
+    decode = {"serial": "serial (one work-item per sequence x kv-head group, a loop per thread)",
+              "cooperative": "cooperative (work-groups share tokens across work-items)"}[variant_for(device)]
+    write = ("one work-item per (token, head) row" if device.type & cl.device_type.CPU
+             else "work-groups of rows with local-memory reductions")
+    subgroups = "reported but " if "subgroups" in device.extensions else ""
+    return (f"decode attention {decode}, split-K when groups cannot fill the device; fused write "
+            f"{write}; fp16 KV via vload_half/vstore_half (no cl_khr_fp16 needed); reductions in "
+            f"local memory (subgroups {subgroups}not used)")
 
 
 def _cmd_devices(args) -> int:
@@ -24,6 +31,8 @@ def _cmd_devices(args) -> int:
         from .runtime import _NO_DEVICE_HELP
         print(f"kvcl: {_NO_DEVICE_HELP}", file=sys.stderr)
         return 1
+    from .runtime import _all_devices
+    by_index = {f"{p}:{i}": dev for p, i, _, dev in _all_devices()}
     rows, notes = [], []
     for d in found:
         problems = d.unusable
@@ -35,7 +44,7 @@ def _cmd_devices(args) -> int:
         if problems:
             notes.append(f"{d.index}: kvcl cannot run here: {'; '.join(problems)}")
         else:
-            notes.append(f"{d.index}: {code_paths(d)}")
+            notes.append(f"{d.index}: {code_paths(by_index[d.index])}")
     print(format_table(["index", "platform", "device", "type", "OpenCL", "CUs", "global mem",
                         "local mem", "max WG", "fp16", "subgroups", "kvcl"], rows,
                        align="llllrrrrrlll"))

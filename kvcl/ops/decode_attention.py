@@ -39,7 +39,7 @@ from ..errors import (
 from ..runtime import get_kernel
 from ..validate import check_array, check_float, check_int, is_device_array
 
-__all__ = ["contiguous_attention", "paged_attention", "plan"]
+__all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
 
 SOURCE = "decode_attention.cl"
 _MEASURED = ("PoCL 3.0 2-core EPYC VM (shared, noisy), serial variant, fp32 B=4 Hq=32 Hkv=8 D=128 "
@@ -108,6 +108,11 @@ def _variant_for(dev, variant: str | None) -> str:
     if variant not in VARIANTS:
         raise InvalidArgument(f"variant: expected one of {VARIANTS}, got {variant!r}")
     return variant
+
+
+def variant_for(device: cl.Device) -> str:
+    """The kernel variant this device gets by default: ``"serial"`` or ``"cooperative"``."""
+    return _variant_for(device, None)
 
 
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
@@ -446,7 +451,8 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k
                          max_q_len, max_kv_len, partition_size=None, workspace=None, queue=None,
                          wait_for=None, _local_size=None, _variant=None) -> cl.Event:
     """Attention over a contiguous cache: the paged kernel with one ``capacity``-token page per
-    sequence (same maths and arguments as :func:`paged_attention`).
+    sequence (same maths as :func:`paged_attention`, whose other parameters and return value
+    this shares).
 
     Parameters
     ----------
@@ -462,8 +468,6 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k
         ``[total_q, num_q_heads, head_dim]`` float32, written.
     k_scales, v_scales : pyopencl.array.Array, optional
         ``[B, num_kv_heads, capacity]`` (int8 only; float32 or fp16 bits per ``int8_mode``).
-
-    Other parameters and the return value are those of :func:`paged_attention`.
     """
     kvd = _check_kv_dtype(kv_dtype)
     _dev("queries", queries, ndim=3, dtype=np.float32)

@@ -33,7 +33,7 @@ from ..runtime import get_kernel
 from ..validate import check_float, check_int
 from ._launch import device_array, element_base, launch_lock
 
-__all__ = ["paged_write_qkv", "paged_write_kv", "launch_config", "STATUS_NONFINITE",
+__all__ = ["paged_write_qkv", "paged_write_kv", "launch_config", "row_vec", "STATUS_NONFINITE",
            "STATUS_BAD_SLOT", "STATUS_BAD_POSITION", "ROPE_MODES"]
 
 _SOURCE = "paged_write.cl"
