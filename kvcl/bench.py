@@ -389,7 +389,7 @@ def plot(records: list[Record], path, device_name: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     ax.bar(range(len(rows)), [r.utilization for r in rows], color=colors)
     ax.axhline(1.0, color="#c0392b", linestyle="--", label="streaming-read bandwidth (measured)")
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("fraction of device read bandwidth")
     ax.set_title(f"kvcl bench: {device_name}", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
