@@ -3,6 +3,8 @@
 import numpy as np
 import pyopencl.array as cla
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvcl
 from kvcl import bitpolar as bp
@@ -96,8 +98,20 @@ CASES = [(8, 4, 16, 1), (64, 8, 40, 3), (16, 12, 9, 2), (2, 16, 1, 1)]
 
 @pytest.mark.parametrize("d,bits,m,heads", CASES, ids=[f"d{c[0]}-b{c[1]}-m{c[2]}-h{c[3]}" for c in CASES])
 def test_encode_scores_decode_match_the_reference(device, d, bits, m, heads):
-    seed, tokens = 11, 37                          # past the first two doublings (16, 32)
-    rng = np.random.default_rng(d * bits)
+    check_against_reference(device, d, bits, m, heads, tokens=37, seed=11)  # past doublings 16, 32
+
+
+@settings(deadline=None)
+# kernels are specialised per (head_dim, bits, projections): draw those from small sets so the
+# builds are reused, and let everything else vary freely
+@given(d=st.sampled_from([2, 8, 18, 64]), bits=st.sampled_from([1, 3, 8, 16]), m=st.sampled_from([1, 9, 64]),
+       heads=st.integers(1, 3), tokens=st.integers(1, 20), seed=st.integers(0, 2**31))
+def test_property_encode_scores_decode_match_the_reference(device, d, bits, m, heads, tokens, seed):
+    check_against_reference(device, d, bits, m, heads, tokens=tokens, seed=seed)
+
+
+def check_against_reference(device, d, bits, m, heads, *, tokens, seed):
+    rng = np.random.default_rng(d * bits + seed)
     keys = rng.standard_normal((tokens, heads, d)).astype(np.float32)
     values = (3 * rng.standard_normal((tokens, heads, d))).astype(np.float32)
     keys[0] = 0.0                                  # zero residual: QJL term skipped
