@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pyopencl as cl
 
 
 def code_paths(device) -> str:
@@ -14,7 +13,8 @@ def code_paths(device) -> str:
     from .ops.decode_attention import variant_for
     decode = {"serial": "serial (one work-item per sequence x kv-head group, a loop per thread)",
               "cooperative": "cooperative (work-groups share tokens across work-items)"}[variant_for(device)]
-    write = ("one work-item per (token, head) row" if device.type & cl.device_type.CPU
+    from .runtime import work_items_are_threads
+    write = ("one work-item per (token, head) row" if work_items_are_threads(device)
              else "work-groups of rows with local-memory reductions")
     subgroups = "reported but " if "subgroups" in device.extensions else ""
     return (f"decode attention {decode}, split-K when groups cannot fill the device; fused write "

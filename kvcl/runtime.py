@@ -121,6 +121,18 @@ def _opencl_version(text: str) -> tuple[int, int]:
         return (0, 0)
 
 
+def work_items_are_threads(device: cl.Device) -> bool:
+    """True where a work-item is one iteration of a thread's loop (CPU runtimes such as PoCL).
+
+    Such devices want each work-item to stream contiguous memory and to avoid barriers; the
+    kernels have a variant for them. GPUs, and llvmpipe (rusticl's CPU device, which runs
+    work-items as SIMD lanes, like a GPU), want neighbouring work-items on neighbouring data.
+    Measured on llvmpipe: the per-thread decode variant 9x slower than the cooperative one, a
+    contiguous-chunk streaming read 0.5 GB/s.
+    """
+    return bool(device.type & cl.device_type.CPU) and "llvmpipe" not in device.name.lower()
+
+
 MIN_LOCAL_MEM = 16 * 1024   # the smallest local-memory tile plan of the kernels
 MIN_WORK_GROUP = 32
 

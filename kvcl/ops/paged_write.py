@@ -29,7 +29,7 @@ from ..dtypes import INT8_MODE_AWAY, INT8_MODE_EVEN, kv_dtype as _kv_dtype
 from ..errors import DeviceMismatchError, InvalidArgument
 from ..reference.paged_write import (ROPE_MODES, STATUS_BAD_POSITION, STATUS_BAD_SLOT,
                                      STATUS_NONFINITE)
-from ..runtime import get_kernel
+from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_float, check_int
 from ._launch import device_array, element_base, launch_lock
 
@@ -60,7 +60,7 @@ def launch_config(device: cl.Device, head_dim: int, num_rows: int) -> tuple[int,
     sizes = [int(s) for s in device.max_work_item_sizes]
     local_mem = int(device.local_mem_size)
     half = head_dim // 2
-    if device.type & cl.device_type.CPU:
+    if work_items_are_threads(device):
         lx, target = 1, 16
     else:
         lx, target = min(32, _pow2_floor(half)), 256
@@ -82,7 +82,7 @@ def row_vec(device: cl.Device, head_dim: int, rope: str, align: int) -> int:
     registers; fewer loop trips, 16-byte int8 stores).  GPUs, and rows no width fits, use the
     work-group kernel.
     """
-    if not device.type & cl.device_type.CPU:
+    if not work_items_are_threads(device):
         return 0
     for vec in (16, 8, 4, 2):
         if head_dim % vec or (rope == "half" and (head_dim // 2) % vec) or align % vec:
@@ -129,7 +129,7 @@ def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int
     else:
         lx, rows = launch_config(device, head_dim, num_rows)
         # CPUs: one barrier and a serial sum beat a halving loop of barriers (TREE_REDUCE)
-        tree = 0 if device.type & cl.device_type.CPU else 1
+        tree = 0 if work_items_are_threads(device) else 1
     while True:
         full = dict(defines, LX=lx, ROWS=rows, TREE_REDUCE=tree if lx > 1 else 1)
         kernel = get_kernel(context, _SOURCE, "paged_write", full)

@@ -7,21 +7,17 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from ..errors import ShapeError
-from ..runtime import get_kernel
+from ..runtime import get_kernel, work_items_are_threads
 from ._launch import device_array, launch_lock, resolve_queue
-
-
-def is_cpu(device: cl.Device) -> bool:
-    return bool(device.type & cl.device_type.CPU)
 
 
 def stream_read_config(device: cl.Device) -> tuple[int, int]:
     """(global size, local size): enough work-groups to keep every compute unit streaming.
 
-    CPUs get a few work-items per core, each streaming one contiguous chunk; GPUs get many
-    work-groups of coalesced grid-stride readers.
+    Where work-items are a thread's loop iterations (PoCL) each streams one contiguous chunk;
+    GPUs and llvmpipe get many work-groups of coalesced grid-stride readers.
     """
-    if is_cpu(device):
+    if work_items_are_threads(device):
         return device.max_compute_units * 64, 1
     local = min(128, device.max_work_group_size)
     groups = device.max_compute_units * 16
@@ -42,7 +38,7 @@ def stream_read(src, partial, *, queue=None, wait_for=None) -> cl.Event:
     device_array("partial", partial, shape=(global_size,), dtype=np.float32, context=queue.context)
     if src.size % 16:
         raise ShapeError(f"src: expected a length that is a multiple of 16, got {src.size}")
-    cpu = is_cpu(queue.device)
+    cpu = work_items_are_threads(queue.device)
     vec = 16 if cpu else 4
     kernel = get_kernel(queue.context, "stream_read.cl", "stream_read", {"CONTIGUOUS": int(cpu), "VEC": vec})
     with launch_lock:
