@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import DtypeError, InvalidArgument, OutOfRangeError
 from . import customop
 from .customop import STEP_INPUT, raise_pending, register_cache, unregister_cache
 
@@ -34,7 +34,22 @@ def _session(model_bytes: bytes, *, custom_ops: bool, threads: int | None = None
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def _check_prompts(input_ids) -> list[list[int]]:
+def _vocab_size(model) -> "int | None":
+    """The vocabulary size: the last dimension of the ``logits`` output, or the rows of the
+    embedding table gathered by ``input_ids`` (None if neither is static)."""
+    for out in model.graph.output:
+        if out.name == "logits":
+            dims = out.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0:
+                return int(dims[-1].dim_value)
+    tables = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" and node.input[0] in tables:
+            return int(tables[node.input[0]].dims[0])
+    return None
+
+
+def _check_prompts(input_ids, vocab_size: "int | None" = None) -> list[list[int]]:
     if isinstance(input_ids, np.ndarray):
         input_ids = input_ids.tolist()
     if not isinstance(input_ids, (list, tuple)) or not input_ids:
@@ -43,19 +58,35 @@ def _check_prompts(input_ids) -> list[list[int]]:
         input_ids = [input_ids]  # one prompt
     prompts = []
     for i, p in enumerate(input_ids):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise DtypeError(f"input_ids[{i}]: expected a list of int token ids, got {type(p).__name__}")
+        if any(isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) for t in p):
+            raise DtypeError(f"input_ids[{i}]: expected int token ids, got {[type(t).__name__ for t in p][:4]}")
         p = [int(t) for t in p]
         if not p:
             raise InvalidArgument(f"input_ids[{i}]: empty prompt")
+        # ONNX Gather wraps negative ids to other tokens and fails inside the run on large ones:
+        # refuse both before anything is planned
+        bad = [t for t in p if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise OutOfRangeError(f"input_ids[{i}]: token ids must be in {limit}, got {bad[:4]}")
         prompts.append(p)
     return prompts
+
+
+def _check_sampling(do_sample: bool, temperature: float, top_k: "int | None") -> None:
+    """Refuse bad sampling options before a step runs (a refused call changes nothing)."""
+    if do_sample and not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise InvalidArgument(f"temperature: expected a finite float > 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise InvalidArgument(f"top_k: expected None or an int >= 1, got {top_k!r}")
 
 
 def _pick(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None, rng) -> np.ndarray:
     """Next token per row of ``logits`` [B, V]."""
     if not do_sample:
         return np.argmax(logits, axis=-1).astype(np.int64)
-    if temperature <= 0:
-        raise InvalidArgument(f"temperature: expected > 0, got {temperature}")
     z = logits.astype(np.float64) / temperature
     if top_k is not None and 0 < top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
@@ -135,6 +166,7 @@ class Generator:
         self.kv_dtype = self.cache.dtype.name
         self.binding = register_cache(self.handle, self.cache)
         self.model = proto
+        self.vocab_size = _vocab_size(proto)
         self.session = _session(proto.SerializeToString(), custom_ops=True, threads=threads)
         self._inputs = {i.name: _NP_OF_ORT.get(i.type, np.int64) for i in self.session.get_inputs()}
         unknown = set(self._inputs) - {"input_ids", "attention_mask", "position_ids", STEP_INPUT}
@@ -194,7 +226,8 @@ class Generator:
     def stream(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                top_k: int | None = None, return_logits: bool = False, seed: int | None = None) -> Iterator[StepOutput]:
         """Yield one :class:`StepOutput` per generated position (all prompts advance together)."""
-        prompts = _check_prompts(input_ids)
+        prompts = _check_prompts(input_ids, self.vocab_size)
+        _check_sampling(do_sample, temperature, top_k)
         if max_new_tokens < 0:
             raise InvalidArgument(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
         need = sum(len(p) for p in prompts) + len(prompts) * max_new_tokens
@@ -228,7 +261,7 @@ class Generator:
         """Generate ``max_new_tokens`` for each prompt of ``input_ids`` (a list of token-id lists
         of any lengths). Returns :class:`GenerationResult` (``tokens`` [B, new], ``logits``
         [B, new, vocab] with ``return_logits``). ``callback`` gets each :class:`StepOutput`."""
-        prompts = _check_prompts(input_ids)
+        prompts = _check_prompts(input_ids, self.vocab_size)
         t0 = time.perf_counter()
         toks, logs = [], []
         it = self.stream(prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,

@@ -220,6 +220,96 @@ CASES += [
 ]
 
 
+# ---- the kernel launchers (kvcl.ops): the state is every array the call may write -----------------
+
+def ops_arrays(device):
+    q = device.queue
+    rng = np.random.default_rng(1)
+    pool = lambda: cla.to_device(q, rng.standard_normal((4, 2, 4, 8)).astype(F32))  # noqa: E731
+    i32 = lambda a: cla.to_device(q, np.asarray(a, np.int32))  # noqa: E731
+    arrays = {"k": pool(), "v": pool(), "out": cla.zeros(q, (2, 4, 8), F32),
+              "q_out": cla.zeros(q, (2, 4, 8), F32), "rows": cla.zeros(q, (3, 8), np.int8),
+              "scales": cla.zeros(q, 3, F32)}
+    ctx = {"queries": cla.to_device(q, rng.standard_normal((2, 4, 8)).astype(F32)),
+           "indptr": i32([0, 1, 2]), "indices": i32([0, 3]), "last": i32([4, 2]), "q_indptr": i32([0, 1, 2]),
+           "qkv": cla.to_device(q, rng.standard_normal((2, 64)).astype(F32)), "slots": i32([1, 6]),
+           "positions": i32([0, 1]), "x": cla.to_device(q, rng.standard_normal((3, 8)).astype(F32)),
+           "other": kvcl.Device(device=device.device)}
+    return arrays, ctx
+
+
+def attend(a, x, **over):
+    from kvcl.ops.decode_attention import paged_attention
+    args = dict(queries=x["queries"], k_pool=a["k"], v_pool=a["v"], indptr=x["indptr"], indices=x["indices"],
+                last_page_len=x["last"], q_indptr=x["q_indptr"], out=a["out"])
+    args.update(over)
+    return paged_attention(**args, max_q_len=1, max_kv_len=4)
+
+
+def write_qkv(a, x, **over):
+    from kvcl.ops.paged_write import paged_write_qkv
+    args = dict(qkv=x["qkv"], slot_mapping=x["slots"], positions=x["positions"], k_pool=a["k"], v_pool=a["v"],
+                q_out=a["q_out"])
+    kw = dict(num_q_heads=4, num_kv_heads=2, head_dim=8, block_size=4, rope="none")
+    kw.update({k: over.pop(k) for k in list(over) if k in kw})
+    args.update(over)
+    return paged_write_qkv(**args, **kw)
+
+
+def quantize(a, x, **over):
+    from kvcl.ops.quantize import quantize_rows
+    args = dict(x=x["x"], out=a["rows"], scales=a["scales"], kv_dtype="int8")
+    args.update(over)
+    return quantize_rows(**args)
+
+
+def copy(a, x, src, dst):
+    from kvcl.ops.blocks import copy_blocks
+    return copy_blocks(a["k"], np.array(src, np.int32), np.array(dst, np.int32))
+
+
+O = "kvcl.ops."
+CASES += [
+    Case(O + "paged_attention", "dtype", ops_arrays, lambda a, x: attend(a, x, queries=x["queries"].astype(np.float64)), kvcl.DtypeError, "queries"),
+    Case(O + "paged_attention", "shape", ops_arrays, lambda a, x: attend(a, x, out=cla.zeros(x["queries"].queue, (2, 4, 4), F32)), kvcl.ShapeError, "out"),
+    Case(O + "paged_attention", "dtype", ops_arrays, lambda a, x: attend(a, x, indices=x["indices"].astype(np.int64)), kvcl.DtypeError, "indices"),
+    Case(O + "paged_attention", "device", ops_arrays, lambda a, x: attend(a, x, queries=foreign(x, (2, 4, 8))), kvcl.DeviceMismatchError, "another OpenCL context"),
+    Case(O + "paged_attention", "kind", ops_arrays, lambda a, x: attend(a, x, queries=np.ones((2, 4, 8), F32)), kvcl.DtypeError, "queries"),
+    Case(O + "paged_write_qkv", "shape", ops_arrays, lambda a, x: write_qkv(a, x, num_q_heads=2), kvcl.ShapeError, "qkv"),
+    Case(O + "paged_write_qkv", "dtype", ops_arrays, lambda a, x: write_qkv(a, x, slot_mapping=x["slots"].astype(np.int64)), kvcl.DtypeError, "slot_mapping"),
+    Case(O + "paged_write_qkv", "kind", ops_arrays, lambda a, x: write_qkv(a, x, rope="spiral"), kvcl.InvalidArgument, "rope"),
+    Case(O + "quantize_rows", "shape", ops_arrays, lambda a, x: quantize(a, x, scales=cla.zeros(x["x"].queue, 2, F32)), kvcl.ShapeError, "scales"),
+    Case(O + "quantize_rows", "range", ops_arrays, lambda a, x: quantize(a, x, out_row_offset=1), kvcl.KvclError, "out"),
+    Case(O + "copy_blocks", "range", ops_arrays, lambda a, x: copy(a, x, [0], [4]), IndexError, "dst_ids"),
+    Case(O + "copy_blocks", "kind", ops_arrays, lambda a, x: copy(a, x, [0, 1], [2, 2]), kvcl.InvalidArgument, "dst_ids"),
+]
+
+
+# ---- the ONNX bridge: the state is the generator's cache --------------------------------------------
+
+def bridge(device):
+    pytest.importorskip("onnxruntime_extensions", reason="the onnx extra is not installed")
+    from pathlib import Path
+
+    from kvcl.onnx.generate import Generator
+    model = Path(__file__).resolve().parents[1] / "fixtures" / "onnx" / "llama_dynamo18.onnx"
+    gen = Generator(model, device=device, max_tokens=128)
+    gen.generate([[1, 2, 3]], 2)
+    return gen.cache, {"gen": gen}
+
+
+G = "onnx.Generator.generate"
+CASES += [
+    Case(G, "range", bridge, lambda c, x: x["gen"].generate([[1, 999]], 2), IndexError, "input_ids[0]"),
+    Case(G, "range", bridge, lambda c, x: x["gen"].generate([[1, -5]], 2), IndexError, "input_ids[0]"),
+    Case(G, "shape", bridge, lambda c, x: x["gen"].generate([[]], 2), kvcl.InvalidArgument, "input_ids[0]"),
+    Case(G, "capacity", bridge, lambda c, x: x["gen"].generate([[1, 2]], 10_000), kvcl.InvalidArgument, "max_tokens"),
+    Case(G, "kind", bridge, lambda c, x: x["gen"].generate([[1.5]], 2), kvcl.DtypeError, "input_ids[0]"),
+    Case(G, "range", bridge, lambda c, x: x["gen"].generate([[1]], -1), kvcl.InvalidArgument, "max_new_tokens"),
+    Case(G, "range", bridge, lambda c, x: x["gen"].generate([[1]], 2, do_sample=True, temperature=0.0), kvcl.InvalidArgument, "temperature"),
+    Case(G, "range", bridge, lambda c, x: x["gen"].generate([[1]], 2, do_sample=True, top_k=0), kvcl.InvalidArgument, "top_k"),
+]
+
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.entry}-{c.category}-{i}" for i, c in enumerate(CASES)])
 def test_refusal_is_clear_and_changes_nothing(device, case, figures):
