@@ -238,6 +238,12 @@ def ops_arrays(device):
     return arrays, ctx
 
 
+def recast(arr, dtype):
+    """A device copy in another dtype, made on the host: a device-side astype would compile a
+    conversion kernel, which fails on devices without fp64 (llvmpipe)."""
+    return cla.to_device(arr.queue, arr.get().astype(dtype))
+
+
 def attend(a, x, **over):
     from kvcl.ops.decode_attention import paged_attention
     args = dict(queries=x["queries"], k_pool=a["k"], v_pool=a["v"], indptr=x["indptr"], indices=x["indices"],
@@ -270,13 +276,13 @@ def copy(a, x, src, dst):
 
 O = "kvcl.ops."
 CASES += [
-    Case(O + "paged_attention", "dtype", ops_arrays, lambda a, x: attend(a, x, queries=x["queries"].astype(np.float64)), kvcl.DtypeError, "queries"),
+    Case(O + "paged_attention", "dtype", ops_arrays, lambda a, x: attend(a, x, queries=recast(x["queries"], np.float64)), kvcl.DtypeError, "queries"),
     Case(O + "paged_attention", "shape", ops_arrays, lambda a, x: attend(a, x, out=cla.zeros(x["queries"].queue, (2, 4, 4), F32)), kvcl.ShapeError, "out"),
-    Case(O + "paged_attention", "dtype", ops_arrays, lambda a, x: attend(a, x, indices=x["indices"].astype(np.int64)), kvcl.DtypeError, "indices"),
+    Case(O + "paged_attention", "dtype", ops_arrays, lambda a, x: attend(a, x, indices=recast(x["indices"], np.int64)), kvcl.DtypeError, "indices"),
     Case(O + "paged_attention", "device", ops_arrays, lambda a, x: attend(a, x, queries=foreign(x, (2, 4, 8))), kvcl.DeviceMismatchError, "another OpenCL context"),
     Case(O + "paged_attention", "kind", ops_arrays, lambda a, x: attend(a, x, queries=np.ones((2, 4, 8), F32)), kvcl.DtypeError, "queries"),
     Case(O + "paged_write_qkv", "shape", ops_arrays, lambda a, x: write_qkv(a, x, num_q_heads=2), kvcl.ShapeError, "qkv"),
-    Case(O + "paged_write_qkv", "dtype", ops_arrays, lambda a, x: write_qkv(a, x, slot_mapping=x["slots"].astype(np.int64)), kvcl.DtypeError, "slot_mapping"),
+    Case(O + "paged_write_qkv", "dtype", ops_arrays, lambda a, x: write_qkv(a, x, slot_mapping=recast(x["slots"], np.int64)), kvcl.DtypeError, "slot_mapping"),
     Case(O + "paged_write_qkv", "kind", ops_arrays, lambda a, x: write_qkv(a, x, rope="spiral"), kvcl.InvalidArgument, "rope"),
     Case(O + "quantize_rows", "shape", ops_arrays, lambda a, x: quantize(a, x, scales=cla.zeros(x["x"].queue, 2, F32)), kvcl.ShapeError, "scales"),
     Case(O + "quantize_rows", "range", ops_arrays, lambda a, x: quantize(a, x, out_row_offset=1), kvcl.KvclError, "out"),
