@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import kv_dtype as _kv_dtype
-from ..errors import KvclError
+from ..errors import DtypeError, InvalidArgument, KvclError
 from .customop import OP_DOMAIN, OP_TYPE, OP_TYPE_QKV, STEP_INPUT
 
 __all__ = ["rewrite", "RewriteError", "is_rewritten", "model_info", "DEFAULT_HANDLE"]
@@ -407,12 +407,18 @@ def model_info(model) -> dict:
 def _load(model_or_path):
     import onnx
     if isinstance(model_or_path, (str, Path)):
-        return onnx.load(str(model_or_path))
+        path = Path(model_or_path)
+        if not path.is_file():
+            raise InvalidArgument(f"model: no such file {str(path)!r}")
+        try:
+            return onnx.load(str(path))
+        except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX model
+            raise InvalidArgument(f"model: {str(path)!r} is not a readable ONNX model ({exc})") from None
     if isinstance(model_or_path, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(model_or_path)
         return m
-    raise TypeError(f"model_or_path: expected a path or onnx.ModelProto, got {type(model_or_path).__name__}")
+    raise DtypeError(f"model_or_path: expected a path or onnx.ModelProto, got {type(model_or_path).__name__}")
 
 
 def rewrite(model_or_path: Any, *, kv_dtype: str = "fp32", handle: str = DEFAULT_HANDLE):

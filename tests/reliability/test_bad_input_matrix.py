@@ -317,6 +317,114 @@ CASES += [
 ]
 
 
+# ---- the remaining launchers, mirror getters and persistence ---------------------------------------
+
+def ops_more(device):
+    arrays, ctx = ops_arrays(device)
+    q = device.queue
+    arrays["cache"] = cla.to_device(q, np.arange(2 * 8 * 4, dtype=F32).reshape(2, 8, 4))
+    arrays["staged"] = cla.zeros(q, (2, 2, 4, 8), F32)
+    from kvcl.ops.stream_read import empty_partial
+    arrays["partial"] = empty_partial(q)
+    arrays["partial"].fill(0)
+    ctx["keys"] = cla.to_device(q, np.ones((2, 2, 8), F32))
+    return arrays, ctx
+
+
+def dequantize(a, x, **over):
+    from kvcl.ops.quantize import dequantize_rows
+    args = dict(data=a["rows"], out=cla.zeros(a["rows"].queue, (3, 8), F32), scales=a["scales"], kv_dtype="int8")
+    args.update(over)
+    return dequantize_rows(**args)
+
+
+def blocks_op(name, *args):
+    from kvcl.ops import blocks
+    return getattr(blocks, name)(*args)
+
+
+def contiguous(a, x, **over):
+    from kvcl.ops.decode_attention import contiguous_attention
+    args = dict(queries=x["queries"], k_cache=a["k"], v_cache=a["v"], kv_lens=x["last"], q_indptr=x["q_indptr"],
+                out=a["out"])
+    args.update(over)
+    return contiguous_attention(**args, max_q_len=1, max_kv_len=4)
+
+
+def write_kv(a, x, **over):
+    from kvcl.ops.paged_write import paged_write_kv
+    args = dict(keys=x["keys"], values=x["keys"], slot_mapping=x["slots"], k_pool=a["k"], v_pool=a["v"])
+    args.update(over)
+    return paged_write_kv(**args, block_size=4)
+
+
+def stream(a, x, n):
+    from kvcl.ops.stream_read import stream_read
+    return stream_read(cla.zeros(a["partial"].queue, n, F32), a["partial"])
+
+
+def saved_engine(device):
+    import tempfile
+    from pathlib import Path
+    cache, ctx = engine(device)
+    path = Path(tempfile.mkdtemp()) / "cache.kvcl"
+    cache.save(path)
+    ctx["path"] = path
+    return cache, ctx
+
+
+def damaged(path, keep):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:keep] if keep >= 0 else raw[:-1] + bytes([raw[-1] ^ 1]))
+    return path
+
+
+def oxi_paged(device):
+    cache = oxibonsai.PagedKvCache.with_page_size(1, 2, 4, 16, 4, device=device)
+    cache.store_key(0, 0, 0, np.ones(4, F32))
+    return cache, {}
+
+
+def turbo_one(device):
+    comp = bitpolar.KvCacheCompressor(bitpolar.KvCacheConfig(head_dim=8, bits=4, projections=16, seed=1), device=device)
+    comp.push(np.ones(8, F32), np.ones(8, F32))
+    return comp, {}
+
+
+def ferrum_fp16(device):
+    layer = ferrum.KvFp16.alloc_contig(8, 2, 8, device=device)
+    ferrum.KvFp16.set_len(layer, 4)
+    return layer, {}
+
+
+from kvcl.archive import ArchiveError  # noqa: E402
+
+CASES += [
+    Case(O + "dequantize_rows", "range", ops_more, lambda a, x: dequantize(a, x, row_offset=5, out=cla.zeros(a["rows"].queue, (1, 8), F32)), IndexError, "row_offset"),
+    Case(O + "dequantize_rows", "kind", ops_more, lambda a, x: dequantize(a, x, scales=None), kvcl.KvclError, "scales"),
+    Case(O + "contiguous_attention", "shape", ops_more, lambda a, x: contiguous(a, x, v_cache=a["staged"][:, :, :3]), kvcl.KvclError, "v_cache"),
+    Case(O + "paged_write_kv", "shape", ops_more, lambda a, x: write_kv(a, x, values=cla.zeros(x["keys"].queue, (2, 2, 4), F32)), kvcl.ShapeError, "values"),
+    Case(O + "extract_blocks", "range", ops_more, lambda a, x: blocks_op("extract_blocks", a["k"], np.array([0, 9], np.int32), a["staged"]), IndexError, "block_ids"),
+    Case(O + "inject_blocks", "shape", ops_more, lambda a, x: blocks_op("inject_blocks", a["staged"][:1], np.array([0, 1], np.int32), a["k"]), kvcl.ShapeError, "src"),
+    Case(O + "extract_positions", "range", ops_more, lambda a, x: blocks_op("extract_positions", a["cache"], -1, 2, cla.zeros(a["cache"].queue, (2, 2, 4), F32)), IndexError, "start_pos"),
+    Case(O + "inject_positions", "dtype", ops_more, lambda a, x: blocks_op("inject_positions", cla.zeros(a["cache"].queue, (2, 2, 4), np.int32), 0, a["cache"]), kvcl.DtypeError, "src"),
+    Case(O + "stream_read", "shape", ops_more, lambda a, x: stream(a, x, 24), kvcl.ShapeError, "src"),
+    Case(E + "load", "persistence", saved_engine, lambda c, x: PagedKVCache.load(damaged(x["path"], 100)), ArchiveError, "truncated"),
+    Case(E + "load", "persistence", saved_engine, lambda c, x: PagedKVCache.load(damaged(x["path"], -1)), ArchiveError, "checksum"),
+    Case("oxibonsai.KvCache.keys_for", "range", oxi_kv, lambda c, x: c.keys_for(0, 0, 9), kvcl.KvclError, "seq_len"),
+    Case("oxibonsai.PagedKvCache.store_key", "range", oxi_paged, lambda c, x: c.store_key(0, 2, 0, np.ones(4, F32)), IndexError, "head"),
+    Case("oxibonsai.PagedKvCache.store_value", "shape", oxi_paged, lambda c, x: c.store_value(0, 0, 1, np.ones(3, F32)), ValueError, "value"),
+    Case("oxibonsai.QuantizedKvLayer.get_keys_at", "range", oxi_quant, lambda c, x: c.get_keys_at(5), Q.PositionOutOfRange, "position 5"),
+    Case("oxibonsai.Fp8KvCache.layer", "range", lambda d: (oxibonsai.Fp8KvCache(2, 2, 4, 2, oxibonsai.Fp8KvFormat.E5M2, device=d), {}), lambda c, x: c.layer(2), IndexError, "2"),
+    Case("forgellm.KVCache.k", "range", forge, lambda c, x: c.k(2), IndexError, "layer"),
+    Case("bitpolar.KvCacheCompressor.push", "non-finite", turbo_one, lambda c, x: c.push(np.ones(8, F32), nan_like(np.ones(8), (3,))), bitpolar.NonFiniteInput, "index 3"),
+    Case("bitpolar.KvCacheCompressor.attention_scores", "shape", turbo_one, lambda c, x: c.attention_scores(np.ones(6, F32)), bitpolar.DimensionMismatch, "expects 8, got 6"),
+    Case("ferrum.KvFp16.contig_decode_attention", "shape", ferrum_fp16, lambda c, x: ferrum.KvFp16.contig_decode_attention(
+        c, np.ones((1, 4, 6), F32), None, ferrum.AttnConfig(num_heads=4, num_kv_heads=2, head_dim=8), 1, 3), kvcl.KvclError, "q"),
+    Case("ferrum.KvFp16.set_len", "capacity", ferrum_fp16, lambda c, x: ferrum.KvFp16.set_len(c, 99), IndexError, "new_len"),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.entry}-{c.category}-{i}" for i, c in enumerate(CASES)])
 def test_refusal_is_clear_and_changes_nothing(device, case, figures):
     obj, ctx = case.make(device)

@@ -1,0 +1,29 @@
+"""The command line refuses bad input with exit code 2 and one line naming the problem, never a
+traceback."""
+
+from pathlib import Path
+
+import pytest
+
+from kvcl.cli import main
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "onnx" / "llama_dynamo18.onnx"
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["bench", "--quick", "--device", "no-such-device"], "device 'no-such-device'"),
+    (["demo", "--device", "no-such-device"], "device 'no-such-device'"),
+    (["generate", "/nonexistent/model.onnx", "--prompt-ids", "1,2"], "no such file"),
+    (["onnx", "rewrite", "/nonexistent/model.onnx", "/tmp/kvcl-out.onnx"], "no such file"),
+    (["generate", str(FIXTURE), "--prompt-ids", "1,999"], "token ids must be in [0, 128)"),
+])
+def test_cli_refusal_is_one_clear_line(argv, names, capsys, figures):
+    if "generate" in argv or "onnx" in argv:
+        pytest.importorskip("onnxruntime_extensions", reason="the onnx extra is not installed")
+    figures["cases"]["cli"] += 1
+    figures["entry_points"].add("kvcl " + argv[0])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert names in err and err.strip().splitlines()[-1].startswith("kvcl: ")
+    figures["raised_clear_error"] += 1
