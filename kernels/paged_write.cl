@@ -95,6 +95,32 @@
 #define ROW_V 2
 #define ROW_NONE 3
 
+// Where work-item row r of token t goes: which of Q/K/V, which head, its slot and RoPE row,
+// and whether they are in range (both kernels below start with this).
+typedef struct {
+    int kind, h, slot, pos;
+    bool pos_ok, slot_ok;
+} row_site;
+
+inline row_site locate_row(const int r, const int t, const int nq, const int nkv,
+                           __global const int *slot_mapping,   // [T]
+                           __global const int *positions,      // [T]
+                           const int max_position, const int num_slots) {
+    row_site site;
+    site.kind = r < nq ? ROW_Q : r < nq + nkv ? ROW_K : r < nq + 2 * nkv ? ROW_V : ROW_NONE;
+    site.h = site.kind == ROW_Q ? r : site.kind == ROW_K ? r - nq : r - nq - nkv;
+    site.slot = slot_mapping[t];
+#if ROPE != ROPE_NONE
+    site.pos = positions[t];
+    site.pos_ok = site.pos >= 0 && site.pos < max_position;
+#else
+    site.pos = 0;
+    site.pos_ok = true;
+#endif
+    site.slot_ok = site.slot >= 0 && site.slot < num_slots;
+    return site;
+}
+
 #define STATUS_NONFINITE 1
 #define STATUS_BAD_SLOT 2
 #define STATUS_BAD_POSITION 4
@@ -183,18 +209,9 @@ void paged_write(
     const int r = get_global_id(1);    // row within the token: Q heads, K heads, V heads
     const int t = get_global_id(2);    // token
     const int nq = num_q_heads, nkv = num_kv_heads;
-
-    const int kind = r < nq ? ROW_Q : r < nq + nkv ? ROW_K : r < nq + 2 * nkv ? ROW_V : ROW_NONE;
-    const int h = kind == ROW_Q ? r : kind == ROW_K ? r - nq : r - nq - nkv;
-
-    const int slot = slot_mapping[t];
-#if ROPE != ROPE_NONE
-    const int pos = positions[t];
-    const bool pos_ok = pos >= 0 && pos < max_position;
-#else
-    const bool pos_ok = true;
-#endif
-    const bool slot_ok = slot >= 0 && slot < num_slots;
+    const row_site site = locate_row(r, t, nq, nkv, slot_mapping, positions, max_position, num_slots);
+    const int kind = site.kind, h = site.h, slot = site.slot, pos = site.pos;
+    const bool pos_ok = site.pos_ok, slot_ok = site.slot_ok;
     const bool active = pos_ok && (kind == ROW_Q || (kind != ROW_NONE && slot_ok));
 
     if (lx == 0) {  // one report per token
@@ -467,20 +484,12 @@ void paged_write_rows(
     const int num_q_heads, const int num_kv_heads, const int block_size, const int num_slots)
 {
     // Same arguments, grid (1, rows padded to ROWS, T) and status rules as paged_write (LX = 1).
-    const int r = get_global_id(1);
-    const int t = get_global_id(2);
+    const int r = get_global_id(1);    // row within the token: Q heads, K heads, V heads
+    const int t = get_global_id(2);    // token
     const int nq = num_q_heads, nkv = num_kv_heads;
-    const int kind = r < nq ? ROW_Q : r < nq + nkv ? ROW_K : r < nq + 2 * nkv ? ROW_V : ROW_NONE;
-    const int h = kind == ROW_Q ? r : kind == ROW_K ? r - nq : r - nq - nkv;
-
-    const int slot = slot_mapping[t];
-#if ROPE != ROPE_NONE
-    const int pos = positions[t];
-    const bool pos_ok = pos >= 0 && pos < max_position;
-#else
-    const bool pos_ok = true;
-#endif
-    const bool slot_ok = slot >= 0 && slot < num_slots;
+    const row_site site = locate_row(r, t, nq, nkv, slot_mapping, positions, max_position, num_slots);
+    const int kind = site.kind, h = site.h, slot = site.slot, pos = site.pos;
+    const bool pos_ok = site.pos_ok, slot_ok = site.slot_ok;
     if (!pos_ok && r == 0) atomic_or(status, STATUS_BAD_POSITION);
     if (pos_ok && slot >= num_slots && r == nq) atomic_or(status, STATUS_BAD_SLOT);
     if (!pos_ok || kind == ROW_NONE || (kind != ROW_Q && !slot_ok)) return;
