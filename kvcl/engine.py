@@ -232,8 +232,10 @@ class PagedKVCache:
             plan = self._book.plan(seq_ids, num_new_tokens, token_ids)
             queue = self.device.queue
             if plan.copies:  # copy-on-write: duplicate shared last blocks before any write
-                src = cla.to_device(queue, np.array([c[0] for c in plan.copies], np.int32))
-                dst = cla.to_device(queue, np.array([c[1] for c in plan.copies], np.int32))
+                # host ids: copy_blocks validates them on the host and uploads them itself; device
+                # ids would be read back (a blocking round trip) by every one of these calls
+                src = np.array([c[0] for c in plan.copies], np.int32)
+                dst = np.array([c[1] for c in plan.copies], np.int32)
                 for layer in range(self.num_layers):
                     for arr in (self._k[layer], self._v[layer], self._ks[layer], self._vs[layer]):
                         if arr is not None:
@@ -286,11 +288,9 @@ class PagedKVCache:
     def _check_layer(self, layer: Any) -> int:
         return check_int("layer", layer, low=0, high=self.num_layers)
 
-    def _to_device(self, name: str, x: Any, shape, *, finite: bool) -> tuple[cla.Array, bool]:
-        check_array(name, x, shape=shape, dtype=np.float32, context=self.device.context, finite=finite)
-        if is_device_array(x):
-            return x, True
-        return self._upload(x), False
+    def _to_device(self, x: Any) -> cla.Array:
+        """An already validated float32 input on the device (uploaded if it is a numpy array)."""
+        return x if is_device_array(x) else self._upload(x)
 
     def _upload(self, host: np.ndarray) -> cla.Array:
         """Copy a host array to the device without waiting for the queue to drain.
@@ -325,8 +325,7 @@ class PagedKVCache:
             check_array("values", values, shape=shape, dtype=np.float32, context=self.device.context, finite=True)
             if step.num_tokens == 0:
                 return
-            k, _ = self._to_device("keys", keys, shape, finite=False)
-            v, _ = self._to_device("values", values, shape, finite=False)
+            k, v = self._to_device(keys), self._to_device(values)
             write_ops.paged_write_kv(k, v, step.slot_mapping, self._k[layer], self._v[layer],
                                      block_size=self.block_size, status=self._status,
                                      queue=self.device.queue, **self._pool_args(layer))
@@ -449,10 +448,8 @@ class PagedKVCache:
             if step.num_tokens == 0:
                 empty = np.zeros(queries.shape, np.float32)
                 return empty if host_out else cla.to_device(queue, empty)
-            q, _ = self._to_device("queries", queries, queries.shape, finite=False)
+            q = self._to_device(queries)
             out = cla.empty(queue, queries.shape, np.float32, allocator=self._alloc if host_out else None)
-            if np.any(np.asarray(step.plan.kv_lens) < np.diff(step.plan.q_indptr)):  # pragma: no cover
-                raise InvalidArgument("step: a sequence has fewer cached tokens than new tokens")
             attention_ops.paged_attention(
                 q, self._k[layer], self._v[layer], step.indptr, step.indices, step.last_page_len,
                 step.q_indptr, out, scale=scale, window=window, max_q_len=step.plan.max_q_len,
@@ -497,7 +494,7 @@ class PagedKVCache:
             if length == 0:
                 return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
             queue = self.device.queue
-            ids = cla.to_device(queue, np.asarray(blocks, np.int32))
+            ids = np.asarray(blocks, np.int32)    # host ids: validated and uploaded by the op
             n = len(blocks)
             result = []
             for pool, scales in ((self._k[layer], self._ks[layer]), (self._v[layer], self._vs[layer])):
