@@ -187,6 +187,12 @@ inline floatV fp8v_decode(uintV b) {
 #ifndef CPU_BUILTINS
 #define CPU_BUILTINS 0
 #endif
+// GPU_TUNED=1 (cooperative variant on GPU devices): unrolled K-row and V-token loops, so each
+// work-item has many loads in flight, and vload_halfN for fp16 (converted by the hardware).
+// CPU implementations of the cooperative variant (llvmpipe) keep the plain loops.
+#ifndef GPU_TUNED
+#define GPU_TUNED 0
+#endif
 #if CPU_BUILTINS && VEC == 8 && defined(__has_builtin)
 #if __has_builtin(__builtin_ia32_vcvtph2ps256)
 #define F16C_8 1                       // ph8_to_float8: fp16 bits -> float, exact, Inf/NaN kept
@@ -200,6 +206,8 @@ inline floatV kv_loadv(__global const kv_t *p, int i) {
     return ((__global const floatV *)p)[i];
 #elif KV_DTYPE == KV_FP16 && defined(F16C_8)
     return ph8_to_float8(((__global const ushort8 *)p)[i]);
+#elif KV_DTYPE == KV_FP16 && GPU_TUNED
+    return CAT(vload_half, VEC)(i, (__global const half *)p);  // a hardware conversion on GPUs
 #elif KV_DTYPE == KV_FP16
     return half_bits_to_float(CVT(((__global const ushortV *)p)[i], uintV));
 #elif KV_DTYPE == KV_INT8
@@ -549,7 +557,11 @@ void paged_decode_attention(
                         floatV s[ROWS];
                         #pragma unroll
                         for (int r = 0; r < ROWS; ++r) s[r] = (floatV)(0.0f);
-                        #pragma unroll 1  // stay a loop: unrolled, PoCL turns each lane's VEC-wide loads into gathers
+#if GPU_TUNED
+                        #pragma unroll  // every load of the row in flight at once (latency)
+#else
+                        #pragma unroll 1  // stay a loop: unrolled, CPU compilers turn each lane's VEC-wide loads into gathers
+#endif
                         for (int v = 0; v < NV; ++v) {
                             const floatV kv = kv_loadv(kp, v);
                             #pragma unroll
@@ -615,7 +627,11 @@ void paged_decode_attention(
                         #pragma unroll
                         for (int c = 0; c < CV; ++c) acc[r * CV + c] *= a;
                     }
+#if GPU_TUNED
+                    #pragma unroll 4
+#else
                     #pragma unroll 1
+#endif
                     for (int j = jp; j < CHUNK; j += NJ) {
                         const int row = row_loc[j];
                         if (row >= 0) {

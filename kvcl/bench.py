@@ -1,13 +1,17 @@
 """``kvcl bench``: kernel speed as a fraction of the device's own streaming-read bandwidth,
 and against peers on the same inputs, all measured in ONE run on one machine.
 
-What is measured (each case: warm-up, then the median of several repetitions, wall clock
-around enqueue + ``queue.finish()``, inputs already on the device):
+What is measured (each case: warm-up, then the median of several samples; a sample is the
+wall clock around ``n`` back-to-back enqueues + one ``queue.finish()``, divided by ``n``, with
+``n`` chosen after the warm-up so a sample lasts at least 5 ms — 1 on a CPU, tens on a GPU
+where one launch takes ~0.1 ms and the host round trip would otherwise be timed; inputs already
+on the device):
 
 * ``stream_read``: a plain wide-vector read kernel over a large buffer — the device limit.
 * ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
   shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype; plus
-  long context (B=1, L=32768, split-K) and many sequences (B=64, L=512).
+  long context (B=1, L=32768, split-K), many sequences (B=64, L=512) and the GPU target shape
+  of targets.md P7 (B=16, L=4096, fp32 and fp16).
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
   2048-token prefill.
 * peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
@@ -56,17 +60,25 @@ class Record:
     extra: dict = field(default_factory=dict)
 
 
-def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int = 2, repeats: int = 7) -> float:
-    """Median wall-clock seconds of ``run(); sync()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run()
-        sync()
-    times = []
-    for _ in range(repeats):
+def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int = 2, repeats: int = 7,
+           min_sample: float = 5e-3, max_inner: int = 200) -> float:
+    """Median seconds per ``run()``: ``warmup`` untimed calls, then ``repeats`` samples of ``n``
+    back-to-back calls and one ``sync()`` each, ``n`` sized from the warm-up so a sample lasts
+    at least ``min_sample`` seconds (at most ``max_inner`` calls)."""
+    t_warm = float("inf")
+    for _ in range(max(1, warmup)):
         t0 = time.perf_counter()
         run()
         sync()
-        times.append(time.perf_counter() - t0)
+        t_warm = min(t_warm, time.perf_counter() - t0)
+    inner = int(min(max_inner, max(1, math.ceil(min_sample / max(t_warm, 1e-9)))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            run()
+        sync()
+        times.append((time.perf_counter() - t0) / inner)
     return float(np.median(times))
 
 
@@ -220,6 +232,7 @@ def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
         [vi("output", f32, [b, 1, hq * d]), vi("present_key", f32, [b, hkv, cap, d]),
          vi("present_value", f32, [b, hkv, cap, d])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9  # readable by onnxruntime releases older than this onnx
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -263,6 +276,7 @@ def numpy_peer(shape: DecodeShape):
 TARGET = DecodeShape(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=2048)
 LONG = DecodeShape(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=32768)
 MANY = DecodeShape(batch=64, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=512)
+GPU = DecodeShape(batch=16, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len=4096)  # P7
 QUICK = DecodeShape(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, kv_len=256)
 
 
@@ -274,6 +288,7 @@ def plan_cases(quick: bool) -> list[tuple]:
             ("peer:onnxruntime_gqa", "ort", (QUICK,)), ("peer:numpy", "numpy", (QUICK,))]
     cases = [("paged_decode", "decode", (TARGET, name)) for name in KV_DTYPES]
     cases += [("long_context", "decode", (LONG, "fp32")), ("many_sequences", "decode", (MANY, "fp32")),
+              ("batch16_4k", "decode", (GPU, "fp32")), ("batch16_4k", "decode", (GPU, "fp16")),
               ("paged_write", "write", (2048, 32, 8, 128, 16, "fp32")),
               ("paged_write", "write", (2048, 32, 8, 128, 16, "int8")),
               ("peer:onnxruntime_gqa", "ort", (TARGET,)), ("peer:numpy", "numpy", (TARGET,))]

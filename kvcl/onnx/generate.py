@@ -450,6 +450,7 @@ def hook_overhead_us(q_shape: Sequence[int] = (1, 32, 1, 128), kv_heads: int = 8
     def model(node):
         g = helper.make_graph([node], "hook", inputs, out)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(customop.OP_DOMAIN, 1)])
+        m.ir_version = 9  # readable by onnxruntime releases older than this onnx
         return m.SerializeToString()
 
     op = helper.make_node(customop.OP_TYPE, ["q", "k", "v", STEP_INPUT], ["o"], domain=customop.OP_DOMAIN,

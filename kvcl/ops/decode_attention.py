@@ -53,6 +53,7 @@ _SERIAL_CHUNK = 32      # serial: tokens per chunk (CT)
 _SERIAL_ACC_VECTORS = 8  # serial: accumulator vectors (rows x SV) held in registers in the V phase
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
+_GPU_TUNED = True       # cooperative variant on GPU devices: -D GPU_TUNED=1 (see the kernel)
 
 _lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
 _configs: dict = {}
@@ -123,7 +124,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     elsewhere), see :func:`_variant_for`.
     """
     key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
-           variant, _V_VECTORS, _SERIAL_CHUNK)
+           variant, _V_VECTORS, _SERIAL_CHUNK, _GPU_TUNED, _PREFERRED_WG)
     found = _configs.get(key)
     if found is not None:
         return found
@@ -136,7 +137,8 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         q_tile = min(_next_pow2(max_q_len), max(1, _MAX_ROWS // group))
         q_tile = 1 << (q_tile.bit_length() - 1)  # a power of two: few distinct builds
     base = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode, "HEAD_DIM": head_dim,
-            "BLOCK_SIZE": block_size, "GROUP": group, "VEC": vec}
+            "BLOCK_SIZE": block_size, "GROUP": group, "VEC": vec,
+            "GPU_TUNED": int(_GPU_TUNED and bool(dev.type & cl.device_type.GPU))}
     if variant == "serial":
         rows = group * q_tile
         # the acc slice of the V phase (rows x SV vectors) should fit the vector registers

@@ -29,6 +29,7 @@ def gqa_session(batch, hq, hkv, d, cap):
         [vi("output", f32, [batch, 1, hq * d]), vi("present_key", f32, [batch, hkv, cap, d]),
          vi("present_value", f32, [batch, hkv, cap, d])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9  # readable by onnxruntime releases older than this onnx
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 

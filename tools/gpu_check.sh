@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# kvcl on NVIDIA's OpenCL driver, in ONE call on a lent GPU machine (see docs/devices.md):
+#   the device list, `kvcl bench` (JSON + plot), a decode launch-layout sweep at the P7 shape,
+#   then the device, reliability and ONNX test tiers on the GPU.
+# The machine has numpy / onnxruntime / pytest / hypothesis / tqdm / matplotlib but no pyopencl
+# and no network: the wheels travel in .whl/ (see the script's first lines), and NVIDIA's OpenCL
+# library is registered with pyopencl's bundled ICD loader through OCL_ICD_VENDORS.
+# Usage, from the repository root:  bash tools/gpu_check.sh [OUTDIR]   (default $OUT or /tmp/kvcl-gpu)
+set -u
+out=${1:-${OUT:-/tmp/kvcl-gpu}}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "wheel install failed (run: see docs/devices.md)"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+lib=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu -name 'libnvidia-opencl.so*' 2>/dev/null | sort | head -1)
+[ -n "$lib" ] || { echo "no libnvidia-opencl.so under /usr/local/nvidia"; exit 1; }
+mkdir -p /tmp/icd && echo "$lib" > /tmp/icd/nvidia.icd
+export OCL_ICD_VENDORS=/tmp/icd KVCL_DEVICE=${KVCL_DEVICE:-nvidia}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
+python3 -m kvcl devices 2>&1 | tee -a "$out/gpu.txt"
+
+stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+    tail -n "${TAIL:-40}" "$out/$name.log"
+}
+stage bench "${BENCH_S:-180}" python3 -m kvcl bench --json "$out/bench-nvidia.json" --plot "$out/bench-nvidia.png"
+stage sweep "${SWEEP_S:-120}" python3 tools/decode_sweep.py --dtype fp32 fp16 int8 \
+    --gpu-tuned 0 1 --local-size 64 128 256 --partition 256 512 1024 --json "$out/sweep.json"
+TAIL=15 stage tests "${TESTS_S:-330}" python3 -m pytest -q -ra -p no:cacheprovider \
+    tests/device tests/reliability tests/onnx tests/host
+cat "$out/summary.txt"
