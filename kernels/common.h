@@ -146,7 +146,7 @@ inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
 // Some implementations (PoCL 3.0) do not inline their built-in library: every exp2 / vload_half
 // is a call costing ~10x the arithmetic.  These helpers are plain operators and bit tricks.
 
-// kvcl_exp2(x) = 2^x for float, float4 and float8: x = n + f with n = round(x) (the 1.5*2^23
+// kvcl_exp2(x) = 2^x for float, float4, float8 and float16: x = n + f with n = round(x) (the 1.5*2^23
 // magic-number trick, which also leaves n in the low bits), f in [-0.5, 0.5]; 2^f by a degree-6
 // minimax polynomial (max relative error 2.6e-9, ~1.0e-7 after float rounding), 2^n as two
 // exponent-field scalings so gradual underflow and overflow are right: relative error <= 2e-7
@@ -182,6 +182,7 @@ inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
 inline float __attribute__((overloadable)) kvcl_exp2(float x) { KVCL_EXP2_BODY(float, int, as_float, as_int) }
 inline float4 __attribute__((overloadable)) kvcl_exp2(float4 x) { KVCL_EXP2_BODY(float4, int4, as_float4, as_int4) }
 inline float8 __attribute__((overloadable)) kvcl_exp2(float8 x) { KVCL_EXP2_BODY(float8, int8, as_float8, as_int8) }
+inline float16 __attribute__((overloadable)) kvcl_exp2(float16 x) { KVCL_EXP2_BODY(float16, int16, as_float16, as_int16) }
 inline float __attribute__((overloadable)) kvcl_exp(float x) { KVCL_EXP_BODY(float, int, as_float, as_int) }
 inline float4 __attribute__((overloadable)) kvcl_exp(float4 x) { KVCL_EXP_BODY(float4, int4, as_float4, as_int4) }
 inline float8 __attribute__((overloadable)) kvcl_exp(float8 x) { KVCL_EXP_BODY(float8, int8, as_float8, as_int8) }

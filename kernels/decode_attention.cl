@@ -15,7 +15,7 @@
 //   BLOCK_SIZE            tokens per page (the capacity for a contiguous cache: one page per sequence)
 //   GROUP                 query heads per kv head (GQA ratio)
 //   ROWS                  query rows per work-group = GROUP * query tokens per tile
-//   VEC                   4 or 8: vector width of the loads along head_dim
+//   VEC                   4, 8 or 16 (cooperative only): vector width of the loads along head_dim
 //   SERIAL                1: the CPU-shaped variant (WG = 1), 0: the cooperative one
 //   WG                    work-group size (reqd_work_group_size): a multiple of VEC, at least
 //                         HEAD_DIM / VEC / CV and ROWS (cooperative); 1 (serial)
@@ -133,7 +133,9 @@ inline float max4(float4 h) {
 }
 
 inline float vsum(floatV v) {
-#if VEC == 8
+#if VEC == 16
+    return sum4((v.lo.lo + v.lo.hi) + (v.hi.lo + v.hi.hi));
+#elif VEC == 8
     return sum4(v.lo + v.hi);
 #else
     return sum4(v);
@@ -143,7 +145,9 @@ inline float vsum(floatV v) {
 inline float max8(float8 v) { return max4(v.lo > v.hi ? v.lo : v.hi); }
 
 inline float vmax(floatV v) {
-#if VEC == 8
+#if VEC == 16
+    return max8(v.lo > v.hi ? v.lo : v.hi);
+#elif VEC == 8
     return max8(v);
 #else
     return max4(v);
@@ -187,11 +191,15 @@ inline floatV fp8v_decode(uintV b) {
 #ifndef CPU_BUILTINS
 #define CPU_BUILTINS 0
 #endif
-// GPU_TUNED=1 (cooperative variant on GPU devices): unrolled K-row and V-token loops, so each
-// work-item has many loads in flight, and vload_halfN for fp16 (converted by the hardware).
-// CPU implementations of the cooperative variant (llvmpipe) keep the plain loops.
-#ifndef GPU_TUNED
-#define GPU_TUNED 0
+// UNROLL_K, UNROLL_V (cooperative variant): unrolling of the K-row loop (phase A) and of the
+// token loop of phase C — 1 (a loop), 4, or 0 (full). GPUs want loads in flight (each work-item
+// is in-order); llvmpipe wants loops. vload_halfN instead of half_bits_to_float measured 2x
+// slower on NVIDIA's OpenCL (H100, fp16 B=16 L=4096: 0.45 vs 0.23 ms), so it is not used.
+#ifndef UNROLL_K
+#define UNROLL_K 1
+#endif
+#ifndef UNROLL_V
+#define UNROLL_V 1
 #endif
 #if CPU_BUILTINS && VEC == 8 && defined(__has_builtin)
 #if __has_builtin(__builtin_ia32_vcvtph2ps256)
@@ -206,8 +214,6 @@ inline floatV kv_loadv(__global const kv_t *p, int i) {
     return ((__global const floatV *)p)[i];
 #elif KV_DTYPE == KV_FP16 && defined(F16C_8)
     return ph8_to_float8(((__global const ushort8 *)p)[i]);
-#elif KV_DTYPE == KV_FP16 && GPU_TUNED
-    return CAT(vload_half, VEC)(i, (__global const half *)p);  // a hardware conversion on GPUs
 #elif KV_DTYPE == KV_FP16
     return half_bits_to_float(CVT(((__global const ushortV *)p)[i], uintV));
 #elif KV_DTYPE == KV_INT8
@@ -557,10 +563,12 @@ void paged_decode_attention(
                         floatV s[ROWS];
                         #pragma unroll
                         for (int r = 0; r < ROWS; ++r) s[r] = (floatV)(0.0f);
-#if GPU_TUNED
-                        #pragma unroll  // every load of the row in flight at once (latency)
+#if UNROLL_K == 0
+                        #pragma unroll    // GPUs: the row's loads in flight together
+#elif UNROLL_K == 4
+                        #pragma unroll 4
 #else
-                        #pragma unroll 1  // stay a loop: unrolled, CPU compilers turn each lane's VEC-wide loads into gathers
+                        #pragma unroll 1  // CPUs: unrolled, llvmpipe turns each lane's VEC-wide loads into gathers
 #endif
                         for (int v = 0; v < NV; ++v) {
                             const floatV kv = kv_loadv(kp, v);
@@ -627,7 +635,9 @@ void paged_decode_attention(
                         #pragma unroll
                         for (int c = 0; c < CV; ++c) acc[r * CV + c] *= a;
                     }
-#if GPU_TUNED
+#if UNROLL_V == 0
+                    #pragma unroll
+#elif UNROLL_V == 4
                     #pragma unroll 4
 #else
                     #pragma unroll 1

@@ -31,15 +31,17 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", nargs="+", default=[None])
     ap.add_argument("--local-size", nargs="+", type=int, default=[None])
     ap.add_argument("--partition", nargs="+", type=int, default=[None])
-    ap.add_argument("--gpu-tuned", nargs="+", type=int, default=[1],
-                    help="-D GPU_TUNED on GPU devices (0: the plain loops of the CPU build)")
+    ap.add_argument("--unroll", nargs="+", default=[None],
+                    help="K,V unroll factors of the cooperative kernel on GPUs, e.g. 0,4 (0: full)")
     ap.add_argument("--preferred-wg", nargs="+", type=int, default=[None],
                     help="cooperative work-group size before device limits (default: kvcl's)")
+    ap.add_argument("--vec", nargs="+", type=int, default=[None],
+                    help="VEC of the cooperative kernel on GPUs for every dtype (default: kvcl's)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    PREFERRED_WG = ops._PREFERRED_WG
+    PREFERRED_WG, GPU_UNROLL, GPU_VEC = ops._PREFERRED_WG, ops._GPU_UNROLL, ops._GPU_VEC
     dev = resolve_device(args.device)
     _, read_gbps = bench.measure_stream_read(dev)
     print(f"{dev.info.name}: stream_read {read_gbps:.1f} GB/s", flush=True)
@@ -48,10 +50,11 @@ def main(argv=None) -> int:
     for dtype in args.dtype:
         case = bench.DecodeCase(dev, shape, dtype)
         (k, ks), (v, vs) = case.pools
-        for tuned, pwg, variant, local, part in itertools.product(
-                args.gpu_tuned, args.preferred_wg, args.variant, args.local_size, args.partition):
+        for vec, unroll, pwg, variant, local, part in itertools.product(
+                args.vec, args.unroll, args.preferred_wg, args.variant, args.local_size, args.partition):
+            ops._GPU_VEC = {b: vec for b in (1, 2, 4)} if vec else GPU_VEC
             variant = None if variant in (None, "auto") else variant
-            ops._GPU_TUNED = bool(tuned)
+            ops._GPU_UNROLL = tuple(int(x) for x in unroll.split(",")) if unroll else GPU_UNROLL
             ops._PREFERRED_WG = pwg or PREFERRED_WG
             try:
                 p = ops.plan(dev.context, batch=shape.batch, num_q_heads=shape.num_q_heads,
@@ -71,12 +74,12 @@ def main(argv=None) -> int:
                 print(f"{dtype:8s} variant={variant} wg={local} part={part}: {type(exc).__name__}: {exc}")
                 continue
             gbps = bench.decode_bytes(shape, dtype) / seconds / 1e9
-            row = {"kv_dtype": dtype, "variant": variant or "auto", "gpu_tuned": tuned, "local_size": p.local_size,
+            row = {"kv_dtype": dtype, "variant": variant or "auto", "unroll": unroll or "default", "vec": dict(p.defines)["VEC"], "local_size": p.local_size,
                    "partition_size": p.partition_size, "num_parts": p.num_parts,
-                   "default": local is None and part is None and variant is None and pwg is None,
+                   "default": local is None and part is None and variant is None and pwg is None and unroll is None and vec is None,
                    "ms": seconds * 1e3, "gbps": gbps, "utilization": gbps / read_gbps}
             rows.append(row)
-            print(f"{dtype:8s} {row['variant']:11s} t={tuned} wg={p.local_size:4d} part={p.partition_size:6d} "
+            print(f"{dtype:8s} {row['variant']:11s} v={row['vec']:2d} u={row['unroll']:7s} wg={p.local_size:4d} part={p.partition_size:6d} "
                   f"x{p.num_parts:<3d} {row['ms']:8.3f} ms {gbps:8.1f} GB/s {100 * row['utilization']:5.1f}%"
                   f"{'  (default)' if row['default'] else ''}", flush=True)
         del case

@@ -6,6 +6,8 @@
 # and no network: the wheels travel in .whl/ (see the script's first lines), and NVIDIA's OpenCL
 # library is registered with pyopencl's bundled ICD loader through OCL_ICD_VENDORS.
 # Usage, from the repository root:  bash tools/gpu_check.sh [OUTDIR]   (default $OUT or /tmp/kvcl-gpu)
+# Knobs (environment): BENCH_S / SWEEP_S / TESTS_S stage time limits, SWEEP_DTYPES, SWEEP_ARGS
+# (tools/decode_sweep.py options), TEST_PATHS.
 set -u
 out=${1:-${OUT:-/tmp/kvcl-gpu}}
 mkdir -p "$out"
@@ -28,8 +30,8 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $out/NAME.
     tail -n "${TAIL:-40}" "$out/$name.log"
 }
 stage bench "${BENCH_S:-180}" python3 -m kvcl bench --json "$out/bench-nvidia.json" --plot "$out/bench-nvidia.png"
-stage sweep "${SWEEP_S:-120}" python3 tools/decode_sweep.py --dtype fp32 fp16 int8 \
-    --gpu-tuned 0 1 --local-size 64 128 256 --partition 256 512 1024 --json "$out/sweep.json"
+stage sweep "${SWEEP_S:-120}" python3 tools/decode_sweep.py --dtype ${SWEEP_DTYPES:-fp32 fp16 int8} \
+    ${SWEEP_ARGS:---local-size 64 128 --partition 256 512} --json "$out/sweep.json"
 TAIL=15 stage tests "${TESTS_S:-330}" python3 -m pytest -q -ra -p no:cacheprovider \
-    tests/device tests/reliability tests/onnx tests/host
+    ${TEST_PATHS:-tests/device tests/reliability tests/onnx tests/host}
 cat "$out/summary.txt"

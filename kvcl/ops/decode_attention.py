@@ -53,7 +53,8 @@ _SERIAL_CHUNK = 32      # serial: tokens per chunk (CT)
 _SERIAL_ACC_VECTORS = 8  # serial: accumulator vectors (rows x SV) held in registers in the V phase
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
-_GPU_TUNED = True       # cooperative variant on GPU devices: -D GPU_TUNED=1 (see the kernel)
+_GPU_UNROLL = (0, 4)    # cooperative variant on GPU devices: -D UNROLL_K, UNROLL_V (see the kernel)
+_GPU_VEC = {4: 8, 2: 8, 1: 16}  # cooperative variant on GPUs: VEC by bytes per stored element
 
 _lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
 _configs: dict = {}
@@ -124,21 +125,23 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     elsewhere), see :func:`_variant_for`.
     """
     key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
-           variant, _V_VECTORS, _SERIAL_CHUNK, _GPU_TUNED, _PREFERRED_WG)
+           variant, _V_VECTORS, _SERIAL_CHUNK, _GPU_UNROLL, tuple(_GPU_VEC.items()), _PREFERRED_WG)
     found = _configs.get(key)
     if found is not None:
         return found
     dev = context.devices[0]
     variant = _variant_for(dev, variant)
     vec = 8 if head_dim % 8 == 0 else 4
+    if variant == "cooperative" and dev.type & cl.device_type.GPU:
+        want = _GPU_VEC.get(kvd.bytes_per_elem, 8)
+        vec = want if head_dim % want == 0 else vec
     nv = head_dim // vec
     q_tile = 1
     if max_q_len > 1:
         q_tile = min(_next_pow2(max_q_len), max(1, _MAX_ROWS // group))
         q_tile = 1 << (q_tile.bit_length() - 1)  # a power of two: few distinct builds
     base = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode, "HEAD_DIM": head_dim,
-            "BLOCK_SIZE": block_size, "GROUP": group, "VEC": vec,
-            "GPU_TUNED": int(_GPU_TUNED and bool(dev.type & cl.device_type.GPU))}
+            "BLOCK_SIZE": block_size, "GROUP": group, "VEC": vec}
     if variant == "serial":
         rows = group * q_tile
         # the acc slice of the V phase (rows x SV vectors) should fit the vector registers
@@ -176,7 +179,9 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         else:
             wg = max(unit, (wg // 2) // unit * unit)
     while True:
-        defines = dict(base, SERIAL=0, ROWS=group * q_tile, WG=wg, CV=cv_for(wg))
+        unroll_k, unroll_v = _GPU_UNROLL if dev.type & cl.device_type.GPU else (1, 1)
+        defines = dict(base, SERIAL=0, ROWS=group * q_tile, WG=wg, CV=cv_for(wg),
+                       UNROLL_K=unroll_k, UNROLL_V=unroll_v)
         kernel = get_kernel(context, SOURCE, "paged_decode_attention", defines)
         kwg = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
         smaller = max(unit, min(kwg, wg // 2) // unit * unit)  # register pressure / device limits
