@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    PREFERRED_WG, GPU_UNROLL, GPU_VEC = ops._PREFERRED_WG, ops._GPU_UNROLL, ops._GPU_VEC
+    PREFERRED_WG, GPU_WG, GPU_UNROLL, GPU_VEC = ops._PREFERRED_WG, ops._GPU_WG, ops._GPU_UNROLL, ops._GPU_VEC
     dev = resolve_device(args.device)
     _, read_gbps = bench.measure_stream_read(dev)
     print(f"{dev.info.name}: stream_read {read_gbps:.1f} GB/s", flush=True)
@@ -54,8 +54,9 @@ def main(argv=None) -> int:
                 args.vec, args.unroll, args.preferred_wg, args.variant, args.local_size, args.partition):
             ops._GPU_VEC = {b: vec for b in (1, 2, 4)} if vec else GPU_VEC
             variant = None if variant in (None, "auto") else variant
-            ops._GPU_UNROLL = tuple(int(x) for x in unroll.split(",")) if unroll else GPU_UNROLL
-            ops._PREFERRED_WG = pwg or PREFERRED_WG
+            ops._GPU_UNROLL = ({b: tuple(int(x) for x in unroll.split(",")) for b in (1, 2, 4)}
+                               if unroll else GPU_UNROLL)
+            ops._PREFERRED_WG, ops._GPU_WG = pwg or PREFERRED_WG, pwg or GPU_WG
             try:
                 p = ops.plan(dev.context, batch=shape.batch, num_q_heads=shape.num_q_heads,
                              num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,

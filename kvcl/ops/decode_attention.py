@@ -53,8 +53,15 @@ _SERIAL_CHUNK = 32      # serial: tokens per chunk (CT)
 _SERIAL_ACC_VECTORS = 8  # serial: accumulator vectors (rows x SV) held in registers in the V phase
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
-_GPU_UNROLL = (0, 4)    # cooperative variant on GPU devices: -D UNROLL_K, UNROLL_V (see the kernel)
-_GPU_VEC = {4: 8, 2: 8, 1: 16}  # cooperative variant on GPUs: VEC by bytes per stored element
+# Cooperative variant on GPU devices, by bytes per stored KV element: VEC, (UNROLL_K, UNROLL_V)
+# and the work-group size. Chosen by tools/decode_sweep.py on an H100 through NVIDIA's OpenCL
+# (B=16 Hq=32 Hkv=8 D=128 L=4096, 180 layouts per dtype; stream read 2776 GB/s in the same run):
+# fp32 VEC 16, full unrolling, WG 32: 0.244 ms = 80% of the read (the CPU layout, VEC 8 loops
+# WG 128: 0.323 ms, 58%); fp16 and int8 are bound by their conversions there, where loops are
+# best (unrolled: 20-40% slower): fp16 0.223 ms, int8 0.185 ms with VEC 8, WG 32.
+_GPU_VEC = {4: 16, 2: 8, 1: 8}
+_GPU_UNROLL = {4: (0, 0), 2: (1, 1), 1: (1, 1)}
+_GPU_WG = 32
 
 _lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
 _configs: dict = {}
@@ -125,7 +132,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     elsewhere), see :func:`_variant_for`.
     """
     key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
-           variant, _V_VECTORS, _SERIAL_CHUNK, _GPU_UNROLL, tuple(_GPU_VEC.items()), _PREFERRED_WG)
+           variant, _V_VECTORS, _SERIAL_CHUNK, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()), _PREFERRED_WG, _GPU_WG)
     found = _configs.get(key)
     if found is not None:
         return found
@@ -134,6 +141,8 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     vec = 8 if head_dim % 8 == 0 else 4
     if variant == "cooperative" and dev.type & cl.device_type.GPU:
         want = _GPU_VEC.get(kvd.bytes_per_elem, 8)
+        while local_size and want > max(4, local_size):  # WG is a multiple of VEC
+            want //= 2
         vec = want if head_dim % want == 0 else vec
     nv = head_dim // vec
     q_tile = 1
@@ -161,7 +170,8 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
 
     unit = vec  # WG is a multiple of VEC (the padded chunk must fit the work-group)
     limit = dev.max_work_group_size
-    wg = min(local_size or _PREFERRED_WG, limit)
+    gpu = bool(dev.type & cl.device_type.GPU)
+    wg = min(local_size or (_GPU_WG if gpu else _PREFERRED_WG), limit)
     wg = max(unit, wg // unit * unit)
     while group * q_tile > wg and q_tile > 1:   # one work-item per row in the softmax phase
         q_tile //= 2
@@ -179,7 +189,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         else:
             wg = max(unit, (wg // 2) // unit * unit)
     while True:
-        unroll_k, unroll_v = _GPU_UNROLL if dev.type & cl.device_type.GPU else (1, 1)
+        unroll_k, unroll_v = _GPU_UNROLL.get(kvd.bytes_per_elem, (1, 1)) if gpu else (1, 1)
         defines = dict(base, SERIAL=0, ROWS=group * q_tile, WG=wg, CV=cv_for(wg),
                        UNROLL_K=unroll_k, UNROLL_V=unroll_v)
         kernel = get_kernel(context, SOURCE, "paged_decode_attention", defines)
