@@ -1,7 +1,8 @@
 """``kvcl bench``: kernel speed as a fraction of the device's own streaming-read bandwidth,
 and against peers on the same inputs, all measured in ONE run on one machine.
 
-What is measured (each case: warm-up, then the median of several samples; a sample is the
+What is measured (each case: warm-up, then the median of several samples, taken in turn with
+samples of the streaming read, whose median is that case's ``device_read_gbps``; a sample is the
 wall clock around ``n`` back-to-back enqueues + one ``queue.finish()``, divided by ``n``, with
 ``n`` chosen after the warm-up so a sample lasts at least 5 ms — 1 on a CPU, tens on a GPU
 where one launch takes ~0.1 ms and the host round trip would otherwise be timed; inputs already
@@ -15,7 +16,8 @@ on the device):
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
   2048-token prefill.
 * peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
-  with the KV cache bound in place (IOBinding), and the grouped numpy reference.
+  with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
+  in turn with kvcl's fp32 decode of that shape.
 
 Bytes per decode case: ``Σ_seq L · H_kv · (2·D·bytes_per_elem + 2·scale_bytes)`` plus page table,
 queries and output. Utilisation = (bytes / seconds) / stream-read bandwidth. Speedup of a peer
@@ -60,43 +62,75 @@ class Record:
     extra: dict = field(default_factory=dict)
 
 
-def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int = 2, repeats: int = 7,
-           min_sample: float = 5e-3, max_inner: int = 200) -> float:
-    """Median seconds per ``run()``: ``warmup`` untimed calls, then ``repeats`` samples of ``n``
-    back-to-back calls and one ``sync()`` each, ``n`` sized from the warm-up so a sample lasts
-    at least ``min_sample`` seconds (at most ``max_inner`` calls)."""
+def _calibrate(run: Callable[[], object], sync: Callable[[], object], warmup: int, min_sample: float,
+               max_inner: int) -> int:
+    """Back-to-back calls per sample so that one sample lasts at least ``min_sample`` seconds."""
     t_warm = float("inf")
     for _ in range(max(1, warmup)):
         t0 = time.perf_counter()
         run()
         sync()
         t_warm = min(t_warm, time.perf_counter() - t0)
-    inner = int(min(max_inner, max(1, math.ceil(min_sample / max(t_warm, 1e-9)))))
-    times = []
+    return int(min(max_inner, max(1, math.ceil(min_sample / max(t_warm, 1e-9)))))
+
+
+def _sample(run: Callable[[], object], sync: Callable[[], object], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        run()
+    sync()
+    return (time.perf_counter() - t0) / inner
+
+
+def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int = 2, repeats: int = 7,
+           min_sample: float = 5e-3, max_inner: int = 200) -> float:
+    """Median seconds per ``run()``: ``warmup`` untimed calls, then ``repeats`` samples of ``n``
+    back-to-back calls and one ``sync()`` each, ``n`` sized from the warm-up so a sample lasts
+    at least ``min_sample`` seconds (at most ``max_inner`` calls)."""
+    return timeit_interleaved([(run, sync)], warmup=warmup, repeats=repeats, min_sample=min_sample,
+                              max_inner=max_inner)[0]
+
+
+def timeit_interleaved(jobs, *, warmup: int = 2, repeats: int = 7, min_sample: float = 5e-3,
+                       max_inner: int = 200) -> list[float]:
+    """Median seconds per call of each ``(run, sync)`` in ``jobs``, their samples taken in turn
+    (job 0, job 1, ..., job 0, ...) so that every job sees the same machine: on a shared host the
+    memory bandwidth available moves by 2x within minutes, and a ratio of two medians taken
+    minutes apart would measure that, not the code."""
+    inners = [_calibrate(run, sync, warmup, min_sample, max_inner) for run, sync in jobs]
+    times: list[list[float]] = [[] for _ in jobs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            run()
-        sync()
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times))
+        for (run, sync), inner, bucket in zip(jobs, inners, times):
+            bucket.append(_sample(run, sync, inner))
+    return [float(np.median(t)) for t in times]
 
 
 # ---- the device limit ---------------------------------------------------------------------------
 
+class StreamReader:
+    """The streaming-read kernel over an ``nbytes`` buffer, ready to time (``run`` + ``sync``)."""
+
+    def __init__(self, dev: Device, nbytes: int = 256 << 20):
+        self.nbytes = min(nbytes, dev.info.max_alloc_bytes // 2) // 16 * 16
+        self.src = cla.empty(dev.queue, self.nbytes // 4, np.float32)
+        self.src.fill(1.0)
+        self.partial = empty_partial(dev.queue)
+        self.sync = dev.queue.finish
+
+    def run(self):
+        return stream_read(self.src, self.partial)
+
+
 def measure_stream_read(dev: Device, *, nbytes: int = 256 << 20, repeats: int = 7) -> tuple[float, float]:
     """(seconds, GB/s) of reading ``nbytes`` once with the streaming-read kernel."""
-    nbytes = min(nbytes, dev.info.max_alloc_bytes // 2) // 16 * 16
-    src = cla.empty(dev.queue, nbytes // 4, np.float32)
-    src.fill(1.0)
-    partial = empty_partial(dev.queue)
-    seconds = timeit(lambda: stream_read(src, partial), dev.queue.finish, repeats=repeats)
-    return seconds, nbytes / seconds / 1e9
+    reader = StreamReader(dev, nbytes)
+    seconds = timeit(reader.run, reader.sync, repeats=repeats)
+    return seconds, reader.nbytes / seconds / 1e9
 
 
 # ---- decode attention ---------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeShape:
     batch: int
     num_q_heads: int
@@ -297,7 +331,12 @@ def plan_cases(quick: bool) -> list[tuple]:
 
 def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: bool = True,
               print_fn=print) -> list[Record]:
-    """Run every case; return the records (the caller prints, writes JSON and plots)."""
+    """Run every case; return the records (the caller prints, writes JSON and plots).
+
+    Every kvcl case is timed interleaved with the streaming read (sample by sample), and its
+    utilisation uses that read; every peer is timed interleaved with kvcl's fp32 decode of the
+    same shape, and its speedup uses that kvcl time. The first record is a stand-alone read.
+    """
     dev = resolve_device(device)
     cases = plan_cases(quick)
     bar = None
@@ -307,33 +346,43 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             bar = tqdm(total=len(cases) + 1, desc="kvcl bench", unit="case", leave=False)
         except ImportError:  # pragma: no cover
             bar = None
-    stream_seconds, read_gbps = measure_stream_read(dev, nbytes=(32 << 20) if quick else (256 << 20), repeats=repeats)
-    records = [Record("stream_read", "-", {"bytes": int(read_gbps * stream_seconds * 1e9)}, stream_seconds,
-                      int(read_gbps * stream_seconds * 1e9), read_gbps, read_gbps, 1.0,
-                      note="wide-vector streaming read: the device limit")]
+    reader = StreamReader(dev, (32 << 20) if quick else (256 << 20))
+    stream_seconds = timeit(reader.run, reader.sync, repeats=repeats)
+    read_gbps = reader.nbytes / stream_seconds / 1e9
+    records = [Record("stream_read", "-", {"bytes": reader.nbytes}, stream_seconds, reader.nbytes,
+                      read_gbps, read_gbps, 1.0, note="wide-vector streaming read: the device limit")]
     if bar:
         bar.update()
+
+    def with_read(run):  # (seconds of run, GB/s of the read sampled in turn with it)
+        read_s, seconds = timeit_interleaved([(reader.run, reader.sync), (run, dev.queue.finish)],
+                                             repeats=repeats)
+        return seconds, reader.nbytes / read_s / 1e9
+
     kvcl_fp32: dict[str, float] = {}
+    peer_base = {}
     for name, kind, args in cases:
         if bar:
             bar.set_postfix_str(f"{name} {args[-1] if kind in ('decode', 'write') else ''}")
         if kind == "decode":
             shape, dtype_name = args
             case = DecodeCase(dev, shape, dtype_name)
-            seconds = timeit(case.run, dev.queue.finish, repeats=repeats)
-            nbytes = decode_bytes(shape, dtype_name)
-            records.append(_record(name, dtype_name, shape.as_dict(), seconds, nbytes, read_gbps))
+            seconds, gbps = with_read(case.run)
+            records.append(_record(name, dtype_name, shape.as_dict(), seconds, decode_bytes(shape, dtype_name), gbps))
             if dtype_name == "fp32":
                 kvcl_fp32[name] = seconds
-            del case
+                if name == "paged_decode":
+                    peer_base[shape] = case   # the peers are timed against this one
+            if peer_base.get(shape) is not case:
+                del case
         elif kind == "write":
             tokens, hq, hkv, d, bs, dtype_name = args
             case = WriteCase(dev, tokens, hq, hkv, d, bs, dtype_name)
-            seconds = timeit(case.run, dev.queue.finish, repeats=repeats)
+            seconds, gbps = with_read(case.run)
             records.append(_record(name, dtype_name, {"tokens": tokens, "num_q_heads": hq, "num_kv_heads": hkv,
                                                       "head_dim": d, "block_size": bs, "rope": "half",
                                                       "qk_norm": True},
-                                   seconds, write_bytes(tokens, hq, hkv, d, dtype_name), read_gbps))
+                                   seconds, write_bytes(tokens, hq, hkv, d, dtype_name), gbps))
         else:
             shape = args[0]
             run = ort_gqa_peer(shape) if kind == "ort" else numpy_peer(shape)
@@ -341,12 +390,17 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                 records.append(Record(name, "fp32", shape.as_dict(), float("nan"), 0, float("nan"), read_gbps,
                                       float("nan"), peer=name.split(":")[1], note="onnxruntime not installed"))
             else:
-                seconds = timeit(run, lambda: None, repeats=repeats)
+                ours = peer_base.get(shape)
+                if ours is not None:
+                    ours_s, seconds = timeit_interleaved([(ours.run, dev.queue.finish), (run, lambda: None)],
+                                                         repeats=repeats)
+                else:  # pragma: no cover - every peer shape has a kvcl case
+                    ours_s, seconds = None, timeit(run, lambda: None, repeats=repeats)
                 rec = _record(name, "fp32", shape.as_dict(), seconds, decode_bytes(shape, "fp32"), read_gbps)
                 rec.peer = name.split(":")[1]
-                ours = kvcl_fp32.get("paged_decode")
-                rec.speedup = seconds / ours if ours else None
-                rec.note = "speedup = peer seconds / kvcl fp32 paged_decode seconds"
+                rec.speedup = seconds / ours_s if ours_s else None
+                rec.extra["kvcl_seconds"] = ours_s
+                rec.note = "speedup = peer seconds / kvcl fp32 paged_decode seconds, sampled in turn"
                 records.append(rec)
         if bar:
             bar.update()
@@ -382,7 +436,8 @@ def format_records(records: list[Record], device_name: str) -> str:
             extra = f"{r.extra['speedup_vs_fp32']:.2f}x vs kvcl fp32"
         rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}",
                      f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", extra))
-    header = f"kvcl bench on {device_name}: utilisation = GB/s / stream_read GB/s (same run)\n"
+    header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read sampled "
+              "in turn with that case; peers sampled in turn with kvcl fp32 paged_decode\n")
     return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "vs"], rows, align="lllrrrl")
 
 
