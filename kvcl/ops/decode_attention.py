@@ -55,13 +55,16 @@ _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len 
 _PART_MIN, _PART_MAX = 256, 512
 # Cooperative variant on GPU devices, by bytes per stored KV element: VEC, (UNROLL_K, UNROLL_V)
 # and the work-group size. Chosen by tools/decode_sweep.py on an H100 through NVIDIA's OpenCL
-# (B=16 Hq=32 Hkv=8 D=128 L=4096, 180 layouts per dtype; stream read 2776 GB/s in the same run):
+# (B=16 Hq=32 Hkv=8 D=128 L=4096, 120 layouts per dtype; stream read 2776 GB/s in the same run):
 # fp32 VEC 16, full unrolling, WG 32: 0.244 ms = 80% of the read (the CPU layout, VEC 8 loops
 # WG 128: 0.323 ms, 58%); fp16 and int8 are bound by their conversions there, where loops are
 # best (unrolled: 20-40% slower): fp16 0.223 ms, int8 0.185 ms with VEC 8, WG 32.
 _GPU_VEC = {4: 16, 2: 8, 1: 8}
 _GPU_UNROLL = {4: (0, 0), 2: (1, 1), 1: (1, 1)}
 _GPU_WG = 32
+# ... and the largest split-K partition there (tokens): fp16 / int8 0.22 / 0.19 ms with 256-token
+# partitions vs 0.31 / 0.25 ms with 512; fp32 best with 512 (0.244 vs 0.262 ms with 256)
+_GPU_PART_MAX = {4: 512, 2: 256, 1: 256}
 
 _lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
 _configs: dict = {}
@@ -219,12 +222,13 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     ``partition_size=None`` picks split-K automatically: none when the
     ``batch · num_kv_heads · q_tiles`` work-groups already give every compute unit 2 (CPU)
     or 4 (GPU) of them, else partitions of 256–512 tokens (a multiple of ``block_size`` when
-    that is at most 512) enough to fill it.
+    that is at most 512) enough to fill it; at most 256 for 1- and 2-byte formats on GPUs.
     """
     kvd = _kv_dtype(kv_dtype)
     group = num_q_heads // num_kv_heads
     defines, wg, q_tile = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
                                   local_size, variant)
+    variant_name = "serial" if dict(defines)["SERIAL"] else "cooperative"
     q_tiles = -(-max_q_len // q_tile)
     if partition_size is None:
         dev = context.devices[0]
@@ -235,7 +239,10 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
             partition_size = max_kv_len
         else:
             parts = -(-want // groups)
-            size = min(max(-(-max_kv_len // parts), _PART_MIN), _PART_MAX)
+            cap = _PART_MAX
+            if dev.type & cl.device_type.GPU and variant_name == "cooperative":
+                cap = _GPU_PART_MAX.get(kvd.bytes_per_elem, _PART_MAX)
+            size = min(max(-(-max_kv_len // parts), _PART_MIN), cap)
             step = block_size if block_size <= _PART_MAX else 64
             partition_size = -(-size // step) * step
     num_parts = max(1, -(-max_kv_len // partition_size))
