@@ -276,13 +276,13 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //     C  head_dim slice (SV vectors) outer, tokens inner: the slice of acc for all ROWS rows sits
 //        in registers while the chunk's V rows stream through it (each V byte read once).
 //   Split-K (flash-decoding) only when B * Hkv * q_tiles work-items cannot fill the compute units.
-//   Measured (PoCL 3.0, 2-core EPYC VM shared with other jobs: min of 9 runs interleaved with
-//   the original cooperative kernel and a contiguous float8 streaming reader, 32 work-items):
-//   fp32 B=4 Hq=32 Hkv=8 D=128 L=2048: 8.4 ms = 84% of the reader (cooperative 14.4 ms, 49%);
-//   fp16 6.1 ms, int8 6.6 ms, fp8_e4m3 7.2 ms; B=1 L=32768 63.5 ms (50%); B=64 L=512 52.3 ms
-//   (44%).  Without the V prefetch phase C was latency-bound (each slice pass missed once per
-//   row); without two FMA chains per row phase A was.  kvcl's stream_read kernel read 0.9 GB/s
-//   in the same runs (grid-stride pattern, see the report) so utilisation uses the reader.
+//   Measured (PoCL 3.0, 2-core EPYC VM, fp32 B=4 Hq=32 Hkv=8 D=128 L=2048, sampled in turn with
+//   kvcl's streaming read): 5.0-6.6 ms = 53-63% of the read (the cooperative variant on the same
+//   CPU: 14.4 ms); fp16 1.84-2.12x and int8 1.63-2.16x faster than fp32. What bounds it: alone,
+//   the arithmetic takes 1.68 ms (pages in cache) and the same page reads with this prefetch
+//   scheme reach 94-96% of the read; together they add up (one thread per core: no overlap).
+//   Without the prefetches: 41-45%. Prefetch distances 8-96 tokens, other prefetch schemes,
+//   huge pages, 16-wide loads and two tokens per logit step measured no better (docs/performance.md).
 //
 // SERIAL=0 (GPUs) — the idea: the work-group's WG work-items cooperate on the tile.  The token
 //   range is walked page group by page group (PPC pages of BLOCK_SIZE tokens, or WG-token slices
@@ -295,6 +295,11 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //        in private vectors, rescaled by the chunk's factor.
 //   At the end the token lanes are summed in local memory; with one partition the normalised
 //   result goes straight to `out`, otherwise (m, l, acc) go to the workspace for the merge.
+//   On GPUs (-D UNROLL_K/UNROLL_V, VEC and WG set per storage format by the launcher): NVIDIA
+//   H100 through NVIDIA's OpenCL, B=16 Hq=32 Hkv=8 D=128 L=4096, fp32 VEC 16, unrolled, WG 32:
+//   0.244 ms = 77-80% of the streaming read on two machines, 53% on a third (docs/performance.md);
+//   the llvmpipe layout (VEC 8, loops, WG 128) 0.323 ms, 58%. fp16 / int8 are conversion-bound
+//   there: 0.22 / 0.19 ms at best (loops, VEC 8, WG 32, 256-token partitions).
 //   Measured on PoCL 3.0 before the serial variant existed (2-core EPYC VM, fp32, B=4, Hq=32,
 //   Hkv=8, D=128, L=2048, WG=128, VEC=8): 9.9 ms per layer vs 3.6 ms for a streaming read of
 //   the same bytes (36%); fp16 10.3 ms, int8 9.0 ms — instruction-bound on a CPU (phases A and C

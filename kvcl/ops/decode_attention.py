@@ -15,7 +15,8 @@ per tile, derived from the device's and kernel's work-group limits). Split-K (fl
 used only when ``B · num_kv_heads · q_tiles`` work-groups cannot fill the device; a second
 kernel then merges the partitions with log-sum-exp weights.
 
-Measured on the 2-core PoCL dev machine: see ``_MEASURED`` and the kernel's header comment.
+Measured figures (PoCL on the 2-core development VM, NVIDIA's OpenCL on an H100): the kernel's
+header comment and ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ from ..validate import check_array, check_float, check_int, is_device_array
 __all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
 
 SOURCE = "decode_attention.cl"
-_MEASURED = ("PoCL 3.0 2-core EPYC VM (shared, noisy), serial variant, fp32 B=4 Hq=32 Hkv=8 D=128 "
-             "L=2048: min 8.4 ms/layer = 84% of a contiguous float8 streaming reader in the same run "
-             "(cooperative variant 14.4 ms); fp16 6.1 ms, int8 6.6 ms, fp8_e4m3 7.2 ms")
 
 VARIANTS = ("serial", "cooperative")
 _PREFERRED_WG = 128     # cooperative: work-items per group before the device limits cut it down
