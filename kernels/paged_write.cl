@@ -35,20 +35,16 @@
 // exhaustively for |r| <= 256), non-temporal stores for q_out and the pool rows; no barriers and
 // no per-element builtin calls.  GPUs (and widths nothing fits) keep paged_write above.
 //
-// Measured (PoCL 2-core CPU shared with other jobs: numbers swing 2-3x between runs;
-// 2048-token prefill, Hq=32, Hkv=8, D=128, qk-norm + half RoPE, shuffled slots; bytes = qkv in
-// + cos/sin rows + q_out + K/V (+ scales) out + slots/positions: fp32 100.7 MB, int8 88.2 MB).
-// One run, the cases interleaved per iteration, medians of 15 (load 3.5-4.6):
-//   before (paged_write, LX=1, ROWS=16): fp32 80.2 ms = 1.27 GB/s, int8 103.9 ms = 0.86 GB/s
-//   after (paged_write_rows, ROW_VEC=16, 48 rows a group): fp32 20.1 ms = 5.05 GB/s,
-//     int8 19.8 ms = 4.51 GB/s (int8/fp32 time 0.97; was 1.32)
-//   stream_read.cl 0.70 GB/s, clEnqueueCopyBuffer of the qkv bytes 4.23 GB/s in+out:
-//   fraction of stream read: fp32 1.81 -> 6.38, int8 1.15 -> 6.45 (P5 asks >= 0.5; that
-//   yardstick only reaches 0.4-1.5 GB/s on this machine now while numpy sums at 5-11 GB/s, so
-//   the fraction flatters); fraction of the copy: fp32 0.29 -> 1.13, int8 0.19 -> 0.94.
-// Quieter windows of other runs: after fp32 9.5-11.9 GB/s, int8 8.8-12.4 GB/s (copy 7-19).
-// Paired A/B of the steps: non-temporal stores 1.15-1.38x, ROW_VEC 16 vs 8 1.06-1.15x,
-// ROW_VEC 4 1.3-1.5x slower than 8.
+// Measured (2048-token prefill, Hq=32, Hkv=8, D=128, qk-norm + half RoPE, shuffled slots; bytes
+// = qkv in + cos/sin rows + q_out + K/V (+ scales) out + slots/positions: fp32 100.7 MB, int8
+// 88.2 MB), as a fraction of kvcl's streaming read sampled in turn with it (kvcl bench):
+//   PoCL 3.0, 2-core EPYC VM, paged_write_rows: fp32 5.6-5.8 ms = 69-86%, int8 4.4-6.3 ms =
+//   67-82% (three runs); the work-group kernel on the same CPU (LX=1, ROWS=16) was 4x slower
+//   than the row kernel in one interleaved A/B (80.2 vs 20.1 ms on a loaded machine).
+//   NVIDIA H100 (OpenCL), paged_write: fp32 0.28-0.34 ms = 11-13%, int8 0.20-0.29 ms = 11-15%
+//   of a 2.8 TB/s read: at 100 MB the launch is short and this kernel was not tuned for GPUs.
+// Paired A/B of the row kernel's steps (PoCL): non-temporal stores 1.15-1.38x, ROW_VEC 16 vs 8
+// 1.06-1.15x, ROW_VEC 4 1.3-1.5x slower than 8.
 // Non-temporal stores are weakly ordered: they are made visible by the locked operations /
 // mutexes with which the runtime ends the work-group and the command (x86 flushes
 // write-combining buffers on locked instructions).
