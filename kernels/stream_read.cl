@@ -12,7 +12,7 @@
 // contiguous float4 chunks 9-11 GB/s; contiguous float16, 64 work-items per core 14-15 GB/s
 // (numpy's single-threaded sum: 10-12 GB/s in the same runs); 15-25 GB/s over later runs.
 // NVIDIA H100 (OpenCL), grid-stride float4, 16 groups of 128 per compute unit, 256 MiB:
-// 2776-2867 GB/s over five fresh machines (a device-to-device copy moves ~3.0 TB/s read+written).
+// 2776-2867 GB/s over five fresh machines.
 
 #ifndef CONTIGUOUS
 #define CONTIGUOUS 0
