@@ -133,14 +133,16 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     elsewhere), see :func:`_variant_for`.
     """
     key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
-           variant, _V_VECTORS, _SERIAL_CHUNK, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()), _PREFERRED_WG, _GPU_WG)
+           variant, _V_VECTORS, _SERIAL_CHUNK, _PREFERRED_WG,
+           _GPU_WG, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()))  # the sweep tool sets these
     found = _configs.get(key)
     if found is not None:
         return found
     dev = context.devices[0]
     variant = _variant_for(dev, variant)
+    gpu = variant == "cooperative" and bool(dev.type & cl.device_type.GPU)  # the per-format GPU layouts
     vec = 8 if head_dim % 8 == 0 else 4
-    if variant == "cooperative" and dev.type & cl.device_type.GPU:
+    if gpu:
         want = _GPU_VEC.get(kvd.bytes_per_elem, 8)
         while local_size and want > max(4, local_size):  # WG is a multiple of VEC
             want //= 2
@@ -171,7 +173,6 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
 
     unit = vec  # WG is a multiple of VEC (the padded chunk must fit the work-group)
     limit = dev.max_work_group_size
-    gpu = bool(dev.type & cl.device_type.GPU)
     wg = min(local_size or (_GPU_WG if gpu else _PREFERRED_WG), limit)
     wg = max(unit, wg // unit * unit)
     while group * q_tile > wg and q_tile > 1:   # one work-item per row in the softmax phase
