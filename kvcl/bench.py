@@ -19,6 +19,9 @@ on the device):
   with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
   in turn with kvcl's fp32 decode of that shape.
 
+Each kvcl record's ``extra`` holds ``seconds_range`` and ``read_gbps_range``: the fastest and
+slowest sample of the case and of the read sampled with it (how noisy the machine was).
+
 Bytes per decode case: ``Σ_seq L · H_kv · (2·D·bytes_per_elem + 2·scale_bytes)`` plus page table,
 queries and output. Utilisation = (bytes / seconds) / stream-read bandwidth. Speedup of a peer
 row = peer seconds / kvcl seconds (> 1: kvcl is faster).
@@ -92,16 +95,19 @@ def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int
 
 
 def timeit_interleaved(jobs, *, warmup: int = 2, repeats: int = 7, min_sample: float = 5e-3,
-                       max_inner: int = 200) -> list[float]:
+                       max_inner: int = 200, spread: "list | None" = None) -> list[float]:
     """Median seconds per call of each ``(run, sync)`` in ``jobs``, their samples taken in turn
     (job 0, job 1, ..., job 0, ...) so that every job sees the same machine: on a shared host the
     memory bandwidth available moves by 2x within minutes, and a ratio of two medians taken
-    minutes apart would measure that, not the code."""
+    minutes apart would measure that, not the code. ``spread``, when given, receives each job's
+    (fastest, slowest) sample."""
     inners = [_calibrate(run, sync, warmup, min_sample, max_inner) for run, sync in jobs]
     times: list[list[float]] = [[] for _ in jobs]
     for _ in range(repeats):
         for (run, sync), inner, bucket in zip(jobs, inners, times):
             bucket.append(_sample(run, sync, inner))
+    if spread is not None:
+        spread.extend((float(min(t)), float(max(t))) for t in times)
     return [float(np.median(t)) for t in times]
 
 
@@ -355,9 +361,14 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
         bar.update()
 
     def with_read(run):  # (seconds of run, GB/s of the read sampled in turn with it)
+        spread: list = []
         read_s, seconds = timeit_interleaved([(reader.run, reader.sync), (run, dev.queue.finish)],
-                                             repeats=repeats)
+                                             repeats=repeats, spread=spread)
+        spreads.append({"seconds_range": list(spread[1]), "read_gbps_range":
+                        [reader.nbytes / spread[0][1] / 1e9, reader.nbytes / spread[0][0] / 1e9]})
         return seconds, reader.nbytes / read_s / 1e9
+
+    spreads: list = []   # the sample range of the last with_read call, kept in each record
 
     kvcl_fp32: dict[str, float] = {}
     peer_base = {}
@@ -369,6 +380,7 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             case = DecodeCase(dev, shape, dtype_name)
             seconds, gbps = with_read(case.run)
             records.append(_record(name, dtype_name, shape.as_dict(), seconds, decode_bytes(shape, dtype_name), gbps))
+            records[-1].extra.update(spreads[-1])
             if dtype_name == "fp32":
                 kvcl_fp32[name] = seconds
                 if name == "paged_decode":
@@ -383,6 +395,7 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                                                       "head_dim": d, "block_size": bs, "rope": "half",
                                                       "qk_norm": True},
                                    seconds, write_bytes(tokens, hq, hkv, d, dtype_name), gbps))
+            records[-1].extra.update(spreads[-1])
         else:
             shape = args[0]
             run = ort_gqa_peer(shape) if kind == "ort" else numpy_peer(shape)

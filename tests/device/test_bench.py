@@ -32,4 +32,9 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
             assert key in r
         if r["peer"] and r["seconds"] == r["seconds"]:
             assert r["speedup"] > 0
+        if r["case"] in ("paged_decode", "paged_write"):   # the samples' range brackets the median
+            lo, hi = r["extra"]["seconds_range"]
+            assert lo <= r["seconds"] <= hi
+            lo, hi = r["extra"]["read_gbps_range"]
+            assert lo <= r["device_read_gbps"] <= hi
     assert out_png.read_bytes()[:4] == b"\x89PNG"
