@@ -91,6 +91,39 @@ LENS = (1, 15, 16, 17, 54, 97)
 
 # ---- every KV dtype, ragged batch, shuffled pages ---------------------------------------------
 
+@pytest.mark.parametrize("variant", ops.VARIANTS)
+@pytest.mark.parametrize("kv_dtype", ["fp16", "fp8_e4m3", "fp8_e5m2"])
+def test_every_stored_code_decodes_exactly(device, kv_dtype, variant):
+    # One token per sequence: the softmax weight is exactly 1, so the output IS the decoded V
+    # row. Every fp8 code (NaN codes included) / 1024 fp16 patterns (subnormals, Inf, NaN, the
+    # extremes) go through each variant's vector decoder and must equal the numpy decode.
+    from kvcl.reference.quantize import fp8_decode, fp16_decode
+    d = 128
+    if kv_dtype == "fp16":
+        codes = np.concatenate([np.arange(0, 1024), np.arange(0x7B00, 0x7E00), np.arange(0xFB00, 0xFE00),
+                                np.arange(0x8000, 0x8400), np.arange(0x3800, 0x3C00)]).astype(np.uint16)
+        want = fp16_decode(codes)
+    else:
+        codes = np.arange(256, dtype=np.uint8)
+        want = fp8_decode(codes, kv_dtype.split("_")[1])
+    rows = codes.reshape(-1, d)
+    b = len(rows)
+    v_pool = rows[:, None, None, :]                          # one block of one token per sequence
+    k_pool = np.zeros_like(v_pool)                           # code 0: +0.0 in every format
+    q = device.queue
+    args = [cla.to_device(q, a) for a in (
+        np.zeros((b, 4, d), np.float32), k_pool, v_pool, np.arange(b + 1, dtype=np.int32),
+        np.arange(b, dtype=np.int32), np.ones(b, np.int32), np.arange(b + 1, dtype=np.int32))]
+    out = cla.empty(q, (b, 4, d), np.float32)
+    out.fill(np.float32(7.0))
+    ops.paged_attention(*args, out, kv_dtype=kv_dtype, max_q_len=1, max_kv_len=1, _variant=variant).wait()
+    got = out.get()
+    want = np.broadcast_to(want.reshape(b, 1, d), got.shape)
+    nan = np.isnan(want)
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+
+
 @pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("fp16", 0), ("int8", 0), ("int8", 1),
                                                 ("fp8_e4m3", 0), ("fp8_e5m2", 0)])
 def test_every_dtype_matches_reference(device, rng, kv_dtype, int8_mode):
