@@ -3,8 +3,8 @@
 #   the device list, `kvcl bench` (JSON + plot), a decode launch-layout sweep at the P7 shape,
 #   then the device, reliability and ONNX test tiers on the GPU.
 # The machine has numpy / onnxruntime / pytest / hypothesis / tqdm / matplotlib but no pyopencl
-# and no network: the wheels travel in .whl/ (see the script's first lines), and NVIDIA's OpenCL
-# library is registered with pyopencl's bundled ICD loader through OCL_ICD_VENDORS.
+# and no network: the wheels travel in .whl/ (download command: docs/devices.md), and NVIDIA's
+# OpenCL library is registered with pyopencl's bundled ICD loader through OCL_ICD_VENDORS.
 # Usage, from the repository root:  bash tools/gpu_check.sh [OUTDIR]   (default $OUT or /tmp/kvcl-gpu)
 # Knobs (environment): BENCH_S / SWEEP_S / TESTS_S stage time limits, SWEEP_DTYPES, SWEEP_ARGS
 # (tools/decode_sweep.py options), TEST_PATHS.
