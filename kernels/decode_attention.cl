@@ -282,12 +282,13 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //        in registers while the chunk's V rows stream through it (each V byte read once).
 //   Split-K (flash-decoding) only when B * Hkv * q_tiles work-items cannot fill the compute units.
 //   Measured (PoCL 3.0, 2-core EPYC VM, fp32 B=4 Hq=32 Hkv=8 D=128 L=2048, sampled in turn with
-//   kvcl's streaming read): 5.0-6.6 ms = 53-63% of the read (the cooperative variant on the same
-//   CPU: 14.4 ms); fp16 1.84-2.12x and int8 1.63-2.16x faster than fp32. What bounds it: alone,
-//   the arithmetic takes 1.68 ms (pages in cache) and the same page reads with this prefetch
-//   scheme reach 94-96% of the read; together they add up (one thread per core: no overlap).
-//   Without the prefetches: 41-45%. Prefetch distances 8-96 tokens, other prefetch schemes,
-//   huge pages, 16-wide loads and two tokens per logit step measured no better (docs/performance.md).
+//   kvcl's streaming read, five runs): 4.3-6.6 ms = 53-64% of the read (the cooperative variant on
+//   the same CPU: 14.4 ms in an earlier session); fp16 1.84-2.17x and int8 1.63-2.21x faster than fp32. What bounds it:
+//   alone, the arithmetic takes 1.5-1.7 ms (pages in cache) and the same page reads with this
+//   prefetch scheme reach 94-96% of the read; together they take only ~0.7 ms less than the sum
+//   (one thread per core). Without the prefetches: 41-45%. Prefetch distances 8-96 tokens, other
+//   prefetch schemes, huge pages, 16-wide loads and two tokens per logit step measured no better
+//   (docs/performance.md).
 //
 // SERIAL=0 (GPUs) — the idea: the work-group's WG work-items cooperate on the tile.  The token
 //   range is walked page group by page group (PPC pages of BLOCK_SIZE tokens, or WG-token slices
