@@ -39,6 +39,7 @@ import numpy as np
 import pyopencl.array as cla
 
 from .dtypes import KV_DTYPES, kv_dtype
+from .errors import InvalidArgument
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops.stream_read import empty_partial, stream_read
@@ -335,14 +336,22 @@ def plan_cases(quick: bool) -> list[tuple]:
     return cases
 
 
+SAMPLING = ("interleaved", "blocked")
+
+
 def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: bool = True,
-              print_fn=print) -> list[Record]:
+              print_fn=print, sampling: str = "interleaved") -> list[Record]:
     """Run every case; return the records (the caller prints, writes JSON and plots).
 
-    Every kvcl case is timed interleaved with the streaming read (sample by sample), and its
-    utilisation uses that read; every peer is timed interleaved with kvcl's fp32 decode of the
-    same shape, and its speedup uses that kvcl time. The first record is a stand-alone read.
+    ``sampling="interleaved"`` (default): every kvcl case is timed interleaved with the streaming
+    read (sample by sample), and its utilisation uses that read; every peer is timed interleaved
+    with kvcl's fp32 decode of the same shape, and its speedup uses that kvcl time.
+    ``"blocked"``: each case is timed on its own and divided by the first, stand-alone read (the
+    first record either way) — to check whether interleaving changes a device's figures.
     """
+    if sampling not in SAMPLING:
+        raise InvalidArgument(f"sampling: expected one of {SAMPLING}, got {sampling!r}")
+    interleave = sampling == "interleaved"
     dev = resolve_device(device)
     cases = plan_cases(quick)
     bar = None
@@ -356,12 +365,17 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     stream_seconds = timeit(reader.run, reader.sync, repeats=repeats)
     read_gbps = reader.nbytes / stream_seconds / 1e9
     records = [Record("stream_read", "-", {"bytes": reader.nbytes}, stream_seconds, reader.nbytes,
-                      read_gbps, read_gbps, 1.0, note="wide-vector streaming read: the device limit")]
+                      read_gbps, read_gbps, 1.0, note="wide-vector streaming read: the device limit",
+                      extra={"sampling": sampling})]
     if bar:
         bar.update()
 
-    def with_read(run):  # (seconds of run, GB/s of the read sampled in turn with it)
+    def with_read(run):  # (seconds of run, GB/s of the read it is divided by)
         spread: list = []
+        if not interleave:
+            (seconds,) = timeit_interleaved([(run, dev.queue.finish)], repeats=repeats, spread=spread)
+            spreads.append({"seconds_range": list(spread[0]), "read_gbps_range": [read_gbps, read_gbps]})
+            return seconds, read_gbps
         read_s, seconds = timeit_interleaved([(reader.run, reader.sync), (run, dev.queue.finish)],
                                              repeats=repeats, spread=spread)
         spreads.append({"seconds_range": list(spread[1]), "read_gbps_range":
@@ -404,7 +418,9 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                                       float("nan"), peer=name.split(":")[1], note="onnxruntime not installed"))
             else:
                 ours = peer_base.get(shape)
-                if ours is not None:
+                if not interleave:
+                    ours_s, seconds = kvcl_fp32.get("paged_decode"), timeit(run, lambda: None, repeats=repeats)
+                elif ours is not None:
                     ours_s, seconds = timeit_interleaved([(ours.run, dev.queue.finish), (run, lambda: None)],
                                                          repeats=repeats)
                 else:  # pragma: no cover - every peer shape has a kvcl case
@@ -413,7 +429,8 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                 rec.peer = name.split(":")[1]
                 rec.speedup = seconds / ours_s if ours_s else None
                 rec.extra["kvcl_seconds"] = ours_s
-                rec.note = "speedup = peer seconds / kvcl fp32 paged_decode seconds, sampled in turn"
+                rec.note = ("speedup = peer seconds / kvcl fp32 paged_decode seconds"
+                            + (", sampled in turn" if interleave else ""))
                 records.append(rec)
         if bar:
             bar.update()
@@ -449,8 +466,12 @@ def format_records(records: list[Record], device_name: str) -> str:
             extra = f"{r.extra['speedup_vs_fp32']:.2f}x vs kvcl fp32"
         rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}",
                      f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", extra))
-    header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read sampled "
-              "in turn with that case; peers sampled in turn with kvcl fp32 paged_decode\n")
+    if records and records[0].extra.get("sampling") == "blocked":
+        header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
+                  "(first row); each case timed on its own\n")
+    else:
+        header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
+                  "sampled in turn with that case; peers sampled in turn with kvcl fp32 paged_decode\n")
     return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "vs"], rows, align="lllrrrl")
 
 

@@ -66,7 +66,7 @@ def _cmd_bench(args) -> int:
     from .runtime import resolve_device
 
     dev = resolve_device(args.device)
-    records = run_bench(dev, quick=args.quick, repeats=args.repeats)
+    records = run_bench(dev, quick=args.quick, repeats=args.repeats, sampling=args.sampling)
     name = f"{dev.info.platform} / {dev.info.name}"
     print(format_records(records, name))
     if args.json:
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PATH", help="write a PNG of utilisation per case")
     p.add_argument("--quick", action="store_true", help="small shapes (seconds, for smoke tests)")
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions per case (median)")
+    p.add_argument("--sampling", choices=("interleaved", "blocked"), default="interleaved",
+                   help="interleaved: each case's samples alternate with the streaming read's "
+                        "(default); blocked: each case alone, against one read at the start")
     p.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     try:

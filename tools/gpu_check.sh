@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kvcl on NVIDIA's OpenCL driver, in ONE call on a lent GPU machine (see docs/devices.md):
-#   the device list, `kvcl bench` (JSON + plot), a decode launch-layout sweep at the P7 shape,
+#   the device list, `kvcl bench` (JSON + plot; then again with --sampling blocked), a decode
+#   launch-layout sweep at the P7 shape,
 #   then the device, reliability and ONNX test tiers on the GPU.
 # The machine has numpy / onnxruntime / pytest / hypothesis / tqdm / matplotlib but no pyopencl
 # and no network: the wheels travel in .whl/ (download command: docs/devices.md), and NVIDIA's
@@ -31,6 +32,8 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $out/NAME.
     tail -n "${TAIL:-40}" "$out/$name.log"
 }
 stage bench "${BENCH_S:-180}" python3 -m kvcl bench --json "$out/bench-nvidia.json" --plot "$out/bench-nvidia.png"
+# the same cases timed each on its own: does sampling in turn with the read change a GPU's figures?
+stage bench_blocked "${BENCH_S:-180}" python3 -m kvcl bench --sampling blocked --json "$out/bench-nvidia-blocked.json"
 stage sweep "${SWEEP_S:-120}" python3 tools/decode_sweep.py --dtype ${SWEEP_DTYPES:-fp32 fp16 int8} \
     ${SWEEP_ARGS:---local-size 64 128 --partition 256 512} --json "$out/sweep.json"
 TAIL=15 stage tests "${TESTS_S:-330}" python3 -m pytest -q -ra -p no:cacheprovider \

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import kvcl
 from kvcl import bench
 from kvcl.cli import main
 
@@ -38,3 +39,18 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
             lo, hi = r["extra"]["read_gbps_range"]
             assert lo <= r["device_read_gbps"] <= hi
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_blocked_sampling_divides_by_the_first_read(device, tmp_path, capsys):
+    spec = next(d.index for d in __import__("kvcl").devices() if d.name == device.info.name)
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--quick", "--repeats", "2", "--sampling", "blocked", "--device", spec,
+                 "--json", str(out_json)]) == 0
+    assert "each case timed on its own" in capsys.readouterr().out
+    records = json.loads(out_json.read_text())["records"]
+    assert records[0]["extra"]["sampling"] == "blocked"
+    for r in records[1:]:
+        if r["peer"] is None:
+            assert r["device_read_gbps"] == records[0]["gbps"]
+    with pytest.raises(kvcl.InvalidArgument, match="sampling"):
+        bench.run_bench(device, quick=True, sampling="random")
