@@ -95,7 +95,7 @@ LENS = (1, 15, 16, 17, 54, 97)
 @pytest.mark.parametrize("kv_dtype", ["fp16", "fp8_e4m3", "fp8_e5m2"])
 def test_every_stored_code_decodes_exactly(device, kv_dtype, variant):
     # One token per sequence: the softmax weight is exactly 1, so the output IS the decoded V
-    # row. Every fp8 code (NaN codes included) / 1024 fp16 patterns (subnormals, Inf, NaN, the
+    # row. Every fp8 code (NaN codes included) / 4,608 fp16 patterns (subnormals, Inf, NaN, the
     # extremes) go through each variant's vector decoder and must equal the numpy decode.
     from kvcl.reference.quantize import fp8_decode, fp16_decode
     d = 128
