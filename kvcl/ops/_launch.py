@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pyopencl as cl
 
 from ..errors import DtypeError, InvalidArgument, ShapeError
@@ -12,6 +13,34 @@ from ..validate import check_array, is_device_array
 # Kernel objects are memoized and shared (kvcl.runtime.get_kernel): setting their arguments
 # and enqueueing must happen atomically when several threads launch the same kernel.
 launch_lock = threading.RLock()
+
+
+_last_args: dict = {}   # kernel object id -> (kernel, the argument values it holds now)
+
+
+def set_args(kernel: cl.Kernel, *args) -> None:
+    """``kernel.set_args(*args)``, skipping the arguments that still hold the same value.
+
+    OpenCL keeps a kernel's arguments after an enqueue, and the engine calls the same kernel
+    per layer and step with mostly the same buffers (pools, tables) and scalars; each
+    ``clSetKernelArg`` costs ~4 us on PoCL, so a 27-argument launch spent ~110 us here. Buffers
+    count as the same when they are the same object (held here, so their ids cannot be
+    reused), scalars when type and value are equal. Call with the launch lock held, and set a
+    kernel's arguments only through here (a direct ``set_args`` would go unnoticed).
+    Measured (PoCL, the engine's write + attend of one decode step, 2 KV heads x 16): 1188 ->
+    834 us per layer.
+    """
+    key = id(kernel)
+    found = _last_args.get(key)
+    if found is None or found[0] is not kernel or len(found[1]) != len(args):
+        kernel.set_args(*args)
+    else:
+        old = found[1]
+        for i, (a, b) in enumerate(zip(args, old)):
+            if a is b or (type(a) is type(b) and isinstance(a, np.generic) and a == b):
+                continue
+            kernel.set_arg(i, a)
+    _last_args[key] = (kernel, args)
 
 
 def require_device(name: str, arr) -> None:

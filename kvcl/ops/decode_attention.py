@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_array, check_float, check_int, is_device_array
+from ._launch import set_args
 
 __all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
 
@@ -356,14 +357,14 @@ def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices,
     attn = get_kernel(context, SOURCE, "paged_decode_attention", defines)
     gsize = (p.local_size * p.q_tiles, num_kv_heads, batch * p.num_parts)
     with _lock:
-        attn.set_args(queries.data, k_pool.data, v_pool.data, ks, vs, indptr.data, indices.data,
-                      last_page_len.data, q_indptr.data, out.data, ws, acc_offset,
-                      np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
-                      np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts))
+        set_args(attn, queries.data, k_pool.data, v_pool.data, ks, vs, indptr.data, indices.data,
+                 last_page_len.data, q_indptr.data, out.data, ws, acc_offset,
+                 np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
+                 np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts))
         event = cl.enqueue_nd_range_kernel(queue, attn, gsize, (p.local_size, 1, 1), wait_for=wait_for)
         if p.num_parts > 1:
             merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines)
-            merge.set_args(ws, out.data, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))
+            set_args(merge, ws, out.data, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))
             event = cl.enqueue_nd_range_kernel(queue, merge, (head_dim, num_q_heads, total_q), None,
                                                wait_for=[event])
     return event

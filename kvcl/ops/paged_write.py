@@ -31,7 +31,7 @@ from ..reference.paged_write import (ROPE_MODES, STATUS_BAD_POSITION, STATUS_BAD
                                      STATUS_NONFINITE)
 from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_float, check_int
-from ._launch import device_array, element_base, launch_lock
+from ._launch import device_array, element_base, launch_lock, set_args
 
 __all__ = ["paged_write_qkv", "paged_write_kv", "launch_config", "row_vec", "STATUS_NONFINITE",
            "STATUS_BAD_SLOT", "STATUS_BAD_POSITION", "ROPE_MODES"]
@@ -204,7 +204,7 @@ def _resolve_queue(queue, first, context):
 def _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for, outputs):
     global_size = (lx, -(-num_rows // rows) * rows, num_tokens)
     with launch_lock:
-        kernel.set_args(*args)
+        set_args(kernel, *args)
         event = cl.enqueue_nd_range_kernel(queue, kernel, global_size, (lx, rows, 1),
                                            wait_for=wait_for)
     for arr in outputs:

@@ -458,3 +458,14 @@ def test_bad_contiguous_input(device, rng):
         ops.contiguous_attention(queries, k, k, cla.empty(q, 3, np.int32), qi, out, max_q_len=1, max_kv_len=4)
     with pytest.raises(kvcl.OutOfRangeError, match="max_kv_len"):
         ops.contiguous_attention(queries, k, k, cla.empty(q, 2, np.int32), qi, out, max_q_len=1, max_kv_len=33)
+
+
+def test_argument_reuse_between_launches(device, rng):
+    # the launchers skip re-setting kernel arguments that did not change (kvcl.ops._launch.set_args):
+    # alternate two batches with different buffers, scales and windows through the same kernel
+    cases = [make_case(rng, lens=LENS) for _ in range(2)]
+    for case, window in ((cases[0], 0), (cases[1], 0), (cases[1], 9), (cases[0], 9), (cases[0], 0)):
+        assert_close(run_paged(device, case, window=window), run_reference(case, window=window))
+    base = make_case(rng, lens=LENS)
+    assert_close(run_paged(device, base, scale=0.3), run_reference(base, scale=0.3))
+    assert_close(run_paged(device, base), run_reference(base))
