@@ -91,6 +91,11 @@
 #define ROW_V 2
 #define ROW_NONE 3
 
+// Whether a row of this kind gets the RMS norm (both kernels below).
+inline bool row_is_normed(const int kind) {
+    return (Q_NORM && kind == ROW_Q) || (K_NORM && kind == ROW_K);
+}
+
 // Where work-item row r of token t goes: which of Q/K/V, which head, its slot and RoPE row,
 // and whether they are in range (both kernels below start with this).
 typedef struct {
@@ -244,13 +249,7 @@ void paged_write(
     // ---- RMS norm (Q and/or K rows) ----------------------------------------------------------
 #if Q_NORM || K_NORM
     {
-        bool normed = false;
-#if Q_NORM
-        normed = normed || kind == ROW_Q;
-#endif
-#if K_NORM
-        normed = normed || kind == ROW_K;
-#endif
+        const bool normed = row_is_normed(kind);
         float ss = 0.0f;
         for (int j = 0; j < NPAIR; ++j) ss += a[j] * a[j] + b[j] * b[j];
 #if LX > 1
@@ -500,13 +499,7 @@ void paged_write_rows(
 
 #if Q_NORM || K_NORM
     {
-        bool normed = false;
-#if Q_NORM
-        normed = normed || kind == ROW_Q;
-#endif
-#if K_NORM
-        normed = normed || kind == ROW_K;
-#endif
+        const bool normed = row_is_normed(kind);
         if (normed) {
             rv_f acc = x[0] * x[0];
             for (int j = 1; j < RV_N; ++j) acc += x[j] * x[j];
