@@ -228,7 +228,6 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     group = num_q_heads // num_kv_heads
     defines, wg, q_tile = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
                                   local_size, variant)
-    variant_name = "serial" if dict(defines)["SERIAL"] else "cooperative"
     q_tiles = -(-max_q_len // q_tile)
     if partition_size is None:
         dev = context.devices[0]
@@ -240,7 +239,7 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
         else:
             parts = -(-want // groups)
             cap = _PART_MAX
-            if dev.type & cl.device_type.GPU and variant_name == "cooperative":
+            if dev.type & cl.device_type.GPU and wg > 1:   # the cooperative variant on a GPU
                 cap = _GPU_PART_MAX.get(kvd.bytes_per_elem, _PART_MAX)
             size = min(max(-(-max_kv_len // parts), _PART_MIN), cap)
             step = block_size if block_size <= _PART_MAX else 64
