@@ -21,6 +21,8 @@
 //                         HEAD_DIM / VEC / CV and ROWS (cooperative); 1 (serial)
 //   CV                    cooperative: head_dim vectors per work-item in the V phase (divides NV)
 //   CT                    serial: tokens per chunk (a multiple of 8)
+//   HG                    serial: kv heads per work-group (divides num_kv_heads; grid dim 1 is
+//                         num_kv_heads / HG)
 //   SV                    serial: head_dim vectors per slice of the V phase (divides NV)
 //
 // Runtime arguments keep everything that changes per call (window, scale, partition size and
@@ -47,6 +49,9 @@
 #endif
 #ifndef SERIAL
 #define SERIAL 0
+#endif
+#ifndef HG
+#define HG 1
 #endif
 #ifndef WG
 #if SERIAL
@@ -272,23 +277,32 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //
 // SERIAL=1 (CPU devices) — the idea: one work-item is the whole work-group, so there are no
 // barriers and no local memory (on PoCL each barrier splits the kernel into work-item loops), and
-// all its arithmetic is explicit VEC-wide vector code.  It walks its tokens in chunks of CT:
-//     A  per token: the pool row (page id loaded once per page, no division), ROWS dot products
-//        with the scaled q held in private memory (VEC-wide loads along head_dim, fused
-//        dequantisation), the K scale (int8), the mask; logits into a private float8 array;
+// all its arithmetic is explicit VEC-wide vector code.  It serves HG kv heads (each with its
+// GROUP x QTILE query rows) and walks its tokens in chunks of CT: once per chunk the page walk
+// finds each token's pool row (page id loaded once per page, no division), then per head:
+//     A  per token: ROWS dot products with the scaled q held in private memory (VEC-wide loads
+//        along head_dim, fused dequantisation), the K scale (int8), the mask; logits into a
+//        private float8 array; prefetches of this token's V row and of the K row read next;
 //     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector kvcl_exp2,
 //        l update, then the V scale (int8) folded into p;
 //     C  head_dim slice (SV vectors) outer, tokens inner: the slice of acc for all ROWS rows sits
 //        in registers while the chunk's V rows stream through it (each V byte read once).
-//   Split-K (flash-decoding) only when B * Hkv * q_tiles work-items cannot fill the compute units.
-//   Measured (PoCL 3.0, 2-core EPYC VM, fp32 B=4 Hq=32 Hkv=8 D=128 L=2048, sampled in turn with
-//   kvcl's streaming read, five runs): 4.3-6.6 ms = 53-64% of the read (the cooperative variant on
-//   the same CPU: 14.4 ms in an earlier session); fp16 1.84-2.17x and int8 1.63-2.21x faster than fp32. What bounds it:
-//   alone, the arithmetic takes 1.5-1.7 ms (pages in cache) and the same page reads with this
-//   prefetch scheme reach 94-96% of the read; together they take only ~0.7 ms less than the sum
-//   (one thread per core). Without the prefetches: 41-45%. Prefetch distances 8-96 tokens, other
-//   prefetch schemes, huge pages, 16-wide loads and two tokens per logit step measured no better
-//   (docs/performance.md).
+//   Why HG heads: a block's rows of neighbouring kv heads are adjacent in the pool, so HG heads
+//   read HG x BLOCK_SIZE rows as one run (64 KiB for 8 heads, 16 fp32 tokens, D=128) where one
+//   head reads 8 KiB and jumps to the next page.  On the 2-core EPYC VM a core keeps too few
+//   misses in flight on short scattered runs: a C loop over shuffled 8 KiB runs with the same
+//   prefetching reads at 68% of a sequential stream, over 64 KiB runs at 92%.  Measured (PoCL
+//   3.0, fp32 B=4 Hq=32 Hkv=8 D=128 L=2048, 6-8 rounds in turn with the streaming read, medians):
+//   HG=8 1.18-1.26x faster than the one-head kernel before it (74-81% of the read vs 63%); int8
+//   1.20x, fp16 1.12x;
+//   B=1 L=32768 1.29x (65% vs 51%; 69% with 1024-2048-token partitions instead of 512).
+//   Split-K (flash-decoding) only when B * Hkv / HG * q_tiles work-items cannot fill the
+//   compute units.
+//   Before the head groups (five runs): 4.3-6.6 ms = 53-64% of the read (the cooperative variant
+//   on the same CPU: 14.4 ms in an earlier session). What bounded it then: alone, the arithmetic
+//   takes 1.5-1.7 ms (pages in cache) and time was close to arithmetic + memory. Without the
+//   prefetches: 41-45%. Prefetch distances 8-96 tokens, other prefetch schemes, huge pages,
+//   16-wide loads and two tokens per logit step measured no better (docs/performance.md).
 //
 // SERIAL=0 (GPUs) — the idea: the work-group's WG work-items cooperate on the tile.  The token
 //   range is walked page group by page group (PPC pages of BLOCK_SIZE tokens, or WG-token slices
@@ -347,7 +361,7 @@ void paged_decode_attention(
 #endif
 
     const int tile = get_group_id(0);
-    const int kvh = get_group_id(1);
+    const int kvh = get_group_id(1) * HG;  // the work-group's first kv head
     const int b = get_group_id(2) / num_parts;  // once per work-group
     const int part = get_group_id(2) - b * num_parts;
     const int num_q_heads = num_kv_heads * GROUP;
@@ -369,29 +383,45 @@ void paged_decode_attention(
     const size_t qh0 = (size_t)(q0 + i_first) * num_q_heads + kvh * GROUP;  // row 0 of the tile
 
 #if SERIAL
-    floatV q[ROWS * NV];                   // scaled queries (0 for rows past the tile's end)
-    floatV acc[ROWS * NV];                 // unnormalised output rows
-    float m[ROWS], l[ROWS];                // running max (log2 domain) and sum per row
-    #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const int qt = r / GROUP;
-        __global const floatV *qp = (__global const floatV *)(queries + (qh0 + (size_t)qt * num_q_heads + r % GROUP) * HEAD_DIM);
-        for (int v = 0; v < NV; ++v) {
-            q[r * NV + v] = qt < n_qt ? qp[v] * qk_scale_log2 : (floatV)(0.0f);
-            acc[r * NV + v] = (floatV)(0.0f);
+    // kv heads kvh .. kvh + HG - 1 (kvh = get_group_id(1) * HG); per head: hq = h * ROWS + r
+    floatV q[HG * ROWS * NV];              // scaled queries (0 for rows past the tile's end)
+    floatV acc[HG * ROWS * NV];            // unnormalised output rows
+    float m[HG * ROWS], l[HG * ROWS];      // running max (log2 domain) and sum per row
+    for (int h = 0; h < HG; ++h) {
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int qt = r / GROUP;
+            __global const floatV *qp = (__global const floatV *)(queries + (qh0 + (size_t)qt * num_q_heads + h * GROUP + r % GROUP) * HEAD_DIM);
+            for (int v = 0; v < NV; ++v) {
+                q[(h * ROWS + r) * NV + v] = qt < n_qt ? qp[v] * qk_scale_log2 : (floatV)(0.0f);
+                acc[(h * ROWS + r) * NV + v] = (floatV)(0.0f);
+            }
+            m[h * ROWS + r] = -INFINITY;
+            l[h * ROWS + r] = 0.0f;
         }
-        m[r] = -INFINITY;
-        l[r] = 0.0f;
     }
 
+    // Page walk: the pool row of head 0 of each token of the chunk (rows[]) and of the next
+    // chunk (ahead[], the prefetch targets), advanced once per chunk for all HG heads.
     int pg = t0 / BLOCK_SIZE, off = t0 - pg * BLOCK_SIZE;  // the only division
-    int blk = t0 < t1 ? indices[p0 + pg] : 0;
-#if CPU_BUILTINS
-    int nblk = t0 < t1 && pg + 1 < npages ? indices[p0 + pg + 1] : blk;  // the next page's block
-#endif
+    int ahead[CT];
+    #pragma unroll 1
+    for (int t = 0; t < CT; ++t) {
+        ahead[t] = t0 + t < t1 ? indices[p0 + pg] * num_kv_heads * BLOCK_SIZE + off : -1;
+        if (++off == BLOCK_SIZE) { off = 0; ++pg; }
+    }
     for (int tc = t0; tc < t1; tc += CT) {
         const int n = min(CT, t1 - tc);    // tokens in this chunk, all in the pool
-        int rows[CT];                      // pool row of each token
+        int rows[CT];                      // pool row of each token, head 0
+        #pragma unroll 1
+        for (int t = 0; t < CT; ++t) {
+            rows[t] = ahead[t];
+            ahead[t] = tc + CT + t < t1 ? indices[p0 + pg] * num_kv_heads * BLOCK_SIZE + off : -1;
+            if (++off == BLOCK_SIZE) { off = 0; ++pg; }
+        }
+        for (int h = 0; h < HG; ++h) {
+        const int kh = (kvh + h) * BLOCK_SIZE;  // row offset of this head inside a block
+        const floatV *qh = q + h * ROWS * NV;
         float8 s8[ROWS * CT8];             // logits, then probabilities (x V scale for int8)
         float *s = (float *)s8;
 #if KV_HAS_SCALE
@@ -406,16 +436,15 @@ void paged_decode_attention(
         // ---- A: logits ----
         #pragma unroll 1
         for (int t = 0; t < n; ++t) {
-            const int row = (blk * num_kv_heads + kvh) * BLOCK_SIZE + off;
-            rows[t] = row;
+            const int row = rows[t] + kh;
             __global const kv_t *kp = k_pool + (size_t)row * HEAD_DIM;
 #if CPU_BUILTINS
             {   // phase C reads this V row slice by slice: start all its cache lines now; and the
-                // K row PD tokens ahead (pages are scattered: the hardware prefetcher stops at them)
+                // K row this slot reads next: the next head's (the same block, BLOCK_SIZE rows on),
+                // or the first head's in the next chunk
+                const int nxt = max(h + 1 < HG ? row + BLOCK_SIZE : ahead[t] + kvh * BLOCK_SIZE, 0);
                 __global const char *vb = (__global const char *)(v_pool + (size_t)row * HEAD_DIM);
-                const int ahead = off + PD < BLOCK_SIZE
-                    ? row + PD : (nblk * num_kv_heads + kvh) * BLOCK_SIZE + off + PD - BLOCK_SIZE;
-                __global const char *kb = (__global const char *)(k_pool + (size_t)ahead * HEAD_DIM);
+                __global const char *kb = (__global const char *)(k_pool + (size_t)nxt * HEAD_DIM);
                 #pragma unroll
                 for (int o = 0; o < ROW_BYTES; o += 64) {
                     __builtin_prefetch(vb + o);
@@ -432,7 +461,7 @@ void paged_decode_attention(
             for (int v = 0; v < NV; ++v) {
                 const floatV kv = kv_loadv(kp, v);
                 #pragma unroll
-                for (int r = 0; r < ROWS; ++r) a[2 * r + (v & 1)] += q[r * NV + v] * kv;
+                for (int r = 0; r < ROWS; ++r) a[2 * r + (v & 1)] += qh[r * NV + v] * kv;
             }
 #if KV_HAS_SCALE
             const float ks = scale_load(k_scales, row);
@@ -447,21 +476,6 @@ void paged_decode_attention(
                 const int lo = window > 0 ? hi - window : 0;
                 if (tok < hi && tok >= lo) s[r * CT + t] = vsum(a[2 * r] + a[2 * r + 1]) * ks;
             }
-            if (++off == BLOCK_SIZE && t + 1 < n) {  // next page (t + 1 < n: it exists)
-                off = 0;
-                blk = indices[p0 + ++pg];
-#if CPU_BUILTINS
-                nblk = pg + 1 < npages ? indices[p0 + pg + 1] : blk;
-#endif
-            }
-        }
-        if (off == BLOCK_SIZE) {  // the chunk ended on a page boundary
-            off = 0;
-            ++pg;
-            if (tc + CT < t1) blk = indices[p0 + pg];
-#if CPU_BUILTINS
-            nblk = tc + CT < t1 && pg + 1 < npages ? indices[p0 + pg + 1] : blk;
-#endif
         }
 
         // ---- B: online softmax per row ----
@@ -472,10 +486,11 @@ void paged_decode_attention(
             #pragma unroll
             for (int j = 1; j < CT8; ++j) mv = s8[r * CT8 + j] > mv ? s8[r * CT8 + j] : mv;
             const float cm = max8(mv);
-            const float mx = cm > m[r] ? cm : m[r];
+            const float mo = m[h * ROWS + r];
+            const float mx = cm > mo ? cm : mo;
             alpha[r] = 1.0f;
             if (mx != -INFINITY) {  // else the row saw nothing yet: p = 2^-inf = 0 below
-                alpha[r] = kvcl_exp2(m[r] - mx);
+                alpha[r] = kvcl_exp2(mo - mx);
                 float8 sv = (float8)(0.0f);
                 #pragma unroll
                 for (int j = 0; j < CT8; ++j) {
@@ -487,8 +502,8 @@ void paged_decode_attention(
                     s8[r * CT8 + j] = p;
 #endif
                 }
-                l[r] = l[r] * alpha[r] + sum4(sv.lo + sv.hi);
-                m[r] = mx;
+                l[h * ROWS + r] = l[h * ROWS + r] * alpha[r] + sum4(sv.lo + sv.hi);
+                m[h * ROWS + r] = mx;
             } else {
                 #pragma unroll
                 for (int j = 0; j < CT8; ++j) s8[r * CT8 + j] = (float8)(0.0f);
@@ -496,17 +511,18 @@ void paged_decode_attention(
         }
 
         // ---- C: acc = acc * alpha + p . V, head_dim slice outer, tokens inner ----
+        floatV *acch = acc + h * ROWS * NV;
         #pragma unroll 1
         for (int sl = 0; sl < NV; sl += SV) {
             floatV a[ROWS * SV];
             #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 #pragma unroll
-                for (int c = 0; c < SV; ++c) a[r * SV + c] = acc[r * NV + sl + c] * alpha[r];
+                for (int c = 0; c < SV; ++c) a[r * SV + c] = acch[r * NV + sl + c] * alpha[r];
             }
             #pragma unroll 1
             for (int t = 0; t < n; ++t) {
-                __global const kv_t *vp = v_pool + (size_t)rows[t] * HEAD_DIM;
+                __global const kv_t *vp = v_pool + (size_t)(rows[t] + kh) * HEAD_DIM;
                 floatV vv[SV];
                 #pragma unroll
                 for (int c = 0; c < SV; ++c) vv[c] = kv_loadv(vp, sl + c);
@@ -520,18 +536,21 @@ void paged_decode_attention(
             #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 #pragma unroll
-                for (int c = 0; c < SV; ++c) acc[r * NV + sl + c] = a[r * SV + c];
+                for (int c = 0; c < SV; ++c) acch[r * NV + sl + c] = a[r * SV + c];
             }
         }
+        }  // heads
     }
 
-    for (int r = 0; r < ROWS; ++r) {
-        const int qt = r / GROUP;
-        if (qt >= n_qt) break;
-        const size_t qh = qh0 + (size_t)qt * num_q_heads + r % GROUP;
-        const float *ar = (const float *)(acc + r * NV);
-        for (int d = 0; d < HEAD_DIM; ++d)
-            store_result(out, ws, acc_offset, num_parts, part, qh, d, ar[d], m[r], l[r]);
+    for (int h = 0; h < HG; ++h) {
+        for (int r = 0; r < ROWS; ++r) {
+            const int qt = r / GROUP;
+            if (qt >= n_qt) break;
+            const size_t qh = qh0 + (size_t)qt * num_q_heads + h * GROUP + r % GROUP;
+            const float *ar = (const float *)(acc + (h * ROWS + r) * NV);
+            for (int d = 0; d < HEAD_DIM; ++d)
+                store_result(out, ws, acc_offset, num_parts, part, qh, d, ar[d], m[h * ROWS + r], l[h * ROWS + r]);
+        }
     }
 #else
     for (int e = lid; e < ROWS * HEAD_DIM; e += WG) {

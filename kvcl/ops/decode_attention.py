@@ -50,8 +50,14 @@ _PREFERRED_WG = 128     # cooperative: work-items per group before the device li
 _V_VECTORS = 1          # cooperative: head_dim vectors per work-item in the V phase (when they divide)
 _SERIAL_CHUNK = 32      # serial: tokens per chunk (CT)
 _SERIAL_ACC_VECTORS = 8  # serial: accumulator vectors (rows x SV) held in registers in the V phase
+_SERIAL_MAX_HG = 8       # serial: kv heads per work-group, at most (HG)
+_SERIAL_STATE_FLOATS = 4096  # serial: HG x rows x head_dim, at most (q and acc live on the stack)
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
+# Serial variant (CPUs): the largest split-K partition. B=1 L=32768 fp32 on PoCL (2-core EPYC VM,
+# 8 kv heads per work-group, 6 rounds in turn with the streaming read): 64% of the read with
+# 512-token partitions, 68-69% with 1024-4096
+_SERIAL_PART_MAX = 2048
 # Cooperative variant on GPU devices, by bytes per stored KV element: VEC, (UNROLL_K, UNROLL_V)
 # and the work-group size. Chosen by tools/decode_sweep.py on an H100 through NVIDIA's OpenCL
 # (B=16 Hq=32 Hkv=8 D=128 L=4096, 120 layouts per dtype; stream read 2776 GB/s in the same run):
@@ -82,6 +88,7 @@ class Plan:
     q_tiles: int            # work-groups along the query axis
     partition_size: int     # tokens per split-K partition
     num_parts: int          # partitions per sequence (1: no merge kernel)
+    kv_heads_per_group: int = 1  # kv heads each work-group serves (HG; the serial variant)
 
     def workspace_floats(self, total_q: int, num_q_heads: int, head_dim: int) -> int:
         """float32 elements of the split-K workspace (0 without split)."""
@@ -126,15 +133,16 @@ def variant_for(device: cl.Device) -> str:
 
 
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
-            kvd, int8_mode: int, local_size: int | None = None, variant: str | None = None):
-    """(defines, WG, q_tile) for this device and shape; kernels are built (memoized) here.
+            kvd, int8_mode: int, local_size: int | None = None, variant: str | None = None,
+            num_kv_heads: int = 1):
+    """(defines, WG, q_tile, HG) for this device and shape; kernels are built (memoized) here.
 
     ``variant``: ``"serial"`` (one work-item per work-group, the CPU-shaped kernel; the default on
     CPU devices except llvmpipe) or ``"cooperative"`` (WG work-items per tile; the default
     elsewhere), see :func:`_variant_for`.
     """
     key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
-           variant, _V_VECTORS, _SERIAL_CHUNK, _PREFERRED_WG,
+           variant, num_kv_heads, _SERIAL_MAX_HG, _V_VECTORS, _SERIAL_CHUNK, _PREFERRED_WG,
            _GPU_WG, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()))  # the sweep tool sets these
     found = _configs.get(key)
     if found is not None:
@@ -163,9 +171,12 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         # lowers them; SPIR-V based compilers (rusticl) abort the whole process on them, so no
         # trial build: only devices whose version string names PoCL get them
         builtins = int("pocl" in dev.version.lower() and bool(dev.type & cl.device_type.CPU))
-        defines = dict(base, SERIAL=1, WG=1, ROWS=rows, CT=_SERIAL_CHUNK, SV=sv, CPU_BUILTINS=builtins)
+        # kv heads per work-group: a block's rows of neighbouring heads are adjacent in the pool,
+        # so HG heads read HG x BLOCK_SIZE rows in one run instead of one head's BLOCK_SIZE rows
+        hg = _divisor_at_most(num_kv_heads, max(1, min(_SERIAL_MAX_HG, _SERIAL_STATE_FLOATS // (rows * head_dim))))
+        defines = dict(base, SERIAL=1, WG=1, ROWS=rows, CT=_SERIAL_CHUNK, SV=sv, CPU_BUILTINS=builtins, HG=hg)
         get_kernel(context, SOURCE, "paged_decode_attention", defines)
-        found = (tuple(sorted(defines.items())), 1, q_tile)
+        found = (tuple(sorted(defines.items())), 1, q_tile, hg)
         _configs[key] = found
         return found
 
@@ -205,7 +216,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         raise InvalidArgument(
             f"queries: {group} query heads per kv head need {wg} work-items per group in the "
             f"cooperative kernel; this device/kernel allows {min(limit, kwg)}")
-    found = (tuple(sorted(defines.items())), wg, q_tile)
+    found = (tuple(sorted(defines.items())), wg, q_tile, 1)
     _configs[key] = found
     return found
 
@@ -220,34 +231,37 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     ``local_size`` (cooperative only) override the kernel choice, for tests and measurements.
 
     ``partition_size=None`` picks split-K automatically: none when the
-    ``batch · num_kv_heads · q_tiles`` work-groups already give every compute unit 2 (CPU)
-    or 4 (GPU) of them, else partitions of 256–512 tokens (a multiple of ``block_size`` when
-    that is at most 512) enough to fill it; at most 256 for 1- and 2-byte formats on GPUs.
+    ``batch · num_kv_heads / kv_heads_per_group · q_tiles`` work-groups already give every
+    compute unit 2 (CPU) or 4 (GPU) of them, else partitions of 256–512 tokens (256–2048 with the
+    serial variant; a multiple of ``block_size`` when that is at most the cap) enough to fill
+    it; at most 256 for 1- and 2-byte formats on GPUs.
     """
     kvd = _kv_dtype(kv_dtype)
     group = num_q_heads // num_kv_heads
-    defines, wg, q_tile = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
-                                  local_size, variant)
+    defines, wg, q_tile, hg = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
+                                      local_size, variant, num_kv_heads)
     q_tiles = -(-max_q_len // q_tile)
     if partition_size is None:
         dev = context.devices[0]
         per_cu = 2 if work_items_are_threads(dev) else 4
         want = per_cu * dev.max_compute_units
-        groups = batch * num_kv_heads * q_tiles
+        groups = batch * (num_kv_heads // hg) * q_tiles
+        cap = _PART_MAX
+        if wg == 1:                                        # the serial variant
+            cap = _SERIAL_PART_MAX
+        elif dev.type & cl.device_type.GPU:                # the cooperative variant on a GPU
+            cap = _GPU_PART_MAX.get(kvd.bytes_per_elem, _PART_MAX)
         if groups >= want or max_kv_len <= _PART_MAX:
             partition_size = max_kv_len
         else:
             parts = -(-want // groups)
-            cap = _PART_MAX
-            if dev.type & cl.device_type.GPU and wg > 1:   # the cooperative variant on a GPU
-                cap = _GPU_PART_MAX.get(kvd.bytes_per_elem, _PART_MAX)
             size = min(max(-(-max_kv_len // parts), _PART_MIN), cap)
-            step = block_size if block_size <= _PART_MAX else 64
+            step = block_size if block_size <= cap else 64
             partition_size = -(-size // step) * step
     num_parts = max(1, -(-max_kv_len // partition_size))
     if num_parts == 1:
         partition_size = max_kv_len
-    return Plan(defines, wg, q_tile, q_tiles, int(partition_size), num_parts)
+    return Plan(defines, wg, q_tile, q_tiles, int(partition_size), num_parts, hg)
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -354,7 +368,7 @@ def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices,
     vs = v_scales.data if v_scales is not None else _dummy(context)
     acc_offset = np.uint64(total_q * num_q_heads * p.num_parts * 2)
     attn = get_kernel(context, SOURCE, "paged_decode_attention", defines)
-    gsize = (p.local_size * p.q_tiles, num_kv_heads, batch * p.num_parts)
+    gsize = (p.local_size * p.q_tiles, num_kv_heads // p.kv_heads_per_group, batch * p.num_parts)
     with _lock:
         set_args(attn, queries.data, k_pool.data, v_pool.data, ks, vs, indptr.data, indices.data,
                  last_page_len.data, q_indptr.data, out.data, ws, acc_offset,

@@ -253,6 +253,33 @@ def test_cooperative_fits_small_work_groups(device, rng, local_size, head_dim):
                  run_reference(case))
 
 
+@pytest.mark.parametrize("num_kv_heads,group,head_dim,q_lens,kv_dtype",
+                         [(6, 2, 64, None, "fp32"), (8, 4, 128, (1, 3, 2, 1, 5, 1), "int8"),
+                          (3, 1, 32, (1, 1, 4, 1, 2, 1), "fp16"), (4, 4, 256, None, "fp8_e5m2")])
+def test_serial_kv_heads_per_work_group(device, rng, monkeypatch, num_kv_heads, group, head_dim, q_lens,
+                                        kv_dtype):
+    # the serial variant serves several kv heads per work-group (one run over a block's rows of
+    # neighbouring heads): as many as divide num_kv_heads within the stack budget, and the
+    # result is the one-head-per-work-group result, bit for bit
+    case = make_case(rng, lens=LENS, q_lens=q_lens, num_kv_heads=num_kv_heads, group=group,
+                     head_dim=head_dim, kv_dtype=kv_dtype)
+    p = ops.plan(device.context, batch=len(LENS), num_q_heads=num_kv_heads * group,
+                 num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=16,
+                 max_q_len=case["max_q_len"], max_kv_len=case["max_kv_len"], kv_dtype=kv_dtype,
+                 variant="serial")
+    rows = group * (p.q_tile if q_lens else 1)
+    budget = min(ops._SERIAL_MAX_HG, ops._SERIAL_STATE_FLOATS // (rows * head_dim))
+    assert p.kv_heads_per_group == max(h for h in range(1, budget + 1) if num_kv_heads % h == 0)
+    assert p.kv_heads_per_group > 1
+    want = run_reference(case, window=20)
+    grouped = run_paged(device, case, window=20, _variant="serial")
+    split = run_paged(device, case, window=20, partition_size=32, _variant="serial")
+    assert_close(grouped, want)
+    assert_close(split, want)
+    monkeypatch.setattr(ops, "_SERIAL_MAX_HG", 1)
+    np.testing.assert_array_equal(run_paged(device, case, window=20, _variant="serial"), grouped)
+
+
 def test_default_variant_follows_the_device_type(device):
     import pyopencl as cl
     p = ops.plan(device.context, batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128,
