@@ -1,12 +1,15 @@
 """``kvcl bench``: kernel speed as a fraction of the device's own streaming-read bandwidth,
 and against peers on the same inputs, all measured in ONE run on one machine.
 
-What is measured (each case: warm-up, then the median of several samples, taken in turn with
-samples of the streaming read, whose median is that case's ``device_read_gbps``; a sample is the
-wall clock around ``n`` back-to-back enqueues + one ``queue.finish()``, divided by ``n``, with
-``n`` chosen after the warm-up so a sample lasts at least 5 ms — 1 on a CPU, tens on a GPU
-where one launch takes ~0.1 ms and the host round trip would otherwise be timed; inputs already
-on the device):
+What is measured (each case: warm-up, then ``repeats`` rounds in which one sample of the case
+and one of the streaming read are taken in turn; a sample is the wall clock around ``n``
+back-to-back enqueues + one ``queue.finish()``, divided by ``n``, with ``n`` chosen after the
+warm-up so a sample lasts at least 5 ms — 1 on a CPU, tens on a GPU where one launch takes
+~0.1 ms and the host round trip would otherwise be timed; inputs already on the device). A
+case's ``seconds`` is the median of its samples; its utilisation is the median over rounds of
+(case GB/s / read GB/s) of the same round — a ratio of two medians taken seconds apart would
+carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and its
+``device_read_gbps`` is ``gbps / utilisation``, the read bandwidth that ratio implies:
 
 * ``stream_read``: a plain wide-vector read kernel over a large buffer — the device limit.
 * ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
@@ -17,7 +20,9 @@ on the device):
   2048-token prefill.
 * peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
   with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
-  in turn with kvcl's fp32 decode of that shape.
+  in turn with kvcl's fp32 decode of that shape; the speedup is the median of the rounds'
+  ratios. The other KV dtypes of ``paged_decode`` are sampled in turn with the read and with
+  the fp32 decode, for their ``speedup_vs_fp32`` (targets.md P3) the same way.
 
 Each kvcl record's ``extra`` holds ``seconds_range`` and ``read_gbps_range``: the fastest and
 slowest sample of the case and of the read sampled with it (how noisy the machine was).
@@ -95,21 +100,37 @@ def timeit(run: Callable[[], object], sync: Callable[[], object], *, warmup: int
                               max_inner=max_inner)[0]
 
 
-def timeit_interleaved(jobs, *, warmup: int = 2, repeats: int = 7, min_sample: float = 5e-3,
-                       max_inner: int = 200, spread: "list | None" = None) -> list[float]:
-    """Median seconds per call of each ``(run, sync)`` in ``jobs``, their samples taken in turn
-    (job 0, job 1, ..., job 0, ...) so that every job sees the same machine: on a shared host the
-    memory bandwidth available moves by 2x within minutes, and a ratio of two medians taken
-    minutes apart would measure that, not the code. ``spread``, when given, receives each job's
-    (fastest, slowest) sample."""
+def sample_interleaved(jobs, *, warmup: int = 2, repeats: int = 7, min_sample: float = 5e-3,
+                       max_inner: int = 200) -> list[np.ndarray]:
+    """Every sample (seconds per call) of each ``(run, sync)`` in ``jobs``, taken in turn (job 0,
+    job 1, ..., job 0, ...): ``repeats`` rounds, so sample ``i`` of every job comes from round
+    ``i`` and saw the same moment of the machine."""
     inners = [_calibrate(run, sync, warmup, min_sample, max_inner) for run, sync in jobs]
     times: list[list[float]] = [[] for _ in jobs]
     for _ in range(repeats):
         for (run, sync), inner, bucket in zip(jobs, inners, times):
             bucket.append(_sample(run, sync, inner))
+    return [np.asarray(t) for t in times]
+
+
+def timeit_interleaved(jobs, *, warmup: int = 2, repeats: int = 7, min_sample: float = 5e-3,
+                       max_inner: int = 200, spread: "list | None" = None) -> list[float]:
+    """Median seconds per call of each ``(run, sync)`` in ``jobs``, their samples taken in turn
+    (:func:`sample_interleaved`) so that every job sees the same machine: on a shared host the
+    memory bandwidth available moves by 2x within minutes, and a ratio of two medians taken
+    minutes apart would measure that, not the code. ``spread``, when given, receives each job's
+    (fastest, slowest) sample."""
+    times = sample_interleaved(jobs, warmup=warmup, repeats=repeats, min_sample=min_sample,
+                               max_inner=max_inner)
     if spread is not None:
-        spread.extend((float(min(t)), float(max(t))) for t in times)
+        spread.extend((float(t.min()), float(t.max())) for t in times)
     return [float(np.median(t)) for t in times]
+
+
+def paired_ratio(num: np.ndarray, den: np.ndarray) -> float:
+    """Median over rounds of ``num[i] / den[i]``: the ratio of two jobs sampled in turn, each
+    round's pair taken at the same moment (steadier than a ratio of medians on a drifting host)."""
+    return float(np.median(np.asarray(num) / np.asarray(den)))
 
 
 # ---- the device limit ---------------------------------------------------------------------------
@@ -370,19 +391,32 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     if bar:
         bar.update()
 
-    def with_read(run):  # (seconds of run, GB/s of the read it is divided by)
-        spread: list = []
+    def with_read(run, nbytes, also=None):
+        """(seconds, GB/s of the read it is divided by, fp32 speedup or None): the run sampled in
+        turn with the read (and with ``also``, kvcl's fp32 decode of the shape, when given); the
+        utilisation is the median over rounds of the pair's ratio."""
+        jobs = [(reader.run, reader.sync), (run, dev.queue.finish)]
+        if also is not None:
+            jobs.append((also.run, dev.queue.finish))
         if not interleave:
-            (seconds,) = timeit_interleaved([(run, dev.queue.finish)], repeats=repeats, spread=spread)
-            spreads.append({"seconds_range": list(spread[0]), "read_gbps_range": [read_gbps, read_gbps]})
-            return seconds, read_gbps
-        read_s, seconds = timeit_interleaved([(reader.run, reader.sync), (run, dev.queue.finish)],
-                                             repeats=repeats, spread=spread)
-        spreads.append({"seconds_range": list(spread[1]), "read_gbps_range":
-                        [reader.nbytes / spread[0][1] / 1e9, reader.nbytes / spread[0][0] / 1e9]})
-        return seconds, reader.nbytes / read_s / 1e9
+            jobs = jobs[1:]
+        times = sample_interleaved(jobs, repeats=repeats)
+        if not interleave:
+            times = [None] + times
+        seconds = float(np.median(times[1]))
+        extra = {"seconds_range": [float(times[1].min()), float(times[1].max())]}
+        if interleave:
+            util = paired_ratio(times[0], times[1]) * nbytes / reader.nbytes
+            gbps = nbytes / seconds / 1e9 / util   # so that utilisation = gbps / device_read_gbps
+            extra["read_gbps_range"] = [reader.nbytes / times[0].max() / 1e9, reader.nbytes / times[0].min() / 1e9]
+        else:
+            gbps = read_gbps
+            extra["read_gbps_range"] = [read_gbps, read_gbps]
+        speedup = paired_ratio(times[2], times[1]) if also is not None else None
+        spreads.append(extra)
+        return seconds, gbps, speedup
 
-    spreads: list = []   # the sample range of the last with_read call, kept in each record
+    spreads: list = []   # the sample ranges of the last with_read call, kept in each record
 
     kvcl_fp32: dict[str, float] = {}
     peer_base = {}
@@ -392,23 +426,28 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
         if kind == "decode":
             shape, dtype_name = args
             case = DecodeCase(dev, shape, dtype_name)
-            seconds, gbps = with_read(case.run)
-            records.append(_record(name, dtype_name, shape.as_dict(), seconds, decode_bytes(shape, dtype_name), gbps))
+            nbytes = decode_bytes(shape, dtype_name)
+            base = peer_base.get(shape) if name == "paged_decode" and dtype_name != "fp32" else None
+            seconds, gbps, vs_fp32 = with_read(case.run, nbytes, base)
+            records.append(_record(name, dtype_name, shape.as_dict(), seconds, nbytes, gbps))
             records[-1].extra.update(spreads[-1])
+            if vs_fp32 is not None:   # P3: sampled in turn with kvcl's fp32 decode of the shape
+                records[-1].extra["speedup_vs_fp32"] = vs_fp32
             if dtype_name == "fp32":
                 kvcl_fp32[name] = seconds
                 if name == "paged_decode":
-                    peer_base[shape] = case   # the peers are timed against this one
+                    peer_base[shape] = case   # the peers and other dtypes are timed against this one
             if peer_base.get(shape) is not case:
                 del case
         elif kind == "write":
             tokens, hq, hkv, d, bs, dtype_name = args
             case = WriteCase(dev, tokens, hq, hkv, d, bs, dtype_name)
-            seconds, gbps = with_read(case.run)
+            nbytes = write_bytes(tokens, hq, hkv, d, dtype_name)
+            seconds, gbps, _ = with_read(case.run, nbytes)
             records.append(_record(name, dtype_name, {"tokens": tokens, "num_q_heads": hq, "num_kv_heads": hkv,
                                                       "head_dim": d, "block_size": bs, "rope": "half",
                                                       "qk_norm": True},
-                                   seconds, write_bytes(tokens, hq, hkv, d, dtype_name), gbps))
+                                   seconds, nbytes, gbps))
             records[-1].extra.update(spreads[-1])
         else:
             shape = args[0]
@@ -418,29 +457,25 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                                       float("nan"), peer=name.split(":")[1], note="onnxruntime not installed"))
             else:
                 ours = peer_base.get(shape)
-                if not interleave:
+                if not interleave or ours is None:
                     ours_s, seconds = kvcl_fp32.get("paged_decode"), timeit(run, lambda: None, repeats=repeats)
-                elif ours is not None:
-                    ours_s, seconds = timeit_interleaved([(ours.run, dev.queue.finish), (run, lambda: None)],
-                                                         repeats=repeats)
-                else:  # pragma: no cover - every peer shape has a kvcl case
-                    ours_s, seconds = None, timeit(run, lambda: None, repeats=repeats)
+                    speedup = seconds / ours_s if ours_s else None
+                else:
+                    ours_t, peer_t = sample_interleaved([(ours.run, dev.queue.finish), (run, lambda: None)],
+                                                        repeats=repeats)
+                    ours_s, seconds = float(np.median(ours_t)), float(np.median(peer_t))
+                    speedup = paired_ratio(peer_t, ours_t)
                 rec = _record(name, "fp32", shape.as_dict(), seconds, decode_bytes(shape, "fp32"), read_gbps)
                 rec.peer = name.split(":")[1]
-                rec.speedup = seconds / ours_s if ours_s else None
+                rec.speedup = speedup
                 rec.extra["kvcl_seconds"] = ours_s
                 rec.note = ("speedup = peer seconds / kvcl fp32 paged_decode seconds"
-                            + (", sampled in turn" if interleave else ""))
+                            + (", median of the pairs sampled in turn" if interleave else ""))
                 records.append(rec)
         if bar:
             bar.update()
     if bar:
         bar.close()
-    # int8/fp16/fp8 vs kvcl's own fp32 on the same shape (target P3)
-    base = kvcl_fp32.get("paged_decode")
-    for rec in records:
-        if rec.case == "paged_decode" and rec.kv_dtype != "fp32" and base:
-            rec.extra["speedup_vs_fp32"] = base / rec.seconds
     return records
 
 

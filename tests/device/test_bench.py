@@ -37,7 +37,10 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
             lo, hi = r["extra"]["seconds_range"]
             assert lo <= r["seconds"] <= hi
             lo, hi = r["extra"]["read_gbps_range"]
-            assert lo <= r["device_read_gbps"] <= hi
+            assert 0 < lo <= hi
+            assert r["utilization"] == pytest.approx(r["gbps"] / r["device_read_gbps"])
+        if r["case"] == "paged_decode" and r["kv_dtype"] != "fp32":   # sampled in turn with fp32
+            assert r["extra"]["speedup_vs_fp32"] > 0
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
