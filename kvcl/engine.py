@@ -10,13 +10,11 @@ is uploaded once by :meth:`PagedKVCache.plan` and reused by every layer.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
-import pyopencl.tools as cl_tools
 
 from . import archive
 from .dtypes import INT8_MODE_AWAY, KvDtype, kv_dtype
@@ -32,6 +30,7 @@ from .ops import blocks as block_ops
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import quantize as quantize_ops
+from .ops._launch import element_base
 from .paging import PagedBookkeeping, StepPlan
 from .runtime import Device, resolve_device
 from .validate import check_array, check_float, check_int, is_device_array
@@ -43,7 +42,6 @@ class StaleStepError(KvclError, ValueError):
     """A :class:`Step` is used after one of its sequences was freed or planned again."""
 
 
-@dataclass(eq=False)
 class Step:
     """One planned step: the slots of the new tokens and the page table after them.
 
@@ -58,17 +56,32 @@ class Step:
         ``last_page_len``, ``q_indptr``, ``kv_lens``, ``max_q_len``, ``max_kv_len``, ``copies``.
     num_tokens : int
         New tokens in the step (rows of ``keys`` / ``queries``).
+    slot_mapping, positions, indptr, indices, last_page_len, q_indptr : pyopencl.array.Array
+        The device copies (int32), made on first access: the engine's own calls use the buffers
+        beneath them.
     """
 
-    cache: "PagedKVCache"
-    plan: StepPlan
-    serial: int
-    slot_mapping: cla.Array
-    positions: cla.Array
-    indptr: cla.Array
-    indices: cla.Array
-    last_page_len: cla.Array
-    q_indptr: cla.Array
+    FIELDS = ("slot_mapping", "positions", "indptr", "indices", "last_page_len", "q_indptr")
+
+    def __init__(self, cache: "PagedKVCache", plan: StepPlan, serial: int, buffers: Sequence[cl.Buffer]):
+        self.cache, self.plan, self.serial = cache, plan, serial
+        self.buffers = dict(zip(self.FIELDS, buffers))   # int32 sub-buffers, each at offset 0
+        self._arrays: dict[str, cla.Array] = {}
+
+    def _array(self, name: str) -> cla.Array:
+        found = self._arrays.get(name)
+        if found is None:
+            n = max(1, np.asarray(getattr(self.plan, name)).size)
+            found = self._arrays[name] = cla.Array(self.cache.device.queue, (n,), np.int32,
+                                                   data=self.buffers[name])
+        return found
+
+    slot_mapping = property(lambda self: self._array("slot_mapping"))
+    positions = property(lambda self: self._array("positions"))
+    indptr = property(lambda self: self._array("indptr"))
+    indices = property(lambda self: self._array("indices"))
+    last_page_len = property(lambda self: self._array("last_page_len"))
+    q_indptr = property(lambda self: self._array("q_indptr"))
 
     @property
     def num_tokens(self) -> int:
@@ -127,7 +140,6 @@ class PagedKVCache:
         self._last_plan: dict[int, int] = {}  # seq id -> serial of the step that last planned it
         self._check_memory()
         queue = self.device.queue
-        self._alloc = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(queue))
         try:
             self._k = [self._zeros(self._pool_shape, self.dtype.storage) for _ in range(self.num_layers)]
             self._v = [self._zeros(self._pool_shape, self.dtype.storage) for _ in range(self.num_layers)]
@@ -139,6 +151,8 @@ class PagedKVCache:
         except cl.MemoryError as exc:  # pragma: no cover - depends on the device
             raise DeviceMemoryError("the KV pools", self.memory_bytes(), self.device.info.global_mem_bytes) from exc
         self._status = cla.zeros(queue, 1, np.int32)
+        self._status_unread = False            # a write was queued since the status was last read
+        self._out: cl.Buffer | None = None   # see _out_buffer
         self._workspace: dict[int, cl.Buffer] = {}
 
     # ---- construction helpers --------------------------------------------------------------
@@ -244,16 +258,15 @@ class PagedKVCache:
             for s in plan.seq_ids:
                 self._last_plan[int(s)] = self._serial
 
-            parts = self._upload_packed((plan.slot_mapping, plan.positions, plan.indptr, plan.indices,
-                                         plan.last_page_len, plan.q_indptr))
-            return Step(self, plan, self._serial, *parts)
+            parts = self._upload_packed([getattr(plan, name) for name in Step.FIELDS])
+            return Step(self, plan, self._serial, parts)
 
-    def _upload_packed(self, arrays) -> list[cla.Array]:
-        """Upload several int32 arrays with ONE host-to-device copy; return offset-0 views.
+    def _upload_packed(self, arrays) -> list[cl.Buffer]:
+        """Copy several int32 arrays to the device in ONE buffer; return offset-0 sub-buffers.
 
-        Every queued command costs tens of microseconds on a CPU OpenCL device, so a step's
-        metadata travels in one copy and the kernels get sub-buffers of it (each starting on
-        the device's base-address alignment, as sub-buffers must).
+        The buffer is filled when it is made (``COPY_HOST_PTR``): no queued command, which on a
+        CPU OpenCL device costs ~25 µs each (creating the buffer: ~1 µs). Each part starts on
+        the device's base-address alignment, as sub-buffers must.
         """
         align = max(4, self.device.device.mem_base_addr_align // 8) // 4    # in int32 elements
         sizes = [max(1, np.asarray(a).size) for a in arrays]
@@ -265,13 +278,8 @@ class PagedKVCache:
         for a, start in zip(arrays, starts):
             a = np.asarray(a, dtype=np.int32).ravel()
             host[start:start + a.size] = a
-        packed = cl.Buffer(self.device.context, cl.mem_flags.READ_ONLY, host.nbytes)
-        copied = cl.enqueue_copy(self.device.queue, packed, host, is_blocking=False)
-        views = [cla.Array(self.device.queue, (n,), np.int32, data=packed.get_sub_region(4 * start, 4 * n))
-                 for n, start in zip(sizes, starts)]
-        for view in views:   # the event keeps `host` alive until the copy is done
-            view.add_event(copied)
-        return views
+        packed = self._host_buffer(host)
+        return [packed.get_sub_region(4 * start, 4 * n) for n, start in zip(sizes, starts)]
 
     def _check_step(self, step: Any) -> Step:
         if not isinstance(step, Step):
@@ -288,22 +296,52 @@ class PagedKVCache:
     def _check_layer(self, layer: Any) -> int:
         return check_int("layer", layer, low=0, high=self.num_layers)
 
-    def _to_device(self, x: Any) -> cla.Array:
-        """An already validated float32 input on the device (uploaded if it is a numpy array)."""
-        return x if is_device_array(x) else self._upload(x)
+    def _host_buffer(self, host: np.ndarray) -> cl.Buffer:
+        """A read-only device copy of a (validated, non-empty) host array, filled when it is made
+        (``COPY_HOST_PTR``): no queued command to wait for or to keep ``host`` alive for. A
+        queued copy costs ~25 µs on PoCL and a pyopencl Array ~20 µs; this ~1 µs. The buffer
+        lives while a queued kernel uses it (OpenCL retains it)."""
+        return cl.Buffer(self.device.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
+                         hostbuf=np.ascontiguousarray(host))
 
-    def _upload(self, host: np.ndarray) -> cla.Array:
-        """Copy a host array to the device without waiting for the queue to drain.
+    def _input(self, name: str, x: Any, *, whole: bool = False) -> tuple[cl.Buffer, int]:
+        """(buffer, element offset of x[0]) of a validated input, host or device: a device array
+        must be C-contiguous, and start its buffer when the kernel takes no offset (``whole``)."""
+        if not is_device_array(x):
+            return self._host_buffer(x), 0
+        if not x.flags.c_contiguous or (whole and x.offset):
+            raise InvalidArgument(f"{name}: expected a contiguous array" + (
+                " starting at its buffer's beginning (offset 0)" if whole else "") +
+                f", got a view (offset {x.offset} bytes, strides {x.strides}); pass a copy")
+        return x.base_data, element_base(x)
 
-        A blocking copy would wait for every kernel already queued (the previous layer's
-        attention, say); a non-blocking one only orders after them. pyopencl keeps ``host``
-        alive until the copy has completed.
-        """
-        return cla.to_device(self.device.queue, np.ascontiguousarray(host), allocator=self._alloc, async_=True)
+    def _out_buffer(self, nbytes: int) -> cl.Buffer:
+        """Scratch for results read straight back to the host (reused: every such read blocks)."""
+        if self._out is None or self._out.size < nbytes:
+            self._out = cl.Buffer(self.device.context, cl.mem_flags.READ_WRITE, max(nbytes, 64))
+        return self._out
 
-    def _pool_args(self, layer: int) -> dict:
-        return dict(k_scales=self._ks[layer], v_scales=self._vs[layer], kv_dtype=self.dtype.name,
-                    int8_mode=INT8_MODE_AWAY)
+    def _read_back(self, buf: cl.Buffer, shape) -> np.ndarray:
+        """``buf`` as a host array, with the write status when a write was queued since the
+        status was last read: the status copy is queued just before the blocking read, so both
+        arrive for one round trip (each blocking call costs ~30 µs on PoCL, a queued one ~7)."""
+        queue = self.device.queue
+        result = np.empty(shape, np.float32)
+        status = None
+        if self._status_unread:   # a write since the last look: it may have refused rows
+            status = np.zeros(1, np.int32)
+            cl.enqueue_copy(queue, status, self._status.data, is_blocking=False)
+        cl.enqueue_copy(queue, result, buf, is_blocking=True)   # in order: status arrived first
+        if status is not None:
+            self._status_unread = False
+            if status[0]:
+                self._refuse_status()
+        return result
+
+    def _pools(self, layer: int) -> dict:
+        ks, vs = self._ks[layer], self._vs[layer]
+        return dict(k_scales=None if ks is None else ks.data, v_scales=None if vs is None else vs.data,
+                    kvd=self.dtype, int8_mode=INT8_MODE_AWAY)
 
     def write(self, layer: int, step: Step, keys: Any, values: Any) -> None:
         """Store the new tokens' K and V of one layer.
@@ -325,10 +363,13 @@ class PagedKVCache:
             check_array("values", values, shape=shape, dtype=np.float32, context=self.device.context, finite=True)
             if step.num_tokens == 0:
                 return
-            k, v = self._to_device(keys), self._to_device(values)
-            write_ops.paged_write_kv(k, v, step.slot_mapping, self._k[layer], self._v[layer],
-                                     block_size=self.block_size, status=self._status,
-                                     queue=self.device.queue, **self._pool_args(layer))
+            (kb, k0), (vb, v0) = self._input("keys", keys), self._input("values", values)
+            write_ops.launch_kv(self.device.queue, kb, k0, vb, v0, step.buffers["slot_mapping"],
+                                self._k[layer].data, self._v[layer].data, status=self._status.data,
+                                num_tokens=step.num_tokens, num_kv_heads=self.num_kv_heads,
+                                head_dim=self.head_dim, block_size=self.block_size,
+                                num_slots=self.num_blocks * self.block_size, **self._pools(layer))
+            self._status_unread = True
 
     def write_qkv(self, layer: int, step: Step, qkv: Any, *, num_q_heads: int, cos: Any = None,
                   sin: Any = None, q_norm_weight: Any = None, k_norm_weight: Any = None,
@@ -388,27 +429,28 @@ class PagedKVCache:
                 weights[name] = w
             queue = self.device.queue
             host_out = not is_device_array(qkv)
-            q_out = cla.empty(queue, (step.num_tokens, num_q_heads, self.head_dim), np.float32,
-                              allocator=None if not host_out else self._alloc)
+            shape = (step.num_tokens, num_q_heads, self.head_dim)
             if step.num_tokens == 0:
-                return q_out.get() if host_out else q_out
-            dev = {}
-            for name, value in (("qkv", qkv), *tables.items(), *weights.items()):
-                if value is None or is_device_array(value):
-                    dev[name] = value
-                else:
-                    dev[name] = self._upload(value)
-            write_ops.paged_write_qkv(
-                dev["qkv"], step.slot_mapping, step.positions, self._k[layer], self._v[layer], q_out,
-                num_q_heads=num_q_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                block_size=self.block_size, cos=dev["cos"], sin=dev["sin"],
-                q_norm_weight=dev["q_norm_weight"], k_norm_weight=dev["k_norm_weight"], eps=eps,
-                rope=rope, status=self._status, queue=queue, **self._pool_args(layer))
+                return np.zeros(shape, np.float32) if host_out else cla.empty(queue, shape, np.float32)
+            qb, q0 = self._input("qkv", qkv)
+            extra = {name: None if value is None else self._input(name, value, whole=True)[0]
+                     for name, value in (*tables.items(), *weights.items())}
             if host_out:
-                result = q_out.get()
-                self._raise_status()
-                return result
-            return q_out
+                q_buf = self._out_buffer(4 * int(np.prod(shape)))
+            else:
+                q_out = cla.empty(queue, shape, np.float32)
+                q_buf = q_out.data
+            write_ops.launch_qkv(
+                queue, qb, q0, step.buffers["slot_mapping"], step.buffers["positions"],
+                self._k[layer].data, self._v[layer].data, q_buf, cos=extra["cos"], sin=extra["sin"],
+                q_norm_weight=extra["q_norm_weight"], k_norm_weight=extra["k_norm_weight"],
+                status=self._status.data, num_tokens=step.num_tokens, num_q_heads=num_q_heads,
+                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size,
+                num_slots=self.num_blocks * self.block_size,
+                max_position=0 if tables["cos"] is None else int(tables["cos"].shape[0]),
+                eps=eps, rope=rope, **self._pools(layer))
+            self._status_unread = True
+            return self._read_back(q_buf, shape) if host_out else q_out
 
     def attend(self, layer: int, step: Step, queries: Any, *, window: int = 0,
                scale: "float | None" = None) -> Any:
@@ -448,27 +490,34 @@ class PagedKVCache:
             if step.num_tokens == 0:
                 empty = np.zeros(queries.shape, np.float32)
                 return empty if host_out else cla.to_device(queue, empty)
-            q = self._to_device(queries)
-            out = cla.empty(queue, queries.shape, np.float32, allocator=self._alloc if host_out else None)
-            attention_ops.paged_attention(
-                q, self._k[layer], self._v[layer], step.indptr, step.indices, step.last_page_len,
-                step.q_indptr, out, scale=scale, window=window, max_q_len=step.plan.max_q_len,
-                max_kv_len=step.plan.max_kv_len, queue=queue, **self._pool_args(layer))
+            qb, _ = self._input("queries", queries, whole=True)
             if host_out:
-                result = out.get()
-                self._raise_status()
-                return result
-            return out
+                out_buf = self._out_buffer(4 * int(np.prod(queries.shape)))
+            else:
+                out = cla.empty(queue, queries.shape, np.float32)
+                out_buf = out.data
+            attention_ops.launch(
+                queue, qb, self._k[layer].data, self._v[layer].data, indptr=step.buffers["indptr"],
+                indices=step.buffers["indices"], last_page_len=step.buffers["last_page_len"],
+                q_indptr=step.buffers["q_indptr"], out=out_buf, total_q=step.num_tokens,
+                num_q_heads=num_q_heads, head_dim=self.head_dim, batch=len(step.plan.seq_ids),
+                num_kv_heads=self.num_kv_heads, block_size=self.block_size, scale=scale,
+                window=window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len,
+                **self._pools(layer))
+            return self._read_back(out_buf, queries.shape) if host_out else out
 
     # ---- errors recorded on the device -----------------------------------------------------
 
     def _raise_status(self) -> None:
-        status = int(self._status.get()[0])
-        if status:
-            self._status.fill(0)
-            raise NonFiniteError(
-                "keys/values: a device-array write held NaN or Inf; those rows were not written "
-                "(the cache kept their previous contents)")
+        self._status_unread = False
+        if int(self._status.get()[0]):
+            self._refuse_status()
+
+    def _refuse_status(self) -> None:
+        self._status.fill(0)
+        raise NonFiniteError(
+            "keys/values: a device-array write held NaN or Inf; those rows were not written "
+            "(the cache kept their previous contents)")
 
     def synchronize(self) -> None:
         """Wait for queued work; raise any error the kernels recorded since the last check."""

@@ -41,7 +41,7 @@ from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_array, check_float, check_int, is_device_array
 from ._launch import set_args
 
-__all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
+__all__ = ["contiguous_attention", "launch", "paged_attention", "plan", "variant_for"]
 
 SOURCE = "decode_attention.cl"
 
@@ -73,6 +73,7 @@ _GPU_PART_MAX = {4: 512, 2: 256, 1: 256}
 
 _lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
 _configs: dict = {}
+_plans: dict = {}
 _dummies: dict = {}
 _workspaces: dict = {}
 _page_tables: dict = {}
@@ -237,6 +238,28 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     it; at most 256 for 1- and 2-byte formats on GPUs.
     """
     kvd = _kv_dtype(kv_dtype)
+    key = (context.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
+           max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant)
+    knobs = _knobs()
+    found = _plans.get(key)
+    if found is not None and found[0] == knobs:
+        return found[1]
+    p = _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
+              kvd, int8_mode, partition_size, local_size, variant)
+    if len(_plans) >= 256:   # a decode loop makes one per step (max_kv_len grows): keep the recent
+        _plans.clear()
+    _plans[key] = (knobs, p)
+    return p
+
+
+def _knobs() -> tuple:
+    """The module's layout settings (tools and tests reassign them): part of a memoized plan."""
+    return (_SERIAL_MAX_HG, _SERIAL_STATE_FLOATS, _SERIAL_CHUNK, _SERIAL_ACC_VECTORS, _SERIAL_PART_MAX,
+            _PREFERRED_WG, _V_VECTORS, _GPU_WG, _GPU_UNROLL, _GPU_VEC, _GPU_PART_MAX, _PART_MIN, _PART_MAX)
+
+
+def _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
+          kvd, int8_mode, partition_size, local_size, variant) -> Plan:
     group = num_q_heads // num_kv_heads
     defines, wg, q_tile, hg = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
                                       local_size, variant, num_kv_heads)
@@ -339,11 +362,27 @@ def _workspace(context, nbytes: int):
 
 
 def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
-            q_indptr, out, *, kvd, int8_mode, num_kv_heads, block_size, scale, window, max_q_len,
-            max_kv_len, partition_size, workspace, wait_for, local_size=None, variant=None):
-    context = queries.context
+            q_indptr, out, **kw):
+    """:func:`launch` on checked pyopencl Arrays (offset 0, so ``.data`` is the whole buffer)."""
     total_q, num_q_heads, head_dim = queries.shape
-    batch = q_indptr.shape[0] - 1
+    return launch(queue, queries.data, k_pool.data, v_pool.data,
+                  None if k_scales is None else k_scales.data,
+                  None if v_scales is None else v_scales.data, indptr.data, indices.data,
+                  last_page_len.data, q_indptr.data, out.data, total_q=total_q,
+                  num_q_heads=num_q_heads, head_dim=head_dim, batch=q_indptr.shape[0] - 1, **kw)
+
+
+def launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
+           q_indptr, out, *, total_q, num_q_heads, head_dim, batch, kvd, int8_mode, num_kv_heads,
+           block_size, scale, window, max_q_len, max_kv_len, partition_size=None, workspace=None,
+           wait_for=None, local_size=None, variant=None) -> cl.Event:
+    """Enqueue the decode kernel (and the split-K merge) on ``pyopencl.Buffer`` arguments, with
+    no argument checks: for a caller that made and validated every buffer itself, such as
+    :class:`kvcl.PagedKVCache`, whose per-layer calls would otherwise pay for re-checking (and
+    for building pyopencl Arrays: ~20 µs each). Arguments mean what they mean in
+    :func:`paged_attention`; ``kvd`` is a :class:`kvcl.dtypes.KvDtype`; ``k_scales`` /
+    ``v_scales`` are None unless the format has scales."""
+    context = queue.context
     p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
              head_dim=head_dim, block_size=block_size, max_q_len=max_q_len, max_kv_len=max_kv_len,
              kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size,
@@ -364,20 +403,19 @@ def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices,
         ws = _dummy(context)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    ks = k_scales.data if k_scales is not None else _dummy(context)
-    vs = v_scales.data if v_scales is not None else _dummy(context)
+    ks = k_scales if k_scales is not None else _dummy(context)
+    vs = v_scales if v_scales is not None else _dummy(context)
     acc_offset = np.uint64(total_q * num_q_heads * p.num_parts * 2)
     attn = get_kernel(context, SOURCE, "paged_decode_attention", defines)
     gsize = (p.local_size * p.q_tiles, num_kv_heads // p.kv_heads_per_group, batch * p.num_parts)
     with _lock:
-        set_args(attn, queries.data, k_pool.data, v_pool.data, ks, vs, indptr.data, indices.data,
-                 last_page_len.data, q_indptr.data, out.data, ws, acc_offset,
-                 np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
+        set_args(attn, queries, k_pool, v_pool, ks, vs, indptr, indices, last_page_len, q_indptr, out,
+                 ws, acc_offset, np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
                  np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts))
         event = cl.enqueue_nd_range_kernel(queue, attn, gsize, (p.local_size, 1, 1), wait_for=wait_for)
         if p.num_parts > 1:
             merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines)
-            set_args(merge, ws, out.data, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))
+            set_args(merge, ws, out, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))
             event = cl.enqueue_nd_range_kernel(queue, merge, (head_dim, num_q_heads, total_q), None,
                                                wait_for=[event])
     return event

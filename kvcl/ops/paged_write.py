@@ -33,7 +33,7 @@ from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_float, check_int
 from ._launch import device_array, element_base, launch_lock, set_args
 
-__all__ = ["paged_write_qkv", "paged_write_kv", "launch_config", "row_vec", "STATUS_NONFINITE",
+__all__ = ["paged_write_qkv", "paged_write_kv", "launch_kv", "launch_qkv", "launch_config", "row_vec", "STATUS_NONFINITE",
            "STATUS_BAD_SLOT", "STATUS_BAD_POSITION", "ROPE_MODES"]
 
 _SOURCE = "paged_write.cl"
@@ -201,16 +201,17 @@ def _resolve_queue(queue, first, context):
     return queue
 
 
-def _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for, outputs):
+def _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for):
     global_size = (lx, -(-num_rows // rows) * rows, num_tokens)
     with launch_lock:
         set_args(kernel, *args)
-        event = cl.enqueue_nd_range_kernel(queue, kernel, global_size, (lx, rows, 1),
-                                           wait_for=wait_for)
+        return cl.enqueue_nd_range_kernel(queue, kernel, global_size, (lx, rows, 1), wait_for=wait_for)
+
+
+def _add_event(event, outputs):
     for arr in outputs:
         if arr is not None:
             arr.add_event(event)
-    return event
 
 
 def _empty_event(queue, wait_for):
@@ -315,31 +316,45 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
         status = cl_array.zeros(queue, 1, np.int32)
     if T == 0:
         return _empty_event(queue, wait_for)
+    event = launch_qkv(
+        queue, qkv.base_data, element_base(qkv), slot_mapping.data, positions.data, k_pool.data,
+        v_pool.data, q_out.data, None if k_scales is None else k_scales.data,
+        None if v_scales is None else v_scales.data,
+        None if cos is None or rope == "none" else cos.data,
+        None if sin is None or rope == "none" else sin.data,
+        None if q_norm_weight is None else q_norm_weight.data,
+        None if k_norm_weight is None else k_norm_weight.data, status.data, num_tokens=T,
+        num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, block_size=bs, kvd=dt, int8_mode=int8_mode,
+        num_slots=num_slots, max_position=max_position, eps=eps, rope=rope, wait_for=wait_for)
+    _add_event(event, (q_out, k_pool, v_pool, k_scales, v_scales, status))
+    return event
 
-    defines = {"KV_DTYPE": dt.code, "INT8_MODE": int8_mode if dt.has_scale else 0,
+
+def launch_qkv(queue, qkv, qkv_base, slot_mapping, positions, k_pool, v_pool, q_out, k_scales,
+               v_scales, cos, sin, q_norm_weight, k_norm_weight, status, *, num_tokens,
+               num_q_heads, num_kv_heads, head_dim, block_size, kvd, int8_mode, num_slots,
+               max_position, eps, rope, wait_for=None) -> cl.Event:
+    """Enqueue the fused write on ``pyopencl.Buffer`` arguments (None for an absent optional
+    one), with no argument checks: for a caller that made and validated every buffer itself
+    (:class:`kvcl.PagedKVCache`). Arguments mean what they mean in :func:`paged_write_qkv`;
+    ``qkv_base`` is the element offset of row 0 in ``qkv``, ``num_slots`` the pool's
+    ``num_blocks · block_size``, ``kvd`` a :class:`kvcl.dtypes.KvDtype`."""
+    Hq, Hkv, D = num_q_heads, num_kv_heads, head_dim
+    defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode if kvd.has_scale else 0,
                "HEAD_DIM": D, "ROPE": _ROPE_CODE[rope],
                "Q_NORM": int(q_norm_weight is not None), "K_NORM": int(k_norm_weight is not None)}
     num_rows = Hq + 2 * Hkv
-    base = element_base(qkv)
-    align = math.gcd(base, row, Hq * D)
-    kernel, lx, rows = _kernel(context, queue.device, defines, D, num_rows, rope, align)
+    row = num_rows * D
+    align = math.gcd(qkv_base, row, Hq * D)
+    kernel, lx, rows = _kernel(queue.context, queue.device, defines, D, num_rows, rope, align)
     stride = np.int32(row)
-    args = (qkv.base_data, np.int32(base), stride,
-            qkv.base_data, np.int32(base + Hq * D), stride,
-            qkv.base_data, np.int32(base + (Hq + Hkv) * D), stride,
-            slot_mapping.data, positions.data,
-            None if cos is None or rope == "none" else cos.data,
-            None if sin is None or rope == "none" else sin.data,
-            np.int32(max_position),
-            None if q_norm_weight is None else q_norm_weight.data,
-            None if k_norm_weight is None else k_norm_weight.data,
-            np.float32(eps),
-            q_out.data, k_pool.data, v_pool.data,
-            None if k_scales is None else k_scales.data,
-            None if v_scales is None else v_scales.data,
-            status.data, np.int32(Hq), np.int32(Hkv), np.int32(bs), np.int32(num_slots))
-    return _launch(queue, kernel, lx, rows, num_rows, T, args, wait_for,
-                   (q_out, k_pool, v_pool, k_scales, v_scales, status))
+    args = (qkv, np.int32(qkv_base), stride,
+            qkv, np.int32(qkv_base + Hq * D), stride,
+            qkv, np.int32(qkv_base + (Hq + Hkv) * D), stride,
+            slot_mapping, positions, cos, sin, np.int32(max_position), q_norm_weight, k_norm_weight,
+            np.float32(eps), q_out, k_pool, v_pool, k_scales, v_scales, status,
+            np.int32(Hq), np.int32(Hkv), np.int32(block_size), np.int32(num_slots))
+    return _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for)
 
 
 def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv_dtype="fp32",
@@ -397,20 +412,32 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
         status = cl_array.zeros(queue, 1, np.int32)
     if T == 0:
         return _empty_event(queue, wait_for)
+    event = launch_kv(queue, keys.base_data, element_base(keys), values.base_data, element_base(values),
+                      slot_mapping.data, k_pool.data, v_pool.data,
+                      None if k_scales is None else k_scales.data,
+                      None if v_scales is None else v_scales.data, status.data, num_tokens=T,
+                      num_kv_heads=Hkv, head_dim=D, block_size=bs, kvd=dt, int8_mode=int8_mode,
+                      num_slots=num_slots, wait_for=wait_for)
+    _add_event(event, (k_pool, v_pool, k_scales, v_scales, status))
+    return event
 
-    defines = {"KV_DTYPE": dt.code, "INT8_MODE": int8_mode if dt.has_scale else 0,
+
+def launch_kv(queue, keys, keys_base, values, values_base, slot_mapping, k_pool, v_pool, k_scales,
+              v_scales, status, *, num_tokens, num_kv_heads, head_dim, block_size, kvd, int8_mode,
+              num_slots, wait_for=None) -> cl.Event:
+    """:func:`paged_write_kv` on ``pyopencl.Buffer`` arguments with no argument checks (see
+    :func:`launch_qkv`); ``keys_base`` / ``values_base`` are the element offsets of row 0."""
+    D, Hkv = head_dim, num_kv_heads
+    defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode if kvd.has_scale else 0,
                "HEAD_DIM": D, "ROPE": 0, "Q_NORM": 0, "K_NORM": 0}
     num_rows = 2 * Hkv
     stride = np.int32(Hkv * D)
-    align = math.gcd(element_base(keys), element_base(values), Hkv * D)
-    kernel, lx, rows = _kernel(context, queue.device, defines, D, num_rows, "none", align)
+    align = math.gcd(keys_base, values_base, Hkv * D)
+    kernel, lx, rows = _kernel(queue.context, queue.device, defines, D, num_rows, "none", align)
     args = (None, np.int32(0), np.int32(0),
-            keys.base_data, np.int32(element_base(keys)), stride,
-            values.base_data, np.int32(element_base(values)), stride,
-            slot_mapping.data, None, None, None, np.int32(0), None, None, np.float32(0.0),
-            None, k_pool.data, v_pool.data,
-            None if k_scales is None else k_scales.data,
-            None if v_scales is None else v_scales.data,
-            status.data, np.int32(0), np.int32(Hkv), np.int32(bs), np.int32(num_slots))
-    return _launch(queue, kernel, lx, rows, num_rows, T, args, wait_for,
-                   (k_pool, v_pool, k_scales, v_scales, status))
+            keys, np.int32(keys_base), stride,
+            values, np.int32(values_base), stride,
+            slot_mapping, None, None, None, np.int32(0), None, None, np.float32(0.0),
+            None, k_pool, v_pool, k_scales, v_scales, status,
+            np.int32(0), np.int32(Hkv), np.int32(block_size), np.int32(num_slots))
+    return _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for)
