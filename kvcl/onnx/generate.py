@@ -490,18 +490,20 @@ def _op_clock() -> float:
     return _TIMING["total"]
 
 
-def _enable_op_timing() -> None:
-    """Wrap the op body so that :func:`bench_step` can report time spent inside it."""
-    if _TIMING["on"] or not customop.HAVE_EXTENSIONS:
-        return
-    body = customop._opdef.body
-
+def _timed(body):
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
         try:
             return body(*args, **kwargs)
         finally:
             _TIMING["total"] += time.perf_counter() - t0
+    return timed
 
-    customop._opdef.body = timed
+
+def _enable_op_timing() -> None:
+    """Wrap the op body so that :func:`bench_step` can report time spent inside it."""
+    if _TIMING["on"] or not customop.HAVE_EXTENSIONS:
+        return
+    for opdef in (customop._opdef, customop._opdef_qkv):   # kvcl::Attention, kvcl::AttentionQKV
+        opdef.body = _timed(opdef.body)
     _TIMING["on"] = True
