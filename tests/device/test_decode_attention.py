@@ -89,6 +89,27 @@ def assert_close(got, want, rel=REL):
 LENS = (1, 15, 16, 17, 54, 97)
 
 
+@pytest.mark.parametrize("variant", ops.VARIANTS)
+@pytest.mark.parametrize("kv_dtype,nan_code", [("fp16", 0x7E00), ("fp8_e4m3", 0x7F), ("fp8_e4m3", 0xFF),
+                                               ("fp8_e5m2", 0x7F)])
+def test_nan_code_in_k_or_v(device, rng, variant, kv_dtype, nan_code):
+    # A stored NaN code in one K row makes every query row that sees that token NaN; one in a V
+    # row makes those rows NaN in that head_dim position only; other rows stay exact (the CPU
+    # e4m3 path finds NaN codes per row, not per vector: this pins it to the reference)
+    case = make_case(rng, lens=(20, 40, 33), q_lens=(1, 2, 1), kv_dtype=kv_dtype)
+    blk = case["indices"][case["indptr"][1] + 1]             # sequence 1, tokens 16..31
+    case["k_pool"][blk, 1, 3, 17] = nan_code                 # token 19, kv head 1
+    blk = case["indices"][case["indptr"][2]]                 # sequence 2, tokens 0..15
+    case["v_pool"][blk, 0, 5, 100] = nan_code                # token 5, kv head 0, d = 100
+    want = run_reference(case)
+    got = run_paged(device, case, _variant=variant)
+    nan = np.isnan(want)
+    assert nan[1:3, 4:8].all() and nan[3, 0:4, 100].all() and nan.sum() == 2 * 4 * 128 + 4
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    err = np.abs(got[~nan].astype(np.float64) - want[~nan]).max()
+    assert err <= REL * np.abs(want[~nan]).max()
+
+
 # ---- every KV dtype, ragged batch, shuffled pages ---------------------------------------------
 
 @pytest.mark.parametrize("variant", ops.VARIANTS)
