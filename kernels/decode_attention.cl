@@ -231,8 +231,8 @@ inline float8 e4m3_scaled(__global const kv_t *p, int i) {
 // E4M3_FAST (the serial variant with F16C): the hot loops take e4m3_scaled as it is, the logit
 // times 2^8 and p times 2^8 for V (exact: powers of two), and a row holding a NaN code, found
 // 8 codes at a time, makes its logit NaN (K) or takes the exact decode (V). Against decoding
-// each vector exactly (rescale + NaN test per 8 codes): 1.28-1.30x faster (B=4 L=2048, PoCL,
-// two runs of 8 rounds in turn with the previous kernel).
+// each vector exactly (rescale + NaN test per 8 codes): 1.08-1.22x faster (B=4 L=2048, PoCL,
+// two runs of 16-20 rounds in random order with the previous kernel).
 #define E4M3_FAST 1
 inline bool row_has_nan(__global const kv_t *p) {
     ulong hit = 0;
@@ -319,12 +319,13 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //   Why HG heads: a block's rows of neighbouring kv heads are adjacent in the pool, so HG heads
 //   read HG x BLOCK_SIZE rows as one run (64 KiB for 8 heads, 16 fp32 tokens, D=128) where one
 //   head reads 8 KiB and jumps to the next page.  On the 2-core EPYC VM a core keeps too few
-//   misses in flight on short scattered runs: a C loop over shuffled 8 KiB runs with the same
-//   prefetching reads at 68% of a sequential stream, over 64 KiB runs at 92%.  Measured (PoCL
-//   3.0, fp32 B=4 Hq=32 Hkv=8 D=128 L=2048, 6-8 rounds in turn with the streaming read, medians):
-//   HG=8 1.18-1.26x faster than the one-head kernel before it (74-81% of the read vs 63%); int8
-//   1.20x, fp16 1.12x;
-//   B=1 L=32768 1.29x (65% vs 51%; 69% with 1024-2048-token partitions instead of 512).
+//   misses in flight on short scattered runs (a C loop over shuffled 8 KiB runs with the same
+//   prefetching reads at 68% of a sequential stream, over 64 KiB runs at 92%), though less so in
+//   this kernel (128-token blocks, one head: 63% of the read against 59% with 16).  Measured
+//   against the one-head kernel before it (PoCL 3.0, Hq=32 Hkv=8 D=128, 12-24 rounds of samples
+//   in random order with the streaming read, medians of the paired ratios): B=4 L=2048 fp32
+//   1.03-1.06x, int8 1.08x, fp16 1.03x; B=1 L=32768 1.20x with 512-token partitions and 1.35x
+//   with 2048 (52% -> 69% of the read; one head per work-item gains nothing from either).
 //   Split-K (flash-decoding) only when B * Hkv / HG * q_tiles work-items cannot fill the
 //   compute units.
 //   Before the head groups (five runs): 4.3-6.6 ms = 53-64% of the read (the cooperative variant

@@ -55,8 +55,8 @@ _SERIAL_STATE_FLOATS = 4096  # serial: HG x rows x head_dim, at most (q and acc 
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
 # Serial variant (CPUs): the largest split-K partition. B=1 L=32768 fp32 on PoCL (2-core EPYC VM,
-# 8 kv heads per work-group, 6 rounds in turn with the streaming read): 64% of the read with
-# 512-token partitions, 68-69% with 1024-4096
+# 8 kv heads per work-group, 12 rounds in random order with the streaming read): 60% of the read
+# with 512-token partitions, 69% with 2048
 _SERIAL_PART_MAX = 2048
 # Cooperative variant on GPU devices, by bytes per stored KV element: VEC, (UNROLL_K, UNROLL_V)
 # and the work-group size. Chosen by tools/decode_sweep.py on an H100 through NVIDIA's OpenCL
