@@ -309,10 +309,11 @@ class PagedKVCache:
         must be C-contiguous, and start its buffer when the kernel takes no offset (``whole``)."""
         if not is_device_array(x):
             return self._host_buffer(x), 0
-        if not x.flags.c_contiguous or (whole and x.offset):
-            raise InvalidArgument(f"{name}: expected a contiguous array" + (
-                " starting at its buffer's beginning (offset 0)" if whole else "") +
-                f", got a view (offset {x.offset} bytes, strides {x.strides}); pass a copy")
+        if not x.flags.c_contiguous:
+            raise ShapeError(f"{name}: expected a C-contiguous array, got strides {x.strides}; pass a copy")
+        if whole and x.offset:
+            raise InvalidArgument(f"{name}: expected an array starting at its buffer's beginning "
+                                  f"(offset 0), got a view at offset {x.offset} bytes; pass a copy")
         return x.base_data, element_base(x)
 
     def _out_buffer(self, nbytes: int) -> cl.Buffer:

@@ -282,6 +282,51 @@ def test_device_array_inputs_stay_on_device_and_nan_rows_are_not_written(device)
     assert (got[4:] == 2).all()
 
 
+def test_device_views(device):
+    # keys/values may be offset views of a larger device array; queries must start their buffer
+    # (the kernel takes no offset) and nothing may be strided: refused before anything changes
+    import pyopencl.array as cla
+    cache = PagedKVCache(1, 2, 8, num_blocks=8, block_size=4, device=device)
+    s = cache.add_sequence()
+    queue = device.queue
+    rng = np.random.default_rng(5)
+    kv = rng.standard_normal((2, 3, 2, 8)).astype(np.float32)
+    big = cla.to_device(queue, kv.reshape(6, 2, 8))
+    step = cache.plan([s], [3])
+    cache.write(0, step, big[0:3], big[3:6])               # the V view starts at row 3
+    got_k, got_v = cache.read(0, s)
+    np.testing.assert_array_equal(got_k, kv[0])
+    np.testing.assert_array_equal(got_v, kv[1])
+    before = cache.snapshot()
+    q = cla.to_device(queue, rng.standard_normal((4, 2, 8)).astype(np.float32))
+    with pytest.raises(kvcl.InvalidArgument, match="queries: .*offset 0"):
+        cache.attend(0, step, q[1:4])
+    strided = cla.to_device(queue, rng.standard_normal((3, 2, 16)).astype(np.float32))[:, :, ::2]
+    step = cache.plan([s], [3])
+    with pytest.raises(kvcl.ShapeError, match="keys: expected a C-contiguous"):
+        cache.write(0, step, strided, big[0:3])
+    after = cache.snapshot()
+    assert after["k.0"] == before["k.0"] and after["v.0"] == before["v.0"]
+
+
+def test_host_writes_report_rows_made_non_finite_on_the_next_read(device):
+    # a finite row can overflow in RoPE (3e38 * cos + 3e38 * sin): the kernel leaves it
+    # unwritten and flags it; the next host read-back (attend, or write_qkv's q) raises
+    cache = PagedKVCache(1, 1, 8, num_blocks=4, block_size=4, device=device)
+    s = cache.add_sequence()
+    step = cache.plan([s], [1])
+    qkv = np.full((1, 3 * 8), 3e38, np.float32)
+    cos = np.ones((4, 4), np.float32)
+    with pytest.raises(kvcl.NonFiniteError, match="not written"):
+        cache.write_qkv(0, step, qkv, num_q_heads=1, cos=cos, sin=cos)
+    got_k, got_v = cache.read(0, s)
+    assert (got_k == 0).all()                              # the rotated K row was not written
+    assert (got_v == np.float32(3e38)).all()               # V is not rotated: finite, written
+    step = cache.plan([s], [1])                            # the flag was cleared: no second raise
+    cache.write(0, step, np.ones((1, 1, 8), np.float32), np.ones((1, 1, 8), np.float32))
+    assert np.isfinite(cache.attend(0, step, np.ones((1, 1, 8), np.float32))).all()
+
+
 def test_memory_accounting_and_device_memory_error(device):
     cache = PagedKVCache(4, 8, 128, num_blocks=32, block_size=16, dtype="int8", device=device)
     elems = 32 * 8 * 16
