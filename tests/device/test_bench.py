@@ -57,3 +57,15 @@ def test_blocked_sampling_divides_by_the_first_read(device, tmp_path, capsys):
             assert r["device_read_gbps"] == records[0]["gbps"]
     with pytest.raises(kvcl.InvalidArgument, match="sampling"):
         bench.run_bench(device, quick=True, sampling="random")
+
+
+def test_interleaved_samples_take_every_job_once_per_round_in_random_orders():
+    # a fixed order biased whichever job followed the streaming read (1.12x on the dev VM)
+    log: list[int] = []
+    jobs = [((lambda i=i: log.append(i)), lambda: None) for i in range(4)]
+    times = bench.sample_interleaved(jobs, warmup=1, repeats=12, min_sample=0.0, max_inner=1)
+    assert [len(t) for t in times] == [12] * 4
+    rounds = [tuple(log[4 + 4 * r: 8 + 4 * r]) for r in range(12)]   # after the 4 warm-up calls
+    assert all(sorted(r) == [0, 1, 2, 3] for r in rounds)
+    assert len(set(rounds)) > 1 and len({r[0] for r in rounds}) > 1
+    assert bench.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
