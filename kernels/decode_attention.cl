@@ -432,23 +432,19 @@ void paged_decode_attention(
     }
 
     // Page walk: the pool row of head 0 of each token of the chunk (rows[]) and of the next
-    // chunk (ahead[], the prefetch targets), advanced once per chunk for all HG heads.
+    // chunk (ahead[], the prefetch targets; -1 past t1), advanced once per chunk for all HG
+    // heads. The pass before the loop fills ahead[] with the first chunk.
     int pg = t0 / BLOCK_SIZE, off = t0 - pg * BLOCK_SIZE;  // the only division
-    int ahead[CT];
-    #pragma unroll 1
-    for (int t = 0; t < CT; ++t) {
-        ahead[t] = t0 + t < t1 ? indices[p0 + pg] * num_kv_heads * BLOCK_SIZE + off : -1;
-        if (++off == BLOCK_SIZE) { off = 0; ++pg; }
-    }
-    for (int tc = t0; tc < t1; tc += CT) {
-        const int n = min(CT, t1 - tc);    // tokens in this chunk, all in the pool
-        int rows[CT];                      // pool row of each token, head 0
+    int ahead[CT] = {0}, rows[CT];
+    for (int tc = t0 - CT; tc < t1; tc += CT) {
         #pragma unroll 1
         for (int t = 0; t < CT; ++t) {
             rows[t] = ahead[t];
             ahead[t] = tc + CT + t < t1 ? indices[p0 + pg] * num_kv_heads * BLOCK_SIZE + off : -1;
             if (++off == BLOCK_SIZE) { off = 0; ++pg; }
         }
+        if (tc < t0) continue;
+        const int n = min(CT, t1 - tc);    // tokens in this chunk, all in the pool
         for (int h = 0; h < HG; ++h) {
         const int kh = (kvh + h) * BLOCK_SIZE;  // row offset of this head inside a block
         const floatV *qh = q + h * ROWS * NV;
