@@ -398,9 +398,9 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
         bar.update()
 
     def with_read(run, nbytes, also=None):
-        """(seconds, GB/s of the read it is divided by, fp32 speedup or None): the run sampled in
-        turn with the read (and with ``also``, kvcl's fp32 decode of the shape, when given); the
-        utilisation is the median over rounds of the pair's ratio."""
+        """(seconds, GB/s of the read it is divided by, fp32 speedup or None, sample ranges): the
+        run sampled in turn with the read (and with ``also``, kvcl's fp32 decode of the shape,
+        when given); the utilisation is the median over rounds of the pair's ratio."""
         jobs = [(reader.run, reader.sync), (run, dev.queue.finish)]
         if also is not None:
             jobs.append((also.run, dev.queue.finish))
@@ -419,10 +419,7 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             gbps = read_gbps
             extra["read_gbps_range"] = [read_gbps, read_gbps]
         speedup = paired_ratio(times[2], times[1]) if also is not None else None
-        spreads.append(extra)
-        return seconds, gbps, speedup
-
-    spreads: list = []   # the sample ranges of the last with_read call, kept in each record
+        return seconds, gbps, speedup, extra
 
     kvcl_fp32: dict[str, float] = {}
     peer_base = {}
@@ -434,9 +431,9 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             case = DecodeCase(dev, shape, dtype_name)
             nbytes = decode_bytes(shape, dtype_name)
             base = peer_base.get(shape) if name == "paged_decode" and dtype_name != "fp32" else None
-            seconds, gbps, vs_fp32 = with_read(case.run, nbytes, base)
+            seconds, gbps, vs_fp32, ranges = with_read(case.run, nbytes, base)
             records.append(_record(name, dtype_name, shape.as_dict(), seconds, nbytes, gbps))
-            records[-1].extra.update(spreads[-1])
+            records[-1].extra.update(ranges)
             if vs_fp32 is not None:   # P3: sampled in turn with kvcl's fp32 decode of the shape
                 records[-1].extra["speedup_vs_fp32"] = vs_fp32
             if dtype_name == "fp32":
@@ -449,12 +446,12 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             tokens, hq, hkv, d, bs, dtype_name = args
             case = WriteCase(dev, tokens, hq, hkv, d, bs, dtype_name)
             nbytes = write_bytes(tokens, hq, hkv, d, dtype_name)
-            seconds, gbps, _ = with_read(case.run, nbytes)
+            seconds, gbps, _, ranges = with_read(case.run, nbytes)
             records.append(_record(name, dtype_name, {"tokens": tokens, "num_q_heads": hq, "num_kv_heads": hkv,
                                                       "head_dim": d, "block_size": bs, "rope": "half",
                                                       "qk_norm": True},
                                    seconds, nbytes, gbps))
-            records[-1].extra.update(spreads[-1])
+            records[-1].extra.update(ranges)
         else:
             shape = args[0]
             run = ort_gqa_peer(shape) if kind == "ort" else numpy_peer(shape)
