@@ -365,7 +365,7 @@ class PagedKVCache:
             if step.num_tokens == 0:
                 return
             (kb, k0), (vb, v0) = self._input("keys", keys), self._input("values", values)
-            write_ops.launch_kv(self.device.queue, kb, k0, vb, v0, step.buffers["slot_mapping"],
+            write_ops.launch_kv_buffers(self.device.queue, kb, k0, vb, v0, step.buffers["slot_mapping"],
                                 self._k[layer].data, self._v[layer].data, status=self._status.data,
                                 num_tokens=step.num_tokens, num_kv_heads=self.num_kv_heads,
                                 head_dim=self.head_dim, block_size=self.block_size,
@@ -441,7 +441,7 @@ class PagedKVCache:
             else:
                 q_out = cla.empty(queue, shape, np.float32)
                 q_buf = q_out.data
-            write_ops.launch_qkv(
+            write_ops.launch_qkv_buffers(
                 queue, qb, q0, step.buffers["slot_mapping"], step.buffers["positions"],
                 self._k[layer].data, self._v[layer].data, q_buf, cos=extra["cos"], sin=extra["sin"],
                 q_norm_weight=extra["q_norm_weight"], k_norm_weight=extra["k_norm_weight"],
@@ -497,7 +497,7 @@ class PagedKVCache:
             else:
                 out = cla.empty(queue, queries.shape, np.float32)
                 out_buf = out.data
-            attention_ops.launch(
+            attention_ops.launch_buffers(
                 queue, qb, self._k[layer].data, self._v[layer].data, indptr=step.buffers["indptr"],
                 indices=step.buffers["indices"], last_page_len=step.buffers["last_page_len"],
                 q_indptr=step.buffers["q_indptr"], out=out_buf, total_q=step.num_tokens,

@@ -41,7 +41,7 @@ from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_array, check_float, check_int, is_device_array
 from ._launch import set_args
 
-__all__ = ["contiguous_attention", "launch", "paged_attention", "plan", "variant_for"]
+__all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
 
 SOURCE = "decode_attention.cl"
 
@@ -363,16 +363,16 @@ def _workspace(context, nbytes: int):
 
 def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
             q_indptr, out, **kw):
-    """:func:`launch` on checked pyopencl Arrays (offset 0, so ``.data`` is the whole buffer)."""
+    """:func:`launch_buffers` on checked pyopencl Arrays (offset 0, so ``.data`` is the whole buffer)."""
     total_q, num_q_heads, head_dim = queries.shape
-    return launch(queue, queries.data, k_pool.data, v_pool.data,
+    return launch_buffers(queue, queries.data, k_pool.data, v_pool.data,
                   None if k_scales is None else k_scales.data,
                   None if v_scales is None else v_scales.data, indptr.data, indices.data,
                   last_page_len.data, q_indptr.data, out.data, total_q=total_q,
                   num_q_heads=num_q_heads, head_dim=head_dim, batch=q_indptr.shape[0] - 1, **kw)
 
 
-def launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
+def launch_buffers(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
            q_indptr, out, *, total_q, num_q_heads, head_dim, batch, kvd, int8_mode, num_kv_heads,
            block_size, scale, window, max_q_len, max_kv_len, partition_size=None, workspace=None,
            wait_for=None, local_size=None, variant=None) -> cl.Event:

@@ -33,7 +33,7 @@ from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_float, check_int
 from ._launch import device_array, element_base, launch_lock, set_args
 
-__all__ = ["paged_write_qkv", "paged_write_kv", "launch_kv", "launch_qkv", "launch_config", "row_vec", "STATUS_NONFINITE",
+__all__ = ["paged_write_qkv", "paged_write_kv", "launch_config", "row_vec", "STATUS_NONFINITE",
            "STATUS_BAD_SLOT", "STATUS_BAD_POSITION", "ROPE_MODES"]
 
 _SOURCE = "paged_write.cl"
@@ -316,7 +316,7 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
         status = cl_array.zeros(queue, 1, np.int32)
     if T == 0:
         return _empty_event(queue, wait_for)
-    event = launch_qkv(
+    event = launch_qkv_buffers(
         queue, qkv.base_data, element_base(qkv), slot_mapping.data, positions.data, k_pool.data,
         v_pool.data, q_out.data, None if k_scales is None else k_scales.data,
         None if v_scales is None else v_scales.data,
@@ -330,7 +330,7 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
     return event
 
 
-def launch_qkv(queue, qkv, qkv_base, slot_mapping, positions, k_pool, v_pool, q_out, k_scales,
+def launch_qkv_buffers(queue, qkv, qkv_base, slot_mapping, positions, k_pool, v_pool, q_out, k_scales,
                v_scales, cos, sin, q_norm_weight, k_norm_weight, status, *, num_tokens,
                num_q_heads, num_kv_heads, head_dim, block_size, kvd, int8_mode, num_slots,
                max_position, eps, rope, wait_for=None) -> cl.Event:
@@ -412,7 +412,7 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
         status = cl_array.zeros(queue, 1, np.int32)
     if T == 0:
         return _empty_event(queue, wait_for)
-    event = launch_kv(queue, keys.base_data, element_base(keys), values.base_data, element_base(values),
+    event = launch_kv_buffers(queue, keys.base_data, element_base(keys), values.base_data, element_base(values),
                       slot_mapping.data, k_pool.data, v_pool.data,
                       None if k_scales is None else k_scales.data,
                       None if v_scales is None else v_scales.data, status.data, num_tokens=T,
@@ -422,11 +422,11 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
     return event
 
 
-def launch_kv(queue, keys, keys_base, values, values_base, slot_mapping, k_pool, v_pool, k_scales,
+def launch_kv_buffers(queue, keys, keys_base, values, values_base, slot_mapping, k_pool, v_pool, k_scales,
               v_scales, status, *, num_tokens, num_kv_heads, head_dim, block_size, kvd, int8_mode,
               num_slots, wait_for=None) -> cl.Event:
     """:func:`paged_write_kv` on ``pyopencl.Buffer`` arguments with no argument checks (see
-    :func:`launch_qkv`); ``keys_base`` / ``values_base`` are the element offsets of row 0."""
+    :func:`launch_qkv_buffers`); ``keys_base`` / ``values_base`` are the element offsets of row 0."""
     D, Hkv = head_dim, num_kv_heads
     defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode if kvd.has_scale else 0,
                "HEAD_DIM": D, "ROPE": 0, "Q_NORM": 0, "K_NORM": 0}
