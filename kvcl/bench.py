@@ -3,9 +3,10 @@ and against peers on the same inputs, all measured in ONE run on one machine.
 
 What is measured (each case: warm-up, then ``repeats`` rounds in which one sample of the case
 and one of the streaming read are taken in turn; a sample is the wall clock around ``n``
-back-to-back enqueues + one ``queue.finish()``, divided by ``n``, with ``n`` chosen after the
-warm-up so a sample lasts at least 5 ms — 1 on a CPU, tens on a GPU where one launch takes
-~0.1 ms and the host round trip would otherwise be timed; inputs already on the device). A
+back-to-back enqueues + one ``queue.finish()``, divided by ``n``, after one untimed lead-in
+call, with ``n`` chosen after the warm-up so a sample lasts at least 5 ms — 1 on a CPU, tens on
+a GPU where one launch takes ~0.1 ms and the host round trip would otherwise be timed; inputs
+already on the device). A
 case's ``seconds`` is the median of its samples; its utilisation is the median over rounds of
 (case GB/s / read GB/s) of the same round — a ratio of two medians taken seconds apart would
 carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and its
@@ -84,6 +85,13 @@ def _calibrate(run: Callable[[], object], sync: Callable[[], object], warmup: in
 
 
 def _sample(run: Callable[[], object], sync: Callable[[], object], inner: int) -> float:
+    """Seconds per call of ``inner`` back-to-back calls, after one untimed lead-in call: a job
+    sampled right after another one would otherwise pay for the switch (worker threads waking
+    up, the other job's threads still spinning) on its first call; on the dev VM kvcl's fp32
+    decode sampled in turn with numpy measured 3.25 ms without the lead-in, 2.87 ms with it, and
+    2.67 ms alone."""
+    run()
+    sync()
     t0 = time.perf_counter()
     for _ in range(inner):
         run()
@@ -302,6 +310,11 @@ def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9  # readable by onnxruntime releases older than this onnx
     options = ort.SessionOptions()
+    # Its intra-op threads would otherwise busy-wait after every run and take the cores from
+    # whatever is sampled next: kvcl's fp32 decode measured 5.1 ms sampled in turn with this
+    # session against 2.9 ms with spinning off (2.7 ms alone), while onnxruntime's own time
+    # stayed the same (6.1 vs 6.0 ms; dev VM, 12 rounds).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

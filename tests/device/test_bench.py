@@ -65,7 +65,9 @@ def test_interleaved_samples_take_every_job_once_per_round_in_random_orders():
     jobs = [((lambda i=i: log.append(i)), lambda: None) for i in range(4)]
     times = bench.sample_interleaved(jobs, warmup=1, repeats=12, min_sample=0.0, max_inner=1)
     assert [len(t) for t in times] == [12] * 4
-    rounds = [tuple(log[4 + 4 * r: 8 + 4 * r]) for r in range(12)]   # after the 4 warm-up calls
+    samples = log[4:]   # after the 4 warm-up calls: each sample is an untimed lead-in call + 1
+    assert len(samples) == 2 * 4 * 12 and samples[::2] == samples[1::2]
+    rounds = [tuple(samples[8 * r: 8 * r + 8: 2]) for r in range(12)]
     assert all(sorted(r) == [0, 1, 2, 3] for r in rounds)
     assert len(set(rounds)) > 1 and len({r[0] for r in rounds}) > 1
     assert bench.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
