@@ -284,8 +284,8 @@ class WriteCase:
 def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
     """onnxruntime GroupQueryAttention (CPU, fp32) with the KV cache bound in place.
 
-    Returns a zero-argument callable running one decode step, or ``None`` when onnxruntime
-    is not installed.
+    Returns a zero-argument callable running one decode step (its ``session`` attribute is the
+    onnxruntime session), or ``None`` when onnxruntime is not installed.
     """
     try:
         import onnxruntime as ort
@@ -332,7 +332,12 @@ def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
     io.bind_output("output")
     io.bind_ortvalue_output("present_key", past_k)      # in place: present is the past buffer
     io.bind_ortvalue_output("present_value", past_v)
-    return lambda: session.run_with_iobinding(io)
+
+    def run():
+        return session.run_with_iobinding(io)
+
+    run.session = session
+    return run
 
 
 def numpy_peer(shape: DecodeShape):
