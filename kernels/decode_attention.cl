@@ -125,6 +125,9 @@
 #if __has_builtin(__builtin_convertvector)
 #define CVT(x, T) __builtin_convertvector((x), T)
 #endif
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLE 1
+#endif
 #endif
 #ifndef CVT
 #define CVT(x, T) CAT(convert_, T)(x)
@@ -153,6 +156,22 @@ inline float vsum(floatV v) {
 }
 
 inline float max8(float8 v) { return max4(NMAX(v.lo, v.hi)); }
+
+#ifdef HAVE_SHUFFLE
+// The sums of four float8 at once: a 4 x 8 transpose-add in shuffles that stay within 128-bit
+// halves, then one add of the halves (11 vector operations where four vsum take 28). In the
+// serial variant's logit step: 1.11x faster arithmetic (int8, pages in cache), 1.15x faster
+// int8 and fp16 decode (B=4 L=2048, PoCL, 16 rounds in random order).
+inline float4 vsum4x8(float8 x0, float8 x1, float8 x2, float8 x3) {
+    const float8 t01 = __builtin_shufflevector(x0, x1, 0, 8, 1, 9, 4, 12, 5, 13)
+                     + __builtin_shufflevector(x0, x1, 2, 10, 3, 11, 6, 14, 7, 15);
+    const float8 t23 = __builtin_shufflevector(x2, x3, 0, 8, 1, 9, 4, 12, 5, 13)
+                     + __builtin_shufflevector(x2, x3, 2, 10, 3, 11, 6, 14, 7, 15);
+    const float8 u = __builtin_shufflevector(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13)
+                   + __builtin_shufflevector(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+    return u.lo + u.hi;
+}
+#endif
 
 inline float vmax(floatV v) {
 #if VEC == 16
@@ -310,8 +329,9 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 // GROUP x QTILE query rows) and walks its tokens in chunks of CT: once per chunk the page walk
 // finds each token's pool row (page id loaded once per page, no division), then per head:
 //     A  per token: ROWS dot products with the scaled q held in private memory (VEC-wide loads
-//        along head_dim, fused dequantisation), the K scale (int8), the mask; logits into a
-//        private float8 array; prefetches of this token's V row and of the K row read next;
+//        along head_dim, fused dequantisation), reduced four rows at a time (vsum4x8), the K
+//        scale (int8), the mask; logits into a private float8 array; prefetches of this token's
+//        V row and of the K row read next;
 //     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector kvcl_exp2,
 //        l update, then the V scale (int8) folded into p;
 //     C  head_dim slice (SV vectors) outer, tokens inner: the slice of acc for all ROWS rows sits
@@ -471,7 +491,8 @@ void paged_decode_attention(
             {   // phase C reads this V row slice by slice: start all its cache lines now; and the
                 // K row this slot reads next: the next head's (the same block, BLOCK_SIZE rows on),
                 // or the first head's in the next chunk
-                const int nxt = max(h + 1 < HG ? row + BLOCK_SIZE : ahead[t] + kvh * BLOCK_SIZE, 0);
+                const int nx = h + 1 < HG ? row + BLOCK_SIZE : ahead[t] + kvh * BLOCK_SIZE;
+                const int nxt = nx < 0 ? 0 : nx;   // max() is a library call on PoCL 3.0
                 __global const char *vb = (__global const char *)(v_pool + (size_t)row * HEAD_DIM);
                 __global const char *kb = (__global const char *)(k_pool + (size_t)nxt * HEAD_DIM);
                 #pragma unroll
@@ -506,11 +527,23 @@ void paged_decode_attention(
             const float ks = 1.0f;
 #endif
             const int tok = tc + t;
+            float d[ROWS];                     // the logits of this token
+            int r = 0;
+#if defined(HAVE_SHUFFLE) && VEC == 8
             #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
+            for (; r + 4 <= ROWS; r += 4) {
+                const float4 d4 = vsum4x8(a[2 * r] + a[2 * r + 1], a[2 * r + 2] + a[2 * r + 3],
+                                          a[2 * r + 4] + a[2 * r + 5], a[2 * r + 6] + a[2 * r + 7]);
+                d[r] = d4.x; d[r + 1] = d4.y; d[r + 2] = d4.z; d[r + 3] = d4.w;
+            }
+#endif
+            #pragma unroll
+            for (; r < ROWS; ++r) d[r] = vsum(a[2 * r] + a[2 * r + 1]);
+            #pragma unroll
+            for (r = 0; r < ROWS; ++r) {
                 const int hi = hi_first + r / GROUP;
                 const int lo = window > 0 ? hi - window : 0;
-                if (tok < hi && tok >= lo) s[r * CT + t] = vsum(a[2 * r] + a[2 * r + 1]) * ks;
+                if (tok < hi && tok >= lo) s[r * CT + t] = d[r] * ks;
             }
         }
 

@@ -247,7 +247,9 @@ def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
 # ---- both kernel variants on every device (the default depends on the device type) ----------
 
 _VARIANT_SHAPES = [(16, 4, 128, "fp32"), (16, 4, 128, "fp16"), (16, 4, 128, "int8"), (16, 4, 128, "fp8_e4m3"),
-                   (16, 4, 128, "fp8_e5m2"), (1, 8, 64, "fp32"), (5, 2, 36, "fp32"), (7, 1, 20, "int8")]
+                   (16, 4, 128, "fp8_e5m2"), (1, 8, 64, "fp32"), (5, 2, 36, "fp32"), (7, 1, 20, "int8"),
+                   # rows per tile not a multiple of 4 (the serial logit step sums 4 rows at a time)
+                   (16, 5, 64, "fp32"), (16, 3, 64, "int8")]
 
 
 @pytest.mark.parametrize("variant", ops.VARIANTS)
