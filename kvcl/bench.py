@@ -385,8 +385,14 @@ SAMPLING = ("interleaved", "blocked")
 
 
 def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: bool = True,
-              print_fn=print, sampling: str = "interleaved") -> list[Record]:
+              print_fn=print, sampling: str = "interleaved", onnx_model=None,
+              onnx_contexts=(16, 4096)) -> list[Record]:
     """Run every case; return the records (the caller prints, writes JSON and plots).
+
+    ``onnx_model`` (a path or ModelProto of an exported decoder): also the ONNX bridge's decode
+    step at each of ``onnx_contexts`` tokens against the same model fed past_key_values
+    (:func:`kvcl.onnx.generate.bench_step`; each timed on its own, median of 20 steps), and the
+    custom-op hook's overhead per call (targets.md P6).
 
     ``sampling="interleaved"`` (default): every kvcl case is timed interleaved with the streaming
     read (sample by sample), and its utilisation uses that read; every peer is timed interleaved
@@ -399,6 +405,11 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     interleave = sampling == "interleaved"
     dev = resolve_device(device)
     cases = plan_cases(quick)
+    if onnx_model is not None:
+        onnx_contexts = [int(c) for c in onnx_contexts]
+        if not onnx_contexts or min(onnx_contexts) < 1:
+            raise InvalidArgument(f"onnx_contexts: expected context lengths >= 1, got {onnx_contexts}")
+        cases.append(("onnx_bridge", "onnx", (onnx_model, tuple(onnx_contexts))))
     bar = None
     if progress:
         try:
@@ -460,6 +471,8 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                     peer_base[shape] = case   # the peers and other dtypes are timed against this one
             if peer_base.get(shape) is not case:
                 del case
+        elif kind == "onnx":
+            records.extend(_bridge_records(*args, dev, read_gbps))
         elif kind == "write":
             tokens, hq, hkv, d, bs, dtype_name = args
             case = WriteCase(dev, tokens, hq, hkv, d, bs, dtype_name)
@@ -500,6 +513,31 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     return records
 
 
+def _bridge_records(model, contexts, dev, read_gbps) -> list[Record]:
+    """The ONNX bridge rows: one per context (peer: the model fed past_key_values) + the hook."""
+    from .onnx.generate import bench_step, hook_overhead_us
+
+    out = []
+    for row in bench_step(model, contexts=contexts, device=dev):
+        seconds = row["bridge_ms"] / 1e3
+        shape = {"context": row["context"], "batch": row["batch"], "layers": row["layers"]}
+        out.append(Record("onnx_bridge", row["kv_dtype"], shape, seconds, row["kv_bytes"],
+                          row["kv_bytes"] / seconds / 1e9, read_gbps, float("nan"),
+                          peer="past_key_values", speedup=row["reference_ms"] / row["bridge_ms"],
+                          note="one decode step of the whole model (utilisation not meaningful); "
+                               "speedup = the same model fed past_key_values / the bridge, each "
+                               "timed on its own, median of the steps",
+                          extra={"reference_seconds": row["reference_ms"] / 1e3,
+                                 "op_seconds": row["op_ms"] / 1e3}))
+    hook = hook_overhead_us()
+    out.append(Record("onnx_hook_overhead", "-", {"q_shape": list(hook["q_shape"])},
+                      hook["hook_overhead_us"] / 1e6, 0, float("nan"), read_gbps, float("nan"),
+                      note="kvcl::Attention with its body swapped for identity, minus a native "
+                           "Identity node: the Python custom-op bridge's cost per call",
+                      extra={"op_call_us": hook["op_call_us"], "identity_call_us": hook["identity_call_us"]}))
+    return out
+
+
 def _record(case, dtype_name, shape, seconds, nbytes, read_gbps) -> Record:
     gbps = nbytes / seconds / 1e9
     return Record(case, dtype_name, shape, seconds, int(nbytes), gbps, read_gbps, gbps / read_gbps)
@@ -509,18 +547,24 @@ def format_records(records: list[Record], device_name: str) -> str:
     rows = []
     for r in records:
         shape = r.shape
-        if "batch" in shape:
+        if "kv_len" in shape:
             desc = f"B={shape['batch']} L={shape['kv_len']} Hq={shape['num_q_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']}"
         elif "tokens" in shape:
             desc = f"T={shape['tokens']} Hq={shape['num_q_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']}"
+        elif "context" in shape:
+            desc = f"context {shape['context']}, B={shape['batch']}, {shape['layers']} layers"
+        elif "q_shape" in shape:
+            desc = f"per op call, q {tuple(shape['q_shape'])}"
         else:
             desc = f"{shape.get('bytes', 0) / 2**20:.0f} MiB"
         extra = ""
         if r.speedup is not None:
             extra = f"kvcl {r.speedup:.2f}x faster" if r.speedup >= 1 else f"kvcl {1 / r.speedup:.2f}x slower"
+            if r.peer == "past_key_values":
+                extra += " than past_key_values"
         elif "speedup_vs_fp32" in r.extra:
             extra = f"{r.extra['speedup_vs_fp32']:.2f}x vs kvcl fp32"
-        rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}",
+        rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}" if r.bytes else "-",
                      f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", extra))
     if records and records[0].extra.get("sampling") == "blocked":
         header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "

@@ -66,7 +66,8 @@ def _cmd_bench(args) -> int:
     from .runtime import resolve_device
 
     dev = resolve_device(args.device)
-    records = run_bench(dev, quick=args.quick, repeats=args.repeats, sampling=args.sampling)
+    records = run_bench(dev, quick=args.quick, repeats=args.repeats, sampling=args.sampling,
+                        onnx_model=args.onnx_model, onnx_contexts=args.onnx_contexts)
     name = f"{dev.info.platform} / {dev.info.name}"
     print(format_records(records, name))
     if args.json:
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling", choices=("interleaved", "blocked"), default="interleaved",
                    help="interleaved: each case's samples alternate with the streaming read's "
                         "(default); blocked: each case alone, against one read at the start")
+    p.add_argument("--onnx-model", metavar="PATH", help="also time the ONNX bridge's decode step "
+                   "on this exported decoder against the same model fed past_key_values, and the "
+                   "custom op's overhead (needs kvcl[onnx])")
+    p.add_argument("--onnx-contexts", metavar="N", type=int, nargs="+", default=[16, 4096],
+                   help="context lengths of the bridge cases (default: 16 4096)")
     p.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     try:

@@ -373,7 +373,7 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 2048), batch: int =
     without IOBinding would. Returns one dict per context: ``context``, ``batch``,
     ``bridge_ms``, ``reference_ms``, ``speedup`` (reference / bridge), ``op_ms`` (time inside
     the kvcl op bodies per step, so ``bridge_ms - op_ms`` is the rest of the graph plus hook
-    overhead), ``layers``.
+    overhead), ``layers``, ``kv_bytes`` (the cached K/V bytes one step's attention reads).
     """
     from .rewrite import _load
     _enable_op_timing()
@@ -431,7 +431,8 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 2048), batch: int =
             rows.append({"context": ctx, "batch": batch, "kv_dtype": gen.kv_dtype, "layers": layers,
                          "bridge_ms": br_ms, "reference_ms": ref_ms,
                          "speedup": ref_ms / br_ms if br_ms else float("nan"),
-                         "op_ms": float(np.median(op_s[warmup:]) * 1e3)})
+                         "op_ms": float(np.median(op_s[warmup:]) * 1e3),
+                         "kv_bytes": 2 * layers * batch * ctx * hkv * gen.cache.dtype.row_bytes(d)})
     finally:
         gen.close()
     return rows

@@ -23,3 +23,28 @@ def test_hook_overhead_smoke():
     r = hook_overhead_us((1, 4, 1, 16), 2, repeats=50)
     assert r["op_call_us"] > 0 and r["identity_call_us"] > 0
     print(r)
+
+
+def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys):
+    # `kvcl bench --onnx-model` puts P6's figures in the same run and JSON as the kernel cases
+    import json
+
+    import kvcl
+    from kvcl.cli import main
+    spec = next(d.index for d in kvcl.devices() if d.name == onnx_device.info.name)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out),
+                 "--onnx-model", str(fixture_path("llama_dynamo18")), "--onnx-contexts", "8", "24"]) == 0
+    assert "than past_key_values" in capsys.readouterr().out
+    records = json.loads(out.read_text())["records"]
+    bridge = [r for r in records if r["case"] == "onnx_bridge"]
+    assert [r["shape"]["context"] for r in bridge] == [8, 24]
+    for r in bridge:
+        assert r["peer"] == "past_key_values" and r["seconds"] > 0
+        assert r["speedup"] == pytest.approx(r["extra"]["reference_seconds"] / r["seconds"])
+        assert r["bytes"] == 2 * 2 * 1 * r["shape"]["context"] * 2 * 16 * 4   # K+V, 2 layers, 2 kv heads x 16
+    hook = [r for r in records if r["case"] == "onnx_hook_overhead"]
+    assert len(hook) == 1 and hook[0]["extra"]["op_call_us"] > 0
+    with pytest.raises(kvcl.InvalidArgument, match="onnx_contexts"):
+        from kvcl.bench import run_bench
+        run_bench(onnx_device, quick=True, onnx_model=fixture_path("llama_dynamo18"), onnx_contexts=[0])
