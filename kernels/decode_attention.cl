@@ -162,8 +162,8 @@ inline float max8(float8 v) { return max4(NMAX(v.lo, v.hi)); }
 // halves, then one add of the halves (11 vector operations where four vsum take 28). In the
 // serial variant's logit step (with max() gone from that loop: a library call on PoCL 3.0):
 // arithmetic alone (pages in cache) 1.11x faster for int8, 1.09x for fp32; decode B=4 L=2048
-// fp16 1.18x, int8 1.12x, e4m3 1.06x, e5m2 1.07x faster, fp32 unchanged (memory-bound; PoCL,
-// 16 rounds each in random order).
+// fp16 1.13-1.18x, int8 1.09-1.12x, e4m3 1.06x, e5m2 1.07x faster, fp32 unchanged (memory-bound;
+// PoCL, 16 rounds each in random order, two runs for fp16 and int8).
 inline float4 vsum4x8(float8 x0, float8 x1, float8 x2, float8 x3) {
     const float8 t01 = __builtin_shufflevector(x0, x1, 0, 8, 1, 9, 4, 12, 5, 13)
                      + __builtin_shufflevector(x0, x1, 2, 10, 3, 11, 6, 14, 7, 15);
