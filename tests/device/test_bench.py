@@ -80,3 +80,23 @@ def test_onnxruntime_peer_threads_do_not_spin():
     options = run.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     run()
+
+
+def test_decode_ab_tool_compares_versions(device, capsys):
+    # tools/decode_ab.py: a git revision against the working tree and a knob, in one random-order run
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "tools" / "decode_ab.py"
+    spec = importlib.util.spec_from_file_location("decode_ab", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from kvcl.ops import decode_attention as ops
+    chunk = ops._SERIAL_CHUNK
+    assert tool.main(["@HEAD", ".", ".:_SERIAL_CHUNK=8", "--device", device.info.name, "--cached", "2",
+                      "--rounds", "2", "--batch", "2", "--kv-len", "40", "--q-heads", "4",
+                      "--kv-heads", "2", "--head-dim", "32", "--dtype", "fp32", "int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 4 and "vs first 1.000x" in lines[1]
+    assert ops._SERIAL_CHUNK == chunk and ops.SOURCE == "decode_attention.cl"   # restored
+    with pytest.raises(SystemExit, match="unknown knob"):
+        tool.main([".:_NO_SUCH=1", "--cached", "1"])
