@@ -405,10 +405,13 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     interleave = sampling == "interleaved"
     dev = resolve_device(device)
     cases = plan_cases(quick)
-    if onnx_model is not None:
+    if onnx_model is not None:   # refused before any case runs: not minutes later
         onnx_contexts = [int(c) for c in onnx_contexts]
         if not onnx_contexts or min(onnx_contexts) < 1:
             raise InvalidArgument(f"onnx_contexts: expected context lengths >= 1, got {onnx_contexts}")
+        from .onnx.rewrite import _load, rewrite
+        onnx_model = _load(onnx_model)
+        rewrite(onnx_model)          # a decoder the bridge can take (RewriteError otherwise)
         cases.append(("onnx_bridge", "onnx", (onnx_model, tuple(onnx_contexts))))
     bar = None
     if progress:

@@ -45,6 +45,19 @@ def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys):
         assert r["bytes"] == 2 * 2 * 1 * r["shape"]["context"] * 2 * 16 * 4   # K+V, 2 layers, 2 kv heads x 16
     hook = [r for r in records if r["case"] == "onnx_hook_overhead"]
     assert len(hook) == 1 and hook[0]["extra"]["op_call_us"] > 0
-    with pytest.raises(kvcl.InvalidArgument, match="onnx_contexts"):
-        from kvcl.bench import run_bench
-        run_bench(onnx_device, quick=True, onnx_model=fixture_path("llama_dynamo18"), onnx_contexts=[0])
+
+
+
+@pytest.mark.parametrize("model,contexts,match", [("llama_dynamo18", [0], "onnx_contexts"),
+                                                  ("missing.onnx", [16], "no such file"),
+                                                  ("README.md", [16], "not a readable ONNX model")])
+def test_kvcl_bench_refuses_a_bad_model_before_any_case(onnx_device, monkeypatch, model, contexts, match):
+    import kvcl
+    from kvcl import bench
+
+    def no_case(*args, **kwargs):
+        raise AssertionError("a case ran before the model was checked")
+    monkeypatch.setattr(bench, "StreamReader", no_case)
+    path = fixture_path(model) if model == "llama_dynamo18" else fixture_path("llama_dynamo18").parent / model
+    with pytest.raises(kvcl.InvalidArgument, match=match):
+        bench.run_bench(onnx_device, quick=True, onnx_model=str(path), onnx_contexts=contexts)
