@@ -389,8 +389,9 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
               onnx_contexts=(16, 4096)) -> list[Record]:
     """Run every case; return the records (the caller prints, writes JSON and plots).
 
-    ``onnx_model`` (a path or ModelProto of an exported decoder): also the ONNX bridge's decode
-    step at each of ``onnx_contexts`` tokens against the same model fed past_key_values
+    ``onnx_model`` (a path or ModelProto of an exported decoder, or ``"synthetic"``: the
+    realistic-width decoder of :func:`kvcl.onnx.benchmodel.gqa_decoder`): also the ONNX bridge's
+    decode step at each of ``onnx_contexts`` tokens against the same model fed past_key_values
     (:func:`kvcl.onnx.generate.bench_step`; each timed on its own, median of 20 steps), and the
     custom-op hook's overhead per call (targets.md P6).
 
@@ -410,9 +411,15 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
         if not onnx_contexts or min(onnx_contexts) < 1:
             raise InvalidArgument(f"onnx_contexts: expected context lengths >= 1, got {onnx_contexts}")
         from .onnx.rewrite import _load, rewrite
-        onnx_model = _load(onnx_model)
+        if isinstance(onnx_model, str) and onnx_model == "synthetic":
+            from .onnx.benchmodel import gqa_decoder
+            label = "synthetic: gqa_decoder(), 32/8 heads x 128"
+            onnx_model = gqa_decoder(max_positions=max(8192, max(onnx_contexts) + 64))
+        else:
+            label = str(onnx_model) if not hasattr(onnx_model, "graph") else onnx_model.graph.name
+            onnx_model = _load(onnx_model)
         rewrite(onnx_model)          # a decoder the bridge can take (RewriteError otherwise)
-        cases.append(("onnx_bridge", "onnx", (onnx_model, tuple(onnx_contexts))))
+        cases.append(("onnx_bridge", "onnx", (onnx_model, label, tuple(onnx_contexts))))
     bar = None
     if progress:
         try:
@@ -516,14 +523,14 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     return records
 
 
-def _bridge_records(model, contexts, dev, read_gbps) -> list[Record]:
+def _bridge_records(model, label, contexts, dev, read_gbps) -> list[Record]:
     """The ONNX bridge rows: one per context (peer: the model fed past_key_values) + the hook."""
     from .onnx.generate import bench_step, hook_overhead_us
 
     out = []
     for row in bench_step(model, contexts=contexts, device=dev):
         seconds = row["bridge_ms"] / 1e3
-        shape = {"context": row["context"], "batch": row["batch"], "layers": row["layers"]}
+        shape = {"context": row["context"], "batch": row["batch"], "layers": row["layers"], "model": label}
         out.append(Record("onnx_bridge", row["kv_dtype"], shape, seconds, row["kv_bytes"],
                           row["kv_bytes"] / seconds / 1e9, read_gbps, float("nan"),
                           peer="past_key_values", speedup=row["reference_ms"] / row["bridge_ms"],

@@ -66,8 +66,14 @@ def _cmd_bench(args) -> int:
     from .runtime import resolve_device
 
     dev = resolve_device(args.device)
+    model = args.onnx_model
+    if model == "auto":   # the bridge cases on full runs, where the ONNX extras are installed
+        from .onnx.customop import HAVE_EXTENSIONS
+        model = "synthetic" if HAVE_EXTENSIONS and not args.quick else "none"
+        if not HAVE_EXTENSIONS and not args.quick:
+            print("kvcl bench: no ONNX bridge cases (pip install 'kvcl[onnx]' for them)", file=sys.stderr)
     records = run_bench(dev, quick=args.quick, repeats=args.repeats, sampling=args.sampling,
-                        onnx_model=args.onnx_model, onnx_contexts=args.onnx_contexts)
+                        onnx_model=None if model == "none" else model, onnx_contexts=args.onnx_contexts)
     name = f"{dev.info.platform} / {dev.info.name}"
     print(format_records(records, name))
     if args.json:
@@ -98,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling", choices=("interleaved", "blocked"), default="interleaved",
                    help="interleaved: each case's samples alternate with the streaming read's "
                         "(default); blocked: each case alone, against one read at the start")
-    p.add_argument("--onnx-model", metavar="PATH", help="also time the ONNX bridge's decode step "
-                   "on this exported decoder against the same model fed past_key_values, and the "
-                   "custom op's overhead (needs kvcl[onnx])")
+    p.add_argument("--onnx-model", metavar="PATH", default="auto",
+                   help="the ONNX bridge's decode step against the same model fed past_key_values, "
+                        "and the custom op's overhead (needs kvcl[onnx]): an exported decoder, "
+                        "'synthetic' (a decoder of realistic attention width built in memory; the "
+                        "default on full runs) or 'none' (the default with --quick)")
     p.add_argument("--onnx-contexts", metavar="N", type=int, nargs="+", default=[16, 4096],
                    help="context lengths of the bridge cases (default: 16 4096)")
     p.set_defaults(func=_cmd_bench)

@@ -25,26 +25,33 @@ def test_hook_overhead_smoke():
     print(r)
 
 
-def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys):
+@pytest.mark.parametrize("model,kv_row_bytes", [("llama_dynamo18", 2 * 2 * 2 * 16 * 4),   # K+V, layers, kv heads x D
+                                                 ("synthetic", 2 * 4 * 8 * 128 * 4)])
+def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys, model, kv_row_bytes):
     # `kvcl bench --onnx-model` puts P6's figures in the same run and JSON as the kernel cases
+    # (full runs default to the synthetic decoder of realistic width; --quick to none)
     import json
 
     import kvcl
     from kvcl.cli import main
     spec = next(d.index for d in kvcl.devices() if d.name == onnx_device.info.name)
     out = tmp_path / "b.json"
+    path = str(fixture_path(model)) if model != "synthetic" else model
     assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out),
-                 "--onnx-model", str(fixture_path("llama_dynamo18")), "--onnx-contexts", "8", "24"]) == 0
+                 "--onnx-model", path, "--onnx-contexts", "8", "24"]) == 0
     assert "than past_key_values" in capsys.readouterr().out
     records = json.loads(out.read_text())["records"]
     bridge = [r for r in records if r["case"] == "onnx_bridge"]
     assert [r["shape"]["context"] for r in bridge] == [8, 24]
+    assert model in bridge[0]["shape"]["model"]
     for r in bridge:
         assert r["peer"] == "past_key_values" and r["seconds"] > 0
         assert r["speedup"] == pytest.approx(r["extra"]["reference_seconds"] / r["seconds"])
-        assert r["bytes"] == 2 * 2 * 1 * r["shape"]["context"] * 2 * 16 * 4   # K+V, 2 layers, 2 kv heads x 16
+        assert r["bytes"] == kv_row_bytes * r["shape"]["context"]
     hook = [r for r in records if r["case"] == "onnx_hook_overhead"]
     assert len(hook) == 1 and hook[0]["extra"]["op_call_us"] > 0
+    assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out)]) == 0
+    assert not [r for r in json.loads(out.read_text())["records"] if r["case"].startswith("onnx")]
 
 
 
