@@ -158,7 +158,7 @@ class Generator:
             kv_dtype = self.info.get("kv_dtype", "fp32")
         self.handle = f"kvcl-gen-{next(_HANDLES)}-{id(self):x}"
         for n in proto.graph.node:
-            if n.domain == customop.OP_DOMAIN and n.op_type in (customop.OP_TYPE, customop.OP_TYPE_QKV):
+            if n.domain == customop.OP_DOMAIN:
                 for a in n.attribute:
                     if a.name == "handle":
                         a.s = self.handle.encode()
@@ -171,6 +171,7 @@ class Generator:
                                   enable_prefix_caching=False)
         self.kv_dtype = self.cache.dtype.name
         self.binding = register_cache(self.handle, self.cache)
+        customop.register_tables(self.handle, proto)   # RoPE tables of kvcl::AttentionQKVRope, once
         self.model = proto
         self.vocab_size = _vocab_size(proto)
         self.session = _session(proto.SerializeToString(), custom_ops=True, threads=threads)
@@ -511,6 +512,6 @@ def _enable_op_timing() -> None:
     """Wrap the op body so that :func:`bench_step` can report time spent inside it."""
     if _TIMING["on"] or not customop.HAVE_EXTENSIONS:
         return
-    for opdef in (customop._opdef, customop._opdef_qkv):   # kvcl::Attention, kvcl::AttentionQKV
+    for opdef in (customop._opdef, customop._opdef_qkv, customop._opdef_qkv_rope):   # every kvcl op
         opdef.body = _timed(opdef.body)
     _TIMING["on"] = True

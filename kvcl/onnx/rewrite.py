@@ -42,7 +42,7 @@ import numpy as np
 
 from ..dtypes import kv_dtype as _kv_dtype
 from ..errors import DtypeError, InvalidArgument, KvclError
-from .customop import OP_DOMAIN, OP_TYPE, OP_TYPE_QKV, STEP_INPUT
+from .customop import OP_DOMAIN, OP_TYPE, OP_TYPE_QKV, OP_TYPE_QKV_ROPE, STEP_INPUT
 
 __all__ = ["rewrite", "RewriteError", "is_rewritten", "model_info", "DEFAULT_HANDLE"]
 
@@ -491,7 +491,7 @@ def rewrite(model_or_path: Any, *, kv_dtype: str = "fp32", handle: str = DEFAULT
     meta = {"kvcl.rewritten": "1", "kvcl.num_layers": str(len(layers)), "kvcl.num_kv_heads": str(kv_heads),
             "kvcl.head_dim": str(head_dim), "kvcl.kv_dtype": kv_name,
             "kvcl.num_heads": str(num_heads or 0), "kvcl.past_elem_type": str(past_elem),
-            "kvcl.scales": ",".join(f"{x:.9g}" for x in scales), "kvcl.op": OP_TYPE_QKV if gqa else OP_TYPE}
+            "kvcl.scales": ",".join(f"{x:.9g}" for x in scales), "kvcl.op": ",".join(sorted({n.op_type for n in g.node if n.domain == OP_DOMAIN}))}
     for k, v in meta.items():
         p = model.metadata_props.add()
         p.key, p.value = k, v
@@ -643,16 +643,19 @@ def _replace_gqa(G: "_Graph", nodes, layers, kv_name, handle):
             qkv = f"kvcl_qkv_{layer}"
             new.append(helper.make_node("Concat", [n.input[0], n.input[1], n.input[2]], [qkv], axis=-1,
                                         name=f"kvcl_pack_qkv_{layer}"))
-        if do_rotary:
-            cs, sn = n.input[7], n.input[8]
+        if do_rotary:   # the tables stay initializers, named by attributes: not op inputs, which
+            # onnxruntime would copy for every call (32 MB each for 131072 positions)
+            cs, sn = (_as_initializer(G, n.input[i], f"kvcl_rope_{t}_{layer}") for i, t in ((7, "cos"), (8, "sin")))
             rope = "interleaved" if int(_attr(n, "rotary_interleaved", 0)) else "half"
+            new.append(helper.make_node(OP_TYPE_QKV_ROPE, [qkv, STEP_INPUT], [n.output[0]], domain=OP_DOMAIN,
+                                        name=f"kvcl_attention_{layer}", handle=handle, layer=layer,
+                                        scale=scale, num_heads=hq, rope=rope, cos_table=cs, sin_table=sn))
         else:
-            cs = sn = f"kvcl_no_rope_{layer}"
+            cs = f"kvcl_no_rope_{layer}"
             new.append(helper.make_node("Constant", [], [cs], value=helper.make_tensor("v", TensorProto.FLOAT, [1, 1], [0.0])))
-            rope = "none"
-        new.append(helper.make_node(OP_TYPE_QKV, [qkv, STEP_INPUT, cs, sn], [n.output[0]], domain=OP_DOMAIN,
-                                    name=f"kvcl_attention_{layer}", handle=handle, layer=layer, scale=scale,
-                                    num_heads=hq, rope=rope))
+            new.append(helper.make_node(OP_TYPE_QKV, [qkv, STEP_INPUT, cs, cs], [n.output[0]], domain=OP_DOMAIN,
+                                        name=f"kvcl_attention_{layer}", handle=handle, layer=layer,
+                                        scale=scale, num_heads=hq, rope="none"))
         replace[n.name] = new
     out = []
     for n in g.node:
@@ -660,6 +663,17 @@ def _replace_gqa(G: "_Graph", nodes, layers, kv_name, handle):
     del g.node[:]
     g.node.extend(out)
     return kv_heads, head_dim, num_heads, scales
+
+
+def _as_initializer(G: "_Graph", name: str, new_name: str) -> str:
+    """``name`` if it is an initializer, else a new initializer holding its constant value."""
+    from onnx import numpy_helper
+    if name in G.init:
+        return name
+    t = numpy_helper.from_array(np.asarray(G.const_value(name), np.float32), new_name)
+    G.g.initializer.append(t)
+    G.init[new_name] = t
+    return new_name
 
 
 def _last_dim(G: "_Graph", name: str):
@@ -685,6 +699,8 @@ def _prune(g) -> None:
         if any(o in needed for o in n.output if o):
             keep.append(n)
             needed.update(i for i in n.input if i)
+            if n.domain == OP_DOMAIN:   # RoPE tables that kvcl ops name instead of reading
+                needed.update(a.s.decode() for a in n.attribute if a.name in ("cos_table", "sin_table"))
             for a in n.attribute:  # subgraphs (If/Loop) read outer names
                 for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     for sn in sg.node:

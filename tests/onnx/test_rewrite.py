@@ -32,8 +32,12 @@ def test_rewrite_fixture(route):
     assert [i.name for i in m.graph.input] == expected_in + ["kvcl_step"]
     assert [o.name for o in m.graph.output] == ["logits"]
     ops = [n for n in m.graph.node if n.domain == "kvcl"]
-    op_type = "AttentionQKV" if "genai" in route else "Attention"
+    op_type = "AttentionQKVRope" if "genai" in route else "Attention"
     assert [n.op_type for n in ops] == [op_type] * spec["num_layers"]
+    if "genai" in route:   # the RoPE tables are named, not inputs: onnxruntime would copy them per call
+        assert all(list(n.input) == [n.input[0], "kvcl_step"] for n in ops)
+        inits = {t.name for t in m.graph.initializer}
+        assert all({a.s.decode() for a in n.attribute if a.name.endswith("_table")} <= inits for n in ops)
     # nothing of the original attention core survives
     assert not any(n.op_type in ("Softmax", "GroupQueryAttention") for n in m.graph.node)
     assert not any(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in m.graph.node)
