@@ -152,7 +152,7 @@ class PagedKVCache:
             raise DeviceMemoryError("the KV pools", self.memory_bytes(), self.device.info.global_mem_bytes) from exc
         self._status = cla.zeros(queue, 1, np.int32)
         self._status_unread = False            # a write was queued since the status was last read
-        self._out: cl.Buffer | None = None   # see _out_buffer
+        self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
         self._workspace: dict[int, cl.Buffer] = {}
 
     # ---- construction helpers --------------------------------------------------------------
@@ -316,11 +316,13 @@ class PagedKVCache:
                                   f"(offset 0), got a view at offset {x.offset} bytes; pass a copy")
         return x.base_data, element_base(x)
 
-    def _out_buffer(self, nbytes: int) -> cl.Buffer:
-        """Scratch for results read straight back to the host (reused: every such read blocks)."""
-        if self._out is None or self._out.size < nbytes:
-            self._out = cl.Buffer(self.device.context, cl.mem_flags.READ_WRITE, max(nbytes, 64))
-        return self._out
+    def _scratch_buffer(self, name: str, nbytes: int) -> cl.Buffer:
+        """Scratch for device results within one call ("out": read straight back to the host;
+        "q": attend_qkv's queries), reused: every call that fills one ends in a blocking read."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = self._scratch[name] = cl.Buffer(self.device.context, cl.mem_flags.READ_WRITE, max(nbytes, 64))
+        return buf
 
     def _read_back(self, buf: cl.Buffer, shape) -> np.ndarray:
         """``buf`` as a host array, with the write status when a write was queued since the
@@ -397,61 +399,102 @@ class PagedKVCache:
             The normed, rotated queries, of the same kind (numpy / device) as ``qkv``.
         """
         with self._lock:
-            layer = self._check_layer(layer)
-            step = self._check_step(step)
-            num_q_heads = check_int("num_q_heads", num_q_heads, low=1)
-            if num_q_heads % self.num_kv_heads:
-                raise InvalidArgument(f"num_q_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, got {num_q_heads}")
-            if rope not in _ROPE_MODES:
-                raise InvalidArgument(f"rope: expected one of {', '.join(_ROPE_MODES)}, got {rope!r}")
-            eps = check_float("eps", eps)
-            width = (num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-            check_array("qkv", qkv, shape=(step.num_tokens, width), dtype=np.float32,
-                        context=self.device.context, finite=True)
-            max_pos = step.plan.max_kv_len
-            tables = {}
-            for name, t in (("cos", cos), ("sin", sin)):
-                if rope == "none":
-                    tables[name] = None
-                    continue
-                if t is None:
-                    raise InvalidArgument(f"{name}: required for rope={rope!r}")
-                check_array(name, t, shape=(None, self.head_dim // 2), dtype=np.float32,
-                            context=self.device.context, finite=True)
-                if t.shape[0] < max_pos:
-                    raise ShapeError(f"{name}: expected at least {max_pos} rows (the longest sequence "
-                                     f"in this step), got {t.shape[0]}")
-                tables[name] = t
-            weights = {}
-            for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-                if w is not None:
-                    check_array(name, w, shape=(self.head_dim,), dtype=np.float32,
-                                context=self.device.context, finite=True)
-                weights[name] = w
-            queue = self.device.queue
-            host_out = not is_device_array(qkv)
-            shape = (step.num_tokens, num_q_heads, self.head_dim)
-            if step.num_tokens == 0:
-                return np.zeros(shape, np.float32) if host_out else cla.empty(queue, shape, np.float32)
-            qb, q0 = self._input("qkv", qkv)
-            extra = {name: None if value is None else self._input(name, value, whole=True)[0]
-                     for name, value in (*tables.items(), *weights.items())}
-            if host_out:
-                q_buf = self._out_buffer(4 * int(np.prod(shape)))
+            _, shape, q_buf, q_out = self._write_qkv(layer, step, qkv, num_q_heads, cos, sin, q_norm_weight,
+                                                     k_norm_weight, eps, rope, "out")
+            if q_out is not None:
+                return q_out
+            return np.zeros(shape, np.float32) if q_buf is None else self._read_back(q_buf, shape)
+
+    def attend_qkv(self, layer: int, step: Step, qkv: Any, *, num_q_heads: int, cos: Any = None,
+                   sin: Any = None, q_norm_weight: Any = None, k_norm_weight: Any = None,
+                   eps: float = 1e-6, rope: str = "half", window: int = 0,
+                   scale: "float | None" = None) -> Any:
+        """:meth:`write_qkv` then :meth:`attend` with its queries, which stay on the device: one
+        round trip to the host where the two calls take two (~30 µs each on PoCL, plus a call's
+        bookkeeping). Parameters as there; everything is checked before anything is written.
+
+        Returns
+        -------
+        float32 [step.num_tokens, num_q_heads, head_dim]
+            The attention output, of the same kind (numpy / device) as ``qkv``.
+        """
+        with self._lock:
+            window = check_int("window", window, low=0)
+            if scale is not None:
+                scale = check_float("scale", scale)
+            step, shape, q_buf, q_out = self._write_qkv(layer, step, qkv, num_q_heads, cos, sin, q_norm_weight,
+                                                        k_norm_weight, eps, rope, "q")
+            if q_buf is None:   # an empty step
+                return np.zeros(shape, np.float32) if q_out is None else q_out
+            if q_out is None:
+                out = None
+                out_buf = self._scratch_buffer("out", 4 * int(np.prod(shape)))
             else:
-                q_out = cla.empty(queue, shape, np.float32)
-                q_buf = q_out.data
-            write_ops.launch_qkv_buffers(
-                queue, qb, q0, step.buffers["slot_mapping"], step.buffers["positions"],
-                self._k[layer].data, self._v[layer].data, q_buf, cos=extra["cos"], sin=extra["sin"],
-                q_norm_weight=extra["q_norm_weight"], k_norm_weight=extra["k_norm_weight"],
-                status=self._status.data, num_tokens=step.num_tokens, num_q_heads=num_q_heads,
-                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size,
-                num_slots=self.num_blocks * self.block_size,
-                max_position=0 if tables["cos"] is None else int(tables["cos"].shape[0]),
-                eps=eps, rope=rope, **self._pools(layer))
-            self._status_unread = True
-            return self._read_back(q_buf, shape) if host_out else q_out
+                out = cla.empty(self.device.queue, shape, np.float32)
+                out_buf = out.data
+            self._launch_attention(int(layer), step, q_buf, shape[1], window, scale, out_buf)
+            return self._read_back(out_buf, shape) if out is None else out
+
+    def _write_qkv(self, layer, step, qkv, num_q_heads, cos, sin, q_norm_weight, k_norm_weight, eps, rope,
+                   scratch: str):
+        """Check everything, then launch the fused write; (q shape, q buffer or None for an empty
+        step, q device Array or None for host input: q is then in the ``scratch`` buffer)."""
+        layer = self._check_layer(layer)
+        step = self._check_step(step)
+        num_q_heads = check_int("num_q_heads", num_q_heads, low=1)
+        if num_q_heads % self.num_kv_heads:
+            raise InvalidArgument(f"num_q_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, got {num_q_heads}")
+        if rope not in _ROPE_MODES:
+            raise InvalidArgument(f"rope: expected one of {', '.join(_ROPE_MODES)}, got {rope!r}")
+        eps = check_float("eps", eps)
+        width = (num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+        check_array("qkv", qkv, shape=(step.num_tokens, width), dtype=np.float32,
+                    context=self.device.context, finite=True)
+        max_pos = step.plan.max_kv_len
+        tables = {}
+        for name, t in (("cos", cos), ("sin", sin)):
+            if rope == "none":
+                tables[name] = None
+                continue
+            if t is None:
+                raise InvalidArgument(f"{name}: required for rope={rope!r}")
+            check_array(name, t, shape=(None, self.head_dim // 2), dtype=np.float32,
+                        context=self.device.context, finite=True)
+            if t.shape[0] < max_pos:
+                raise ShapeError(f"{name}: expected at least {max_pos} rows (the longest sequence "
+                                 f"in this step), got {t.shape[0]}")
+            tables[name] = t
+        weights = {}
+        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            if w is not None:
+                check_array(name, w, shape=(self.head_dim,), dtype=np.float32,
+                            context=self.device.context, finite=True)
+            weights[name] = w
+        queue = self.device.queue
+        host_out = not is_device_array(qkv)
+        shape = (step.num_tokens, num_q_heads, self.head_dim)
+        if step.num_tokens == 0:
+            return step, shape, None, None if host_out else cla.empty(queue, shape, np.float32)
+        qb, q0 = self._input("qkv", qkv)
+        extra = {name: None if value is None else self._input(name, value, whole=True)[0]
+                 for name, value in (*tables.items(), *weights.items())}
+        q_out = None
+        if host_out:
+            q_buf = self._scratch_buffer(scratch, 4 * int(np.prod(shape)))
+        else:
+            q_out = cla.empty(queue, shape, np.float32)
+            q_buf = q_out.data
+        write_ops.launch_qkv_buffers(
+            queue, qb, q0, step.buffers["slot_mapping"], step.buffers["positions"],
+            self._k[layer].data, self._v[layer].data, q_buf, cos=extra["cos"], sin=extra["sin"],
+            q_norm_weight=extra["q_norm_weight"], k_norm_weight=extra["k_norm_weight"],
+            status=self._status.data, num_tokens=step.num_tokens, num_q_heads=num_q_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, block_size=self.block_size,
+            num_slots=self.num_blocks * self.block_size,
+            max_position=0 if tables["cos"] is None else int(tables["cos"].shape[0]),
+            eps=eps, rope=rope, **self._pools(layer))
+        self._status_unread = True
+        return step, shape, q_buf, q_out
 
     def attend(self, layer: int, step: Step, queries: Any, *, window: int = 0,
                scale: "float | None" = None) -> Any:
@@ -493,19 +536,23 @@ class PagedKVCache:
                 return empty if host_out else cla.to_device(queue, empty)
             qb, _ = self._input("queries", queries, whole=True)
             if host_out:
-                out_buf = self._out_buffer(4 * int(np.prod(queries.shape)))
+                out_buf = self._scratch_buffer("out", 4 * int(np.prod(queries.shape)))
             else:
                 out = cla.empty(queue, queries.shape, np.float32)
                 out_buf = out.data
-            attention_ops.launch_buffers(
-                queue, qb, self._k[layer].data, self._v[layer].data, indptr=step.buffers["indptr"],
-                indices=step.buffers["indices"], last_page_len=step.buffers["last_page_len"],
-                q_indptr=step.buffers["q_indptr"], out=out_buf, total_q=step.num_tokens,
-                num_q_heads=num_q_heads, head_dim=self.head_dim, batch=len(step.plan.seq_ids),
-                num_kv_heads=self.num_kv_heads, block_size=self.block_size, scale=scale,
-                window=window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len,
-                **self._pools(layer))
+            self._launch_attention(layer, step, qb, num_q_heads, window, scale, out_buf)
             return self._read_back(out_buf, queries.shape) if host_out else out
+
+    def _launch_attention(self, layer: int, step: Step, queries: cl.Buffer, num_q_heads: int, window: int,
+                          scale: "float | None", out: cl.Buffer) -> None:
+        attention_ops.launch_buffers(
+            self.device.queue, queries, self._k[layer].data, self._v[layer].data, indptr=step.buffers["indptr"],
+            indices=step.buffers["indices"], last_page_len=step.buffers["last_page_len"],
+            q_indptr=step.buffers["q_indptr"], out=out, total_q=step.num_tokens,
+            num_q_heads=num_q_heads, head_dim=self.head_dim, batch=len(step.plan.seq_ids),
+            num_kv_heads=self.num_kv_heads, block_size=self.block_size, scale=scale,
+            window=window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len,
+            **self._pools(layer))
 
     # ---- errors recorded on the device -----------------------------------------------------
 

@@ -279,8 +279,8 @@ def _attention_qkv(binding, qkv, step, cos, sin, layer, scale, num_heads, rope):
         kw = {}
         if rope != "none":
             kw = dict(cos=_device_table(binding, "cos", cos), sin=_device_table(binding, "sin", sin))
-        q = cache.write_qkv(int(layer), kstep, rows, num_q_heads=int(num_heads), rope=rope, **kw)
-        out = cache.attend(int(layer), kstep, q, scale=float(scale))
+        out = cache.attend_qkv(int(layer), kstep, rows, num_q_heads=int(num_heads), rope=rope,
+                               scale=float(scale), **kw)
     hd = int(num_heads) * d
     if full:
         return out.reshape(b, s, hd)

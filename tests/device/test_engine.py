@@ -365,6 +365,37 @@ def test_fused_write_qkv_matches_reference(device):
         np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
 
 
+def test_attend_qkv_is_write_qkv_then_attend_in_one_round_trip(device):
+    # the fused call gives the same output and cache as the two calls, bit for bit, for host and
+    # device input; it reports a row made non-finite by RoPE in the same call
+    import pyopencl.array as cla
+    rng = np.random.default_rng(22)
+    hq, hkv, d = 8, 2, 32
+    positions = np.arange(64)[:, None] / (10000 ** (np.arange(d // 2) / (d // 2)))
+    cos, sin = np.cos(positions).astype(np.float32), np.sin(positions).astype(np.float32)
+    wq = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    caches = [PagedKVCache(1, hkv, d, num_blocks=16, block_size=4, device=device) for _ in range(2)]
+    seqs = [c.add_sequence() for c in caches]
+    for n, window, on_device in ((7, 0, False), (1, 3, True), (5, 0, True), (0, 0, False)):
+        qkv = rng.standard_normal((n, (hq + 2 * hkv) * d)).astype(np.float32)
+        if on_device:
+            qkv = cla.to_device(device.queue, qkv)
+        kw = dict(num_q_heads=hq, cos=cos, sin=sin, q_norm_weight=wq, rope="half")
+        steps = [c.plan([s], [n]) for c, s in zip(caches, seqs)]
+        q = caches[0].write_qkv(0, steps[0], qkv, **kw)
+        two = caches[0].attend(0, steps[0], q, window=window, scale=0.3)
+        one = caches[1].attend_qkv(0, steps[1], qkv, window=window, scale=0.3, **kw)
+        assert type(one) is type(two) and one.shape == (n, hq, d)
+        np.testing.assert_array_equal(one.get() if on_device else one, two.get() if on_device else two)
+    snaps = [c.snapshot() for c in caches]
+    assert snaps[0]["k.0"] == snaps[1]["k.0"] and snaps[0]["v.0"] == snaps[1]["v.0"]
+    cache = PagedKVCache(1, 1, 8, num_blocks=4, block_size=4, device=device)
+    step = cache.plan([cache.add_sequence()], [1])
+    with pytest.raises(kvcl.NonFiniteError, match="not written"):
+        cache.attend_qkv(0, step, np.full((1, 3 * 8), 3e38, np.float32), num_q_heads=1,
+                         cos=np.ones((4, 4), np.float32), sin=np.ones((4, 4), np.float32))
+
+
 def test_threads_driving_different_sequences_match_the_serial_run(device):
     def run(parallel: bool):
         cache = PagedKVCache(1, 2, 16, num_blocks=8 * 12, block_size=4, dtype="int8", device=device)
