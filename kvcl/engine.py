@@ -437,8 +437,9 @@ class PagedKVCache:
 
     def _write_qkv(self, layer, step, qkv, num_q_heads, cos, sin, q_norm_weight, k_norm_weight, eps, rope,
                    scratch: str):
-        """Check everything, then launch the fused write; (q shape, q buffer or None for an empty
-        step, q device Array or None for host input: q is then in the ``scratch`` buffer)."""
+        """Check everything, then launch the fused write. Returns (the checked step, q's shape,
+        q's buffer: None for an empty step, q as a device Array: None for host input, whose q
+        is in the ``scratch`` buffer)."""
         layer = self._check_layer(layer)
         step = self._check_step(step)
         num_q_heads = check_int("num_q_heads", num_q_heads, low=1)

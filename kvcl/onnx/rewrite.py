@@ -645,7 +645,7 @@ def _replace_gqa(G: "_Graph", nodes, layers, kv_name, handle):
                                         name=f"kvcl_pack_qkv_{layer}"))
         if do_rotary:   # the tables stay initializers, named by attributes: not op inputs, which
             # onnxruntime would copy for every call (32 MB each for 131072 positions)
-            cs, sn = (_as_initializer(G, n.input[i], f"kvcl_rope_{t}_{layer}") for i, t in ((7, "cos"), (8, "sin")))
+            cs, sn = (_as_initializer(G, n.input[i]) for i in (7, 8))
             rope = "interleaved" if int(_attr(n, "rotary_interleaved", 0)) else "half"
             new.append(helper.make_node(OP_TYPE_QKV_ROPE, [qkv, STEP_INPUT], [n.output[0]], domain=OP_DOMAIN,
                                         name=f"kvcl_attention_{layer}", handle=handle, layer=layer,
@@ -665,11 +665,15 @@ def _replace_gqa(G: "_Graph", nodes, layers, kv_name, handle):
     return kv_heads, head_dim, num_heads, scales
 
 
-def _as_initializer(G: "_Graph", name: str, new_name: str) -> str:
-    """``name`` if it is an initializer, else a new initializer holding its constant value."""
+def _as_initializer(G: "_Graph", name: str) -> str:
+    """``name`` if it is an initializer, else an initializer holding its constant value (one per
+    constant, however many layers read it)."""
     from onnx import numpy_helper
     if name in G.init:
         return name
+    new_name = f"kvcl_const_{name}"
+    if new_name in G.init:
+        return new_name
     t = numpy_helper.from_array(np.asarray(G.const_value(name), np.float32), new_name)
     G.g.initializer.append(t)
     G.init[new_name] = t

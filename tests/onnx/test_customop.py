@@ -190,3 +190,25 @@ def test_rope_tables_are_registered_once_not_passed_per_call(onnx_device):
             customop.register_tables("rope-test", str(route))
     finally:
         customop.unregister_cache("rope-test")
+
+
+def test_rope_tables_from_constant_nodes_become_one_initializer_each(onnx_device):
+    # tables produced by Constant nodes (read by every layer) are stored once, not per layer
+    from onnx import helper
+
+    from kvcl.onnx import Generator, ReferenceRunner, rewrite
+    from kvcl.onnx.benchmodel import gqa_decoder
+    m = gqa_decoder(num_layers=3, num_heads=4, kv_heads=2, head_dim=16, hidden=64, vocab=64, max_positions=128)
+    inits = {t.name: t for t in m.graph.initializer}
+    for name in ("cos_cache", "sin_cache"):
+        m.graph.initializer.remove(inits[name])
+        m.graph.node.insert(0, helper.make_node("Constant", [], [name], value=inits[name]))
+    r = rewrite(m)
+    tables = sorted(t.name for t in r.graph.initializer if "cache" in t.name)
+    assert tables == ["kvcl_const_cos_cache", "kvcl_const_sin_cache"]
+    want = ReferenceRunner(m).generate([1, 2, 3, 4], 6).tokens
+    gen = Generator(m, device=onnx_device, max_tokens=64)
+    try:
+        np.testing.assert_array_equal(gen.generate([[1, 2, 3, 4]], 6).tokens, want)
+    finally:
+        gen.close()
