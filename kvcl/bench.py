@@ -19,6 +19,10 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
   of targets.md P7 (B=16, L=4096, fp32 and fp16).
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
   2048-token prefill.
+* ``onnx_bridge`` (``onnx_model``; ``kvcl bench`` full runs use the synthetic decoder of
+  :mod:`kvcl.onnx.benchmodel`): the ONNX bridge's decode step at 16 and 4096 tokens against the
+  same model fed past_key_values, each timed on its own, and ``onnx_hook_overhead``, the custom
+  op's cost per call (targets.md P6).
 * peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
   with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
   in turn with kvcl's fp32 decode of that shape; the speedup is the median of the rounds'
