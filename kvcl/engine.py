@@ -9,6 +9,7 @@ is uploaded once by :meth:`PagedKVCache.plan` and reused by every layer.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Sequence
 
@@ -428,7 +429,7 @@ class PagedKVCache:
                 return np.zeros(shape, np.float32) if q_out is None else q_out
             if q_out is None:
                 out = None
-                out_buf = self._scratch_buffer("out", 4 * int(np.prod(shape)))
+                out_buf = self._scratch_buffer("out", 4 * math.prod(shape))
             else:
                 out = cla.empty(self.device.queue, shape, np.float32)
                 out_buf = out.data
@@ -481,7 +482,7 @@ class PagedKVCache:
                  for name, value in (*tables.items(), *weights.items())}
         q_out = None
         if host_out:
-            q_buf = self._scratch_buffer(scratch, 4 * int(np.prod(shape)))
+            q_buf = self._scratch_buffer(scratch, 4 * math.prod(shape))
         else:
             q_out = cla.empty(queue, shape, np.float32)
             q_buf = q_out.data
@@ -537,7 +538,7 @@ class PagedKVCache:
                 return empty if host_out else cla.to_device(queue, empty)
             qb, _ = self._input("queries", queries, whole=True)
             if host_out:
-                out_buf = self._scratch_buffer("out", 4 * int(np.prod(queries.shape)))
+                out_buf = self._scratch_buffer("out", 4 * math.prod(queries.shape))
             else:
                 out = cla.empty(queue, queries.shape, np.float32)
                 out_buf = out.data

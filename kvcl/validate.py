@@ -79,9 +79,8 @@ def check_array(name: str, x: Any, *, shape: "Sequence[int | None] | None" = Non
             "copy it with arr.get() or create it on the cache's queue"
         )
     if finite and isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.size:
-        bad = ~np.isfinite(x)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        if not np.isfinite(x).all():   # the common case in one pass; the index only on failure
+            idx = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
             raise NonFiniteError(f"{name}: expected finite values, got {x[idx]} at index {idx}")
     return x
 
