@@ -350,7 +350,7 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //   with 2048 (52% -> 69% of the read; one head per work-item gains nothing from either).
 //   Split-K (flash-decoding) only when B * Hkv / HG * q_tiles work-items cannot fill the
 //   compute units.
-//   Now 2.9-3.6 ms = 71-79% of the read in a fast phase of the VM (five bench runs); with the
+//   Now 2.6-3.6 ms = 71-82% of the read in a fast phase of the VM (nine bench runs); with the
 //   arithmetic taken out (same loads, prefetches and loops) it read at 72-74% in a run where it
 //   reached 77%, so there the access pattern is the bound, not the arithmetic.
 //   Before the head groups (five runs): 4.3-6.6 ms = 53-64% of the read (the cooperative variant
