@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidArgument
+from ..validate import check_int
+
 __all__ = ["gqa_decoder"]
 
 
@@ -27,6 +30,14 @@ def gqa_decoder(*, num_layers: int = 4, num_heads: int = 32, kv_heads: int = 8, 
     """
     from onnx import TensorProto, helper, numpy_helper
 
+    for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("kv_heads", kv_heads),
+                        ("head_dim", head_dim), ("hidden", hidden), ("vocab", vocab),
+                        ("max_positions", max_positions)):
+        check_int(name, value, low=1)
+    if num_heads % kv_heads:
+        raise InvalidArgument(f"num_heads: expected a multiple of kv_heads={kv_heads}, got {num_heads}")
+    if head_dim % 2:
+        raise InvalidArgument(f"head_dim: expected an even number (rotary pairs), got {head_dim}")
     rng = np.random.default_rng(seed)
     f32 = TensorProto.FLOAT
     width = (num_heads + 2 * kv_heads) * head_dim

@@ -196,3 +196,8 @@ def test_bench_decoder_through_the_bridge_matches_onnxruntime(onnx_device):
     assert len(set(ref.tokens[0].tolist())) > 4          # not a constant cycle
     info = model_info(rewrite(gqa_decoder(max_positions=64)))   # the bench's own size
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"]) == (4, 8, 128)
+    import kvcl
+    for kw, match in (({"num_heads": 6, "kv_heads": 4}, "num_heads"), ({"head_dim": 15}, "head_dim"),
+                      ({"num_layers": 0}, "num_layers")):
+        with pytest.raises(kvcl.KvclError, match=match):
+            gqa_decoder(**kw)
