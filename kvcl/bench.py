@@ -32,6 +32,15 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 Each kvcl record's ``extra`` holds ``seconds_range`` and ``read_gbps_range``: the fastest and
 slowest sample of the case and of the read sampled with it (how noisy the machine was).
 
+What bounds each decode case is measured in the same run: ``compute_seconds`` is the case with
+its page table pointed into two blocks (K/V stay in the caches: the kernel's arithmetic and
+page walk alone), sampled in turn with the case; ``memory_seconds`` its bytes at the read's
+speed. The larger is the step's floor: ``bound`` says which, ``utilization_ceiling`` is the
+utilisation at that floor. From them, the speedups' ceilings: ``speedup_vs_fp32_ceiling`` (kvcl
+fp32 over this case at its floor: how far targets.md P3 can go with this kernel's arithmetic)
+and, on peer rows, ``speedup_ceiling`` (the speedup if kvcl's fp32 decode read every byte at the
+read's speed: speedup / fp32 utilisation; the most any kernel can get against that peer, P2).
+
 Bytes per decode case: ``Σ_seq L · H_kv · (2·D·bytes_per_elem + 2·scale_bytes)`` plus page table,
 queries and output. Utilisation = (bytes / seconds) / stream-read bandwidth. Speedup of a peer
 row = peer seconds / kvcl seconds (> 1: kvcl is faster).
@@ -39,6 +48,7 @@ row = peer seconds / kvcl seconds (> 1: kvcl is faster).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -230,6 +240,20 @@ class DecodeCase:
         self.q_indptr = cla.to_device(queue, np.arange(s.batch + 1, dtype=np.int32))
         self.queries = cla.to_device(queue, rng.standard_normal((s.batch, s.num_q_heads, s.head_dim)).astype(np.float32))
         self.out = cla.empty(queue, (s.batch, s.num_q_heads, s.head_dim), np.float32)
+
+    def in_cache(self, blocks: int = 2) -> "DecodeCase":
+        """A twin over the same pools whose page table points into the first ``blocks`` blocks
+        only (random pages of them, the same number of pages): its K/V stay in the caches, so
+        timing it times the kernel's arithmetic and the page walk, not memory traffic."""
+        if blocks < 1:
+            raise InvalidArgument(f"blocks: expected >= 1, got {blocks}")
+        twin = copy.copy(self)
+        n = self.indices.shape[0]
+        rng = np.random.default_rng(1)
+        pages = rng.integers(0, min(blocks, n), n).astype(np.int32)
+        twin.indices = cla.to_device(self.dev.queue, pages)
+        twin.out = cla.empty(self.dev.queue, self.out.shape, np.float32)
+        return twin
 
     def run(self):
         (k, ks), (v, vs) = self.pools
@@ -477,8 +501,12 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             seconds, gbps, vs_fp32, ranges = with_read(case.run, nbytes, base)
             records.append(_record(name, dtype_name, shape.as_dict(), seconds, nbytes, gbps))
             records[-1].extra.update(ranges)
+            records[-1].extra.update(_bound(case, records[-1], repeats))
             if vs_fp32 is not None:   # P3: sampled in turn with kvcl's fp32 decode of the shape
-                records[-1].extra["speedup_vs_fp32"] = vs_fp32
+                ex = records[-1].extra
+                ex["speedup_vs_fp32"] = vs_fp32
+                # fp32's time over this case's floor: the paired ratio times (case / floor)
+                ex["speedup_vs_fp32_ceiling"] = vs_fp32 * seconds / max(ex["compute_seconds"], ex["memory_seconds"])
             if dtype_name == "fp32":
                 kvcl_fp32[name] = seconds
                 if name == "paged_decode":
@@ -517,6 +545,11 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                 rec.peer = name.split(":")[1]
                 rec.speedup = speedup
                 rec.extra["kvcl_seconds"] = ours_s
+                fp32_rec = next((r for r in records if r.case == "paged_decode" and r.kv_dtype == "fp32"
+                                 and r.shape == shape.as_dict()), None)
+                if speedup is not None and fp32_rec is not None and fp32_rec.utilization > 0:
+                    # kvcl reading every byte at the streaming read's speed: (peer / kvcl) / utilisation
+                    rec.extra["speedup_ceiling"] = speedup / fp32_rec.utilization
                 rec.note = ("speedup = peer seconds / kvcl fp32 paged_decode seconds"
                             + (", median of the pairs sampled in turn" if interleave else ""))
                 records.append(rec)
@@ -525,6 +558,21 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     if bar:
         bar.close()
     return records
+
+
+def _bound(case: DecodeCase, rec: Record, repeats: int) -> dict:
+    """What bounds a decode case: its arithmetic alone (the case with its pages in cache,
+    sampled in turn with the case) against its bytes at the streaming read's speed. The larger
+    is the floor of the step; ``utilization_ceiling`` is the utilisation at that floor (1.0 when
+    the bytes are the bound)."""
+    twin = case.in_cache()
+    sync = case.dev.queue.finish
+    _, cached = sample_interleaved([(case.run, sync), (twin.run, sync)], repeats=repeats)
+    compute = float(np.median(cached))
+    memory = rec.bytes / (rec.device_read_gbps * 1e9)
+    return {"compute_seconds": compute, "memory_seconds": memory,
+            "bound": "compute" if compute > memory else "memory",
+            "utilization_ceiling": memory / max(compute, memory)}
 
 
 def _bridge_records(model, label, contexts, dev, read_gbps) -> list[Record]:
@@ -576,17 +624,31 @@ def format_records(records: list[Record], device_name: str) -> str:
             extra = f"kvcl {r.speedup:.2f}x faster" if r.speedup >= 1 else f"kvcl {1 / r.speedup:.2f}x slower"
             if r.peer == "past_key_values":
                 extra += " than past_key_values"
+            if "speedup_ceiling" in r.extra:
+                extra += f" (<= {r.extra['speedup_ceiling']:.2f}x)"
         elif "speedup_vs_fp32" in r.extra:
             extra = f"{r.extra['speedup_vs_fp32']:.2f}x vs kvcl fp32"
+            if "speedup_vs_fp32_ceiling" in r.extra:   # runs recorded before the bound columns lack it
+                extra += f" (<= {r.extra['speedup_vs_fp32_ceiling']:.2f}x)"
+        bound = "-"
+        if "bound" in r.extra:
+            bound = r.extra["bound"]
+            if bound == "compute":
+                bound += f" ({100 * r.extra['utilization_ceiling']:.0f}%)"
         rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}" if r.bytes else "-",
-                     f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", extra))
+                     f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", bound, extra))
     if records and records[0].extra.get("sampling") == "blocked":
         header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
                   "(first row); each case timed on its own\n")
     else:
         header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
                   "sampled in turn with that case; peers sampled in turn with kvcl fp32 paged_decode\n")
-    return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "vs"], rows, align="lllrrrl")
+    if any("bound" in r.extra for r in records):
+        header += ("bound: what the step's floor is, its arithmetic alone (pages in cache) or its bytes at the "
+                   "read's speed, with the utilisation at that floor; <=: the speedup with this case at its floor "
+                   "(peers: kvcl fp32 reading every byte at the read's speed)\n")
+    return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
+                                 align="lllrrrll")
 
 
 def write_json(records: list[Record], path, device_info) -> None:
@@ -607,6 +669,11 @@ def plot(records: list[Record], path, device_name: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     ax.bar(range(len(rows)), [r.utilization for r in rows], color=colors)
     ax.axhline(1.0, color="#c0392b", linestyle="--", label="streaming-read bandwidth (measured)")
+    capped = [(i, r.extra["utilization_ceiling"]) for i, r in enumerate(rows)
+              if r.extra.get("bound") == "compute"]
+    if capped:
+        ax.scatter([i for i, _ in capped], [c for _, c in capped], marker="_", s=400, color="#333333",
+                   zorder=3, label="ceiling: the kernel's arithmetic alone (pages in cache)")
     ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("fraction of device read bandwidth")
     ax.set_title(f"kvcl bench: {device_name}", fontsize=9)

@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyopencl.array as cla
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,9 +85,7 @@ def main(argv=None) -> int:
         for dtype in args.dtype:
             case = bench.DecodeCase(dev, shape, dtype)
             if args.cached:
-                rng = np.random.default_rng(args.seed)
-                case.indices = cla.to_device(dev.queue, rng.integers(0, args.cached, case.indices.shape[0])
-                                             .astype(np.int32))
+                case = case.in_cache(args.cached)
 
             def make(source, knobs):
                 def run():

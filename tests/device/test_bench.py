@@ -3,6 +3,8 @@ reported by `kvcl bench`, never asserted in unit tests)."""
 
 import json
 
+import numpy as np
+
 import pytest
 
 import kvcl
@@ -41,7 +43,44 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
             assert r["utilization"] == pytest.approx(r["gbps"] / r["device_read_gbps"])
         if r["case"] == "paged_decode" and r["kv_dtype"] != "fp32":   # sampled in turn with fp32
             assert r["extra"]["speedup_vs_fp32"] > 0
+        if r["case"] == "paged_decode":   # what bounds it, measured in the same run
+            ex = r["extra"]
+            floor = max(ex["compute_seconds"], ex["memory_seconds"])
+            assert ex["compute_seconds"] > 0
+            assert ex["memory_seconds"] == pytest.approx(r["bytes"] / r["device_read_gbps"] / 1e9)
+            assert ex["bound"] == ("compute" if ex["compute_seconds"] > ex["memory_seconds"] else "memory")
+            assert 0 < ex["utilization_ceiling"] <= 1
+            assert ex["utilization_ceiling"] == pytest.approx(ex["memory_seconds"] / floor)
+            if r["kv_dtype"] != "fp32":
+                assert ex["speedup_vs_fp32_ceiling"] == pytest.approx(ex["speedup_vs_fp32"] * r["seconds"] / floor)
+    fp32 = next(r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "fp32")
+    for r in doc["records"]:
+        if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"]:
+            assert r["extra"]["speedup_ceiling"] == pytest.approx(r["speedup"] / fp32["utilization"])
+    assert "bound" in printed and "<=" in printed
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "int8"])
+def test_decode_case_in_cache_reads_only_its_first_blocks(device, dtype_name):
+    from kvcl.reference.decode_attention import paged_attention as reference
+    case = bench.DecodeCase(device, bench.QUICK, dtype_name)
+    twin = case.in_cache(2)
+    pages = twin.indices.get()
+    assert pages.shape == case.indices.shape and pages.min() >= 0 and pages.max() < 2
+    assert len(set(pages.tolist())) == 2            # both blocks, in random order
+    assert twin.pools is case.pools and twin.out is not case.out
+    twin.run().wait()
+    (k, ks), (v, vs) = case.pools
+    want = reference(case.queries.get(), k.get(), v.get(), case.indptr.get(), pages, case.last_page_len.get(),
+                     case.q_indptr.get(), k_scales=None if ks is None else ks.get(),
+                     v_scales=None if vs is None else vs.get(), kv_dtype=dtype_name)
+    got = twin.out.get()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    case.run().wait()   # the case itself still reads its own table
+    assert not np.array_equal(case.out.get(), got)
+    with pytest.raises(kvcl.InvalidArgument, match="blocks"):
+        case.in_cache(0)
 
 
 def test_blocked_sampling_divides_by_the_first_read(device, tmp_path, capsys):
