@@ -32,14 +32,15 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 Each kvcl record's ``extra`` holds ``seconds_range`` and ``read_gbps_range``: the fastest and
 slowest sample of the case and of the read sampled with it (how noisy the machine was).
 
-What bounds each decode case is measured in the same run: ``compute_seconds`` is the case with
-its page table pointed into two blocks (K/V stay in the caches: the kernel's arithmetic and
-page walk alone), sampled in turn with the case; ``memory_seconds`` its bytes at the read's
+What bounds each decode case is measured in the same run: ``compute_seconds`` is the time of
+the case with its page table pointed into two blocks (K/V stay in the caches: the kernel's
+arithmetic and page walk alone), as the median ratio to the case over rounds sampled in turn
+(``compute_fraction``) times the case's seconds; ``memory_seconds`` its bytes at the read's
 speed. The larger is the step's floor: ``bound`` says which, ``utilization_ceiling`` is the
 utilisation at that floor. From them, the speedups' ceilings: ``speedup_vs_fp32_ceiling`` (kvcl
 fp32 over this case at its floor: how far targets.md P3 can go with this kernel's arithmetic)
-and, on peer rows, ``speedup_ceiling`` (the speedup if kvcl's fp32 decode read every byte at the
-read's speed: speedup / fp32 utilisation; the most any kernel can get against that peer, P2).
+and, on peer rows, ``speedup_ceiling`` (peer seconds over the fp32 case's ``memory_seconds``: the
+speedup of a kernel that read every byte at the streaming read's speed, P2's ceiling).
 
 Bytes per decode case: ``Σ_seq L · H_kv · (2·D·bytes_per_elem + 2·scale_bytes)`` plus page table,
 queries and output. Utilisation = (bytes / seconds) / stream-read bandwidth. Speedup of a peer
@@ -547,9 +548,9 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                 rec.extra["kvcl_seconds"] = ours_s
                 fp32_rec = next((r for r in records if r.case == "paged_decode" and r.kv_dtype == "fp32"
                                  and r.shape == shape.as_dict()), None)
-                if speedup is not None and fp32_rec is not None and fp32_rec.utilization > 0:
-                    # kvcl reading every byte at the streaming read's speed: (peer / kvcl) / utilisation
-                    rec.extra["speedup_ceiling"] = speedup / fp32_rec.utilization
+                if fp32_rec is not None and "memory_seconds" in fp32_rec.extra:
+                    # a kernel reading every byte at the streaming read's speed against this peer
+                    rec.extra["speedup_ceiling"] = seconds / fp32_rec.extra["memory_seconds"]
                 rec.note = ("speedup = peer seconds / kvcl fp32 paged_decode seconds"
                             + (", median of the pairs sampled in turn" if interleave else ""))
                 records.append(rec)
@@ -562,15 +563,17 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
 
 def _bound(case: DecodeCase, rec: Record, repeats: int) -> dict:
     """What bounds a decode case: its arithmetic alone (the case with its pages in cache,
-    sampled in turn with the case) against its bytes at the streaming read's speed. The larger
-    is the floor of the step; ``utilization_ceiling`` is the utilisation at that floor (1.0 when
-    the bytes are the bound)."""
+    sampled in turn with the case: ``compute_fraction`` is the median over rounds of the two
+    samples' ratio, ``compute_seconds`` that fraction of the case's seconds) against its bytes
+    at the streaming read's speed. The larger is the floor of the step; ``utilization_ceiling``
+    is the utilisation at that floor (1.0 when the bytes are the bound)."""
     twin = case.in_cache()
     sync = case.dev.queue.finish
-    _, cached = sample_interleaved([(case.run, sync), (twin.run, sync)], repeats=repeats)
-    compute = float(np.median(cached))
+    full, cached = sample_interleaved([(case.run, sync), (twin.run, sync)], repeats=repeats)
+    fraction = paired_ratio(cached, full)   # of the same rounds: the machine's drift cancels
+    compute = rec.seconds * fraction
     memory = rec.bytes / (rec.device_read_gbps * 1e9)
-    return {"compute_seconds": compute, "memory_seconds": memory,
+    return {"compute_seconds": compute, "compute_fraction": fraction, "memory_seconds": memory,
             "bound": "compute" if compute > memory else "memory",
             "utilization_ceiling": memory / max(compute, memory)}
 
@@ -646,7 +649,7 @@ def format_records(records: list[Record], device_name: str) -> str:
     if any("bound" in r.extra for r in records):
         header += ("bound: what the step's floor is, its arithmetic alone (pages in cache) or its bytes at the "
                    "read's speed, with the utilisation at that floor; <=: the speedup with this case at its floor "
-                   "(peers: kvcl fp32 reading every byte at the read's speed)\n")
+                   "(peers: a kernel reading every fp32 byte at the read's speed)\n")
     return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
                                  align="lllrrrll")
 

@@ -46,7 +46,8 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
         if r["case"] == "paged_decode":   # what bounds it, measured in the same run
             ex = r["extra"]
             floor = max(ex["compute_seconds"], ex["memory_seconds"])
-            assert ex["compute_seconds"] > 0
+            assert ex["compute_fraction"] > 0
+            assert ex["compute_seconds"] == pytest.approx(ex["compute_fraction"] * r["seconds"])
             assert ex["memory_seconds"] == pytest.approx(r["bytes"] / r["device_read_gbps"] / 1e9)
             assert ex["bound"] == ("compute" if ex["compute_seconds"] > ex["memory_seconds"] else "memory")
             assert 0 < ex["utilization_ceiling"] <= 1
@@ -56,7 +57,7 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
     fp32 = next(r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "fp32")
     for r in doc["records"]:
         if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"]:
-            assert r["extra"]["speedup_ceiling"] == pytest.approx(r["speedup"] / fp32["utilization"])
+            assert r["extra"]["speedup_ceiling"] == pytest.approx(r["seconds"] / fp32["extra"]["memory_seconds"])
     assert "bound" in printed and "<=" in printed
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
