@@ -222,6 +222,18 @@ inline floatV fp8v_decode(uintV b) {
 #ifndef CPU_BUILTINS
 #define CPU_BUILTINS 0
 #endif
+// PREFETCH_K (serial variant, with CPU_BUILTINS): also prefetch the K row each token slot reads
+// next. V is read across rows (a line of every row, then the next line), which the hardware
+// prefetchers do not follow, so its rows are always prefetched; K is read row after row, runs
+// of BLOCK_SIZE rows, which they do follow once the runs span more than a 4 KiB page. Leaving
+// K to them (PoCL 3.0, 2-core EPYC VM, 10-20 rounds in random order with the streaming read):
+// fp32 B=4 L=2048 0.97-1.08x over seven runs (three `kvcl bench` runs after it: 85-89% of the
+// read, 73-80% in nine before), B=1 L=32768 1.08x, B=64 L=512 1.10x, B=16 L=4096 1.10x; fp16
+// (one-page runs) 0.87-0.95x; int8 1.00-1.02x, fp8 1.00x. The launcher sets it from the run
+// length. (Prefetching V every other line, for an adjacent-line prefetcher to complete: 0.82x.)
+#ifndef PREFETCH_K
+#define PREFETCH_K 1
+#endif
 // UNROLL_K, UNROLL_V (cooperative variant): unrolling of the K-row loop (phase A) and of the
 // token loop of phase C — 1 (a loop), 4, or 0 (full). GPUs want loads in flight (each work-item
 // is in-order); llvmpipe wants loops. vload_halfN instead of half_bits_to_float measured 2x
@@ -493,20 +505,29 @@ void paged_decode_attention(
             const int row = rows[t] + kh;
             __global const kv_t *kp = k_pool + (size_t)row * HEAD_DIM;
 #if CPU_BUILTINS
-            {   // phase C reads this V row slice by slice: start all its cache lines now; and the
-                // K row this slot reads next: the next head's (the same block, BLOCK_SIZE rows on),
-                // or the first head's in the next chunk
+            {   // phase C reads this V row slice by slice (line j of every row, then line j + 1):
+                // start all its cache lines now; and (PREFETCH_K) the K row this slot reads next:
+                // the next head's (the same block, BLOCK_SIZE rows on), or the first head's in
+                // the next chunk
+                __global const char *vb = (__global const char *)(v_pool + (size_t)row * HEAD_DIM);
+#if PREFETCH_K
                 const int nx = h + 1 < HG ? row + BLOCK_SIZE : ahead[t] + kvh * BLOCK_SIZE;
                 const int nxt = nx < 0 ? 0 : nx;   // max() is a library call on PoCL 3.0
-                __global const char *vb = (__global const char *)(v_pool + (size_t)row * HEAD_DIM);
                 __global const char *kb = (__global const char *)(k_pool + (size_t)nxt * HEAD_DIM);
+#endif
                 #pragma unroll
                 for (int o = 0; o < ROW_BYTES; o += 64) {
                     __builtin_prefetch(vb + o);
+#if PREFETCH_K
                     __builtin_prefetch(kb + o);
+#endif
                 }
-                __builtin_prefetch(vb + ROW_BYTES - 1);
-                __builtin_prefetch(kb + ROW_BYTES - 1);
+                if (ROW_BYTES % 64) {   // rows that end inside a line the loop did not reach
+                    __builtin_prefetch(vb + ROW_BYTES - 1);
+#if PREFETCH_K
+                    __builtin_prefetch(kb + ROW_BYTES - 1);
+#endif
+                }
             }
 #endif
             floatV a[2 * ROWS];                // two FMA chains per row (latency)
