@@ -565,12 +565,20 @@ void paged_decode_attention(
 #endif
             #pragma unroll
             for (; r < ROWS; ++r) d[r] = vsum(a[2 * r] + a[2 * r + 1]);
+#if QTILE == 1
+            // one query token: every row sees [lo_first, hi_first), which [t0, t1) lies in, so
+            // no mask (arithmetic alone, pages in cache: fp32 1.05x, int8 1.04x, fp16 1.01x)
+            (void)tok;
+            #pragma unroll
+            for (r = 0; r < ROWS; ++r) s[r * CT + t] = d[r] * ks;
+#else
             #pragma unroll
             for (r = 0; r < ROWS; ++r) {
                 const int hi = hi_first + r / GROUP;
                 const int lo = window > 0 ? hi - window : 0;
                 if (tok < hi && tok >= lo) s[r * CT + t] = d[r] * ks;
             }
+#endif
         }
 
         // ---- B: online softmax per row ----
