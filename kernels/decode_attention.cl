@@ -346,7 +346,7 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //        along head_dim, fused dequantisation), reduced four rows at a time (vsum4x8), the K
 //        scale (int8), the mask; logits into a private float8 array; prefetches of this token's
 //        V row and of the K row read next;
-//     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector kvcl_exp2,
+//     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector kvcl_exp2_nonpos,
 //        l update, then the V scale (int8) folded into p;
 //     C  head_dim slice (SV vectors) outer, tokens inner: the slice of acc for all ROWS rows sits
 //        in registers while the chunk's V rows stream through it (each V byte read once).
@@ -597,7 +597,7 @@ void paged_decode_attention(
                 float8 sv = (float8)(0.0f);
                 #pragma unroll
                 for (int j = 0; j < CT8; ++j) {
-                    const float8 p = kvcl_exp2(s8[r * CT8 + j] - mx);
+                    const float8 p = kvcl_exp2_nonpos(s8[r * CT8 + j] - mx);   // s <= mx
                     sv += p;
 #if KV_HAS_SCALE
                     s8[r * CT8 + j] = p * vsc8[j];

@@ -321,9 +321,12 @@ def test_default_variant_follows_the_device_type(device):
 _MATH_SRC = """#include "common.h"
 __kernel void math(__global const float *x, __global float *e2, __global float *e2v4,
                    __global float *e2v8, __global float *e, __global float *ev8,
-                   __global const uint *h, __global float *hf) {
+                   __global const uint *h, __global float *hf, __global float *np1,
+                   __global float *np8) {
     const int i = get_global_id(0);
     e2[i] = kvcl_exp2(x[i]);
+    np1[i] = kvcl_exp2_nonpos(x[i]);
+    if (i % 8 == 0) vstore8(kvcl_exp2_nonpos(vload8(i / 8, x)), i / 8, np8);
     e[i] = kvcl_exp(x[i]);
     hf[i] = kvcl_half_bits_to_float(h[i]);
     if (i % 4 == 0) vstore4(kvcl_exp2(vload4(i / 4, x)), i / 4, e2v4);
@@ -347,9 +350,9 @@ def test_inline_exp_and_half_conversion_match_numpy(device, rng):
     h = np.resize(np.arange(1 << 16, dtype=np.uint32), n)
     q = device.queue
     xd, hd = cla.to_device(q, x), cla.to_device(q, h)
-    outs = [cla.empty(q, n, np.float32) for _ in range(6)]
-    prg.math(q, (n,), None, xd.data, *[o.data for o in outs[:5]], hd.data, outs[5].data)
-    e2, e2v4, e2v8, e, ev8, hf = (o.get() for o in outs)
+    outs = [cla.empty(q, n, np.float32) for _ in range(8)]
+    prg.math(q, (n,), None, xd.data, *[o.data for o in outs[:5]], hd.data, *[o.data for o in outs[5:]])
+    e2, e2v4, e2v8, e, ev8, hf, np1, np8 = (o.get() for o in outs)
     x64 = x.astype(np.float64)
     with np.errstate(over="ignore"):
         for got, want in ((e2, np.exp2(x64)), (e2v4, np.exp2(x64)), (e2v8, np.exp2(x64)),
@@ -362,6 +365,15 @@ def test_inline_exp_and_half_conversion_match_numpy(device, rng):
             assert np.all(got[want < 2.0 ** -151] == 0.0)       # very negative (and -inf) -> 0
             assert np.all(np.isposinf(got[want > np.finfo(np.float32).max * 1.0000001]))
             assert np.all(np.isnan(got[np.isnan(x)]))
+    # the softmax's 2^x for x <= 0: same accuracy down to 2^-126, 0 below, NaN kept
+    nonpos = (x <= 0) | np.isnan(x)
+    want = np.exp2(x64[nonpos])
+    for got in (np1[nonpos], np8[nonpos]):
+        normal = want >= 2.0 ** -126
+        assert (np.abs(got[normal] - want[normal]) / want[normal]).max() <= 2e-7
+        assert np.all(got[want < 2.0 ** -127] == 0.0)            # flushed (and -inf -> 0)
+        assert np.all(np.abs(got[~normal & ~np.isnan(want)] - want[~normal & ~np.isnan(want)]) <= 2.0 ** -126)
+        assert np.all(np.isnan(got[np.isnan(want)]))
     want_h = (h & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
     nan = np.isnan(want_h)
     np.testing.assert_array_equal(hf[~nan], want_h[~nan])
