@@ -593,7 +593,7 @@ void paged_decode_attention(
             const float mx = NMAX(cm, mo);
             alpha[r] = 1.0f;
             if (mx != -INFINITY) {  // else the row saw nothing yet: p = 2^-inf = 0 below
-                alpha[r] = kvcl_exp2(mo - mx);
+                alpha[r] = kvcl_exp2_nonpos(mo - mx);   // mo <= mx
                 float8 sv = (float8)(0.0f);
                 #pragma unroll
                 for (int j = 0; j < CT8; ++j) {
