@@ -29,8 +29,8 @@
 // count, the page table) out of the build key, so one program serves every step of a model.
 //
 // Numerics: the softmax scale and log2(e) are folded into q once, so logits live in the log2
-// domain and every exponential is exp2 (kvcl_exp2 of common.h: inline, no library call); the
-// running max m, the sum l and the accumulator are fp32.
+// domain and every exponential is exp2 (kvcl_exp2 / kvcl_exp2_nonpos of common.h: inline, no
+// library call); the running max m, the sum l and the accumulator are fp32.
 // int8: the K row scale multiplies the logit, the V row scale multiplies the probability
 // (after it was added to l) — no dequantised copy of K or V exists anywhere.
 #include "common.h"
@@ -362,9 +362,12 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //   with 2048 (52% -> 69% of the read; one head per work-item gains nothing from either).
 //   Split-K (flash-decoding) only when B * Hkv / HG * q_tiles work-items cannot fill the
 //   compute units.
-//   Now 2.6-3.6 ms = 71-82% of the read in a fast phase of the VM (nine bench runs); with the
-//   arithmetic taken out (same loads, prefetches and loops) it read at 72-74% in a run where it
-//   reached 77%, so there the access pattern is the bound, not the arithmetic.
+//   Now 2.3-3.1 ms = 78-90% of the read (B=4 L=2048 fp32, six `kvcl bench` runs), since K rows
+//   are left to the hardware prefetchers where their runs span more than a page (PREFETCH_K
+//   above: 73-80% in nine runs before; software prefetches hold the core's few miss buffers).
+//   The arithmetic alone (pages in cache) takes 1.0-1.3 ms of it: logits ~0.4, V ~0.46,
+//   softmax ~0.13 and the rest ~0.2 ms, against 0.69 ms for the FMAs alone; fp16/int8/fp8
+//   are bound by it.
 //   Before the head groups (five runs): 4.3-6.6 ms = 53-64% of the read (the cooperative variant
 //   on the same CPU: 14.4 ms in an earlier session). What bounded it then: alone, the arithmetic
 //   takes 1.5-1.7 ms (pages in cache) and time was close to arithmetic + memory. Without the
