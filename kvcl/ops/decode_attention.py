@@ -54,7 +54,8 @@ _SERIAL_MAX_HG = 8       # serial: kv heads per work-group, at most (HG)
 _SERIAL_STATE_FLOATS = 4096  # serial: HG x rows x head_dim, at most (q and acc live on the stack)
 # serial, PoCL: prefetch K rows too when one K run (a block's rows of one head) spans at most this
 # many bytes; longer runs are left to the hardware prefetchers (see PREFETCH_K in the kernel):
-# fp32 D=128 16-token blocks (8 KiB) 1.03-1.08x faster without, fp16 (4 KiB) 0.87-0.95x
+# fp32 at D=128 with 16-token blocks (8 KiB runs) 0.97-1.08x at B=4 L=2048 and 1.08-1.10x at
+# B=1 L=32768, B=64 L=512, B=16 L=4096 without; fp16 (4 KiB) 0.87-0.95x without
 _SERIAL_K_PREFETCH_RUN = 4096
 _MAX_ROWS = 16          # query rows (heads x tokens) per work-group when q_len > 1
 _PART_MIN, _PART_MAX = 256, 512
