@@ -227,7 +227,7 @@ inline floatV fp8v_decode(uintV b) {
 // prefetchers do not follow, so its rows are always prefetched; K is read row after row, runs
 // of BLOCK_SIZE rows, which they do follow once the runs span more than a 4 KiB page. Leaving
 // K to them (PoCL 3.0, 2-core EPYC VM, 10-20 rounds in random order with the streaming read):
-// fp32 B=4 L=2048 0.97-1.08x over seven runs (three `kvcl bench` runs after it: 85-89% of the
+// fp32 B=4 L=2048 0.97-1.08x over seven runs (eleven `kvcl bench` runs after it: 78-93% of the
 // read, 73-80% in nine before), B=1 L=32768 1.08x, B=64 L=512 1.10x, B=16 L=4096 1.10x; fp16
 // (one-page runs) 0.87-0.95x; int8 1.00-1.02x, fp8 1.00x. The launcher sets it from the run
 // length. (Prefetching V every other line, for an adjacent-line prefetcher to complete: 0.82x.)
@@ -346,8 +346,8 @@ inline void store_result(__global float *out, __global float *ws, const ulong ac
 //        along head_dim, fused dequantisation), reduced four rows at a time (vsum4x8), the K
 //        scale (int8), the mask; logits into a private float8 array; prefetches of this token's
 //        V row and of the K row read next;
-//     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector kvcl_exp2_nonpos,
-//        l update, then the V scale (int8) folded into p;
+//     B  per row: chunk max, one rescale factor, p = 2^(s - m) with the inline vector
+//        kvcl_exp2_nonpos, l update, then the V scale (int8) folded into p;
 //     C  head_dim slice (SV vectors) outer, tokens inner: the slice of acc for all ROWS rows sits
 //        in registers while the chunk's V rows stream through it (each V byte read once).
 //   Why HG heads: a block's rows of neighbouring kv heads are adjacent in the pool, so HG heads
