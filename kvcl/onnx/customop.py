@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DtypeError, InvalidArgument, KvclError, ShapeError
+from ..validate import check_array, is_device_array
 
 try:  # optional dependency: kvcl[onnx]
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
@@ -99,9 +100,13 @@ def register_tables(handle: str, model: Any) -> list[str]:
 
     The tables ([max_position, head_dim / 2]; 32 MB each for a 131072-position model) are not
     op inputs: onnxruntime would hand every call a fresh copy of them (measured: a 2-layer step
-    1.9 ms with 1024 positions, 26 ms with 131072). :class:`kvcl.onnx.Generator` calls this.
+    1.9 ms with 1024 positions, 26 ms with 131072). Each is checked (2-D, finite) and copied to
+    the cache's device here, once, under its own name: layers that use different tables (local
+    and global RoPE) share nothing that a call would have to upload again.
+    :class:`kvcl.onnx.Generator` calls this.
     """
     import onnx
+    import pyopencl.array as cla
     from onnx import numpy_helper
     binding = get_binding(handle)
     if not isinstance(model, onnx.ModelProto):
@@ -113,9 +118,13 @@ def register_tables(handle: str, model: Any) -> list[str]:
     if missing:
         raise InvalidArgument(f"model: RoPE tables {missing} named by kvcl::{OP_TYPE_QKV_ROPE} nodes are "
                               "not initializers of the graph")
+    host = {name: check_array(name, np.ascontiguousarray(numpy_helper.to_array(init), np.float32),
+                              ndim=2, finite=True)
+            for name, init in inits.items()}   # every table checked before any is kept
+    queue = binding.cache.device.queue
     with binding.lock:
-        for name, init in inits.items():
-            binding.tables[name] = np.ascontiguousarray(numpy_helper.to_array(init), np.float32)
+        for name, t in host.items():
+            binding.tables[name] = cla.to_device(queue, t)
     return sorted(names)
 
 
@@ -221,8 +230,11 @@ def _plan_step(binding, cache, step: np.ndarray, s: int):
     return binding.step, lens
 
 
-def _device_table(binding, name: str, t: np.ndarray):
-    """Device copy of a constant rotary table (cos/sin cache), uploaded once per binding."""
+def _device_table(binding, name: str, t: Any):
+    """Device copy of a rotary table (cos/sin cache) given as an op input, uploaded once per
+    binding while it stays the same (a registered table is on the device already)."""
+    if is_device_array(t):
+        return t
     import pyopencl.array as cla
     t = np.ascontiguousarray(t, np.float32)
     tag = (name, t.shape, t[:1].tobytes(), t[-1:].tobytes(), t[t.shape[0] // 2:t.shape[0] // 2 + 1].tobytes())
@@ -244,7 +256,7 @@ def kvcl_attention_qkv(qkv, step, cos, sin, handle, layer, scale, num_heads, rop
 
 def kvcl_attention_qkv_rope(qkv, step, handle, layer, scale, num_heads, rope, cos_table, sin_table):
     """Body of ``kvcl::AttentionQKVRope``: :func:`kvcl_attention_qkv` with the RoPE tables taken
-    from those :func:`register_tables` put on the binding, by name."""
+    from the device copies :func:`register_tables` put on the binding, by name."""
     binding = get_binding(handle)
     tables = []
     for name in (cos_table, sin_table):

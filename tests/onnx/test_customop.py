@@ -173,6 +173,12 @@ def test_rope_tables_are_registered_once_not_passed_per_call(onnx_device):
         gen = Generator(model, device=onnx_device, max_tokens=64)
         try:
             np.testing.assert_array_equal(gen.generate([PROMPT], 8).tokens, want)
+            if model is m:   # device copies made at registration; no op call uploaded a table
+                assert sorted(gen.binding.tables) == ["cos_cache", "sin_cache"]
+                assert all(kvcl.validate.is_device_array(t) for t in gen.binding.tables.values())
+                assert not gen.binding.__dict__.get("_tables")
+            else:            # tables as op inputs: uploaded on the first call, then reused
+                assert sorted(gen.binding.__dict__["_tables"]) == ["cos", "sin"]
         finally:
             gen.close()
     # without register_tables the op says what is missing; a table that is no initializer is refused
@@ -183,6 +189,16 @@ def test_rope_tables_are_registered_once_not_passed_per_call(onnx_device):
             customop.kvcl_attention_qkv_rope(np.zeros((1, 1, 128), np.float32), np.zeros((3, 1), np.int64),
                                              "rope-test", 0, 0.25, 4, "half", "cos_cache", "sin_cache")
         assert customop.register_tables("rope-test", m) == ["cos_cache", "sin_cache"]
+        kept = dict(customop.get_binding("rope-test").tables)
+        bad = onnx.ModelProto()
+        bad.CopyFrom(m)
+        sin = next(t for t in bad.graph.initializer if t.name == "sin_cache")
+        arr = onnx.numpy_helper.to_array(sin).copy()
+        arr[3, 1] = np.nan
+        sin.CopyFrom(onnx.numpy_helper.from_array(arr, "sin_cache"))
+        with pytest.raises(kvcl.NonFiniteError, match="sin_cache"):
+            customop.register_tables("rope-test", bad)
+        assert customop.get_binding("rope-test").tables == kept   # nothing replaced by the refused call
         del m.graph.initializer[:]
         with pytest.raises(InvalidArgument, match="not initializers"):
             customop.register_tables("rope-test", m)
