@@ -20,9 +20,10 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
   2048-token prefill.
 * ``onnx_bridge`` (``onnx_model``; ``kvcl bench`` full runs use the synthetic decoder of
-  :mod:`kvcl.onnx.benchmodel`): the ONNX bridge's decode step at 16 and 4096 tokens against the
-  same model fed past_key_values, each timed on its own, and ``onnx_hook_overhead``, the custom
-  op's cost per call (targets.md P6).
+  :mod:`kvcl.onnx.benchmodel`, ``--onnx-model synthetic smollm2`` adds the real-weights model of
+  :mod:`kvcl.onnx.models`): the ONNX bridge's decode step at 16, 256 and 4096 tokens against the
+  same model fed past_key_values, each timed on its own, with where the step's time goes (a
+  second table), and ``onnx_hook_overhead``, the custom op's cost per call (targets.md P6, P8).
 * peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
   with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
   in turn with kvcl's fp32 decode of that shape; the speedup is the median of the rounds'
@@ -415,14 +416,16 @@ SAMPLING = ("interleaved", "blocked")
 
 def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: bool = True,
               print_fn=print, sampling: str = "interleaved", onnx_model=None,
-              onnx_contexts=(16, 4096)) -> list[Record]:
+              onnx_contexts=(16, 256, 4096)) -> list[Record]:
     """Run every case; return the records (the caller prints, writes JSON and plots).
 
-    ``onnx_model`` (a path or ModelProto of an exported decoder, or ``"synthetic"``: the
-    realistic-width decoder of :func:`kvcl.onnx.benchmodel.gqa_decoder`): also the ONNX bridge's
-    decode step at each of ``onnx_contexts`` tokens against the same model fed past_key_values
-    (:func:`kvcl.onnx.generate.bench_step`; each timed on its own, median of 20 steps), and the
-    custom-op hook's overhead per call (targets.md P6).
+    ``onnx_model`` (a path or ModelProto of an exported decoder, ``"synthetic"``: the
+    realistic-width decoder of :func:`kvcl.onnx.benchmodel.gqa_decoder`, the name of a real model
+    of :mod:`kvcl.onnx.models` such as ``"smollm2"`` (skipped with a message when not exported),
+    or a list of them): also the ONNX bridge's decode step at each of ``onnx_contexts`` tokens
+    against the same model fed past_key_values, with where the step's time goes
+    (:func:`kvcl.onnx.timing.bench_step`; each timed on its own, median of 20 steps), and the
+    custom-op hook's overhead per call (targets.md P6, P8).
 
     ``sampling="interleaved"`` (default): every kvcl case is timed interleaved with the streaming
     read (sample by sample), and its utilisation uses that read; every peer is timed interleaved
@@ -439,16 +442,12 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
         onnx_contexts = [int(c) for c in onnx_contexts]
         if not onnx_contexts or min(onnx_contexts) < 1:
             raise InvalidArgument(f"onnx_contexts: expected context lengths >= 1, got {onnx_contexts}")
-        from .onnx.rewrite import _load, rewrite
-        if isinstance(onnx_model, str) and onnx_model == "synthetic":
-            from .onnx.benchmodel import gqa_decoder
-            label = "synthetic: gqa_decoder(), 32/8 heads x 128"
-            onnx_model = gqa_decoder(max_positions=max(8192, max(onnx_contexts) + 64))
-        else:
-            label = str(onnx_model) if not hasattr(onnx_model, "graph") else onnx_model.graph.name
-            onnx_model = _load(onnx_model)
-        rewrite(onnx_model)          # a decoder the bridge can take (RewriteError otherwise)
-        cases.append(("onnx_bridge", "onnx", (onnx_model, label, tuple(onnx_contexts))))
+        from .bench_bridge import bridge_model
+        specs = onnx_model if isinstance(onnx_model, (list, tuple)) else [onnx_model]
+        for spec in specs:
+            model, label = bridge_model(spec, onnx_contexts, print_fn)
+            if model is not None:
+                cases.append(("onnx_bridge", "onnx", (model, label, tuple(onnx_contexts))))
     bar = None
     if progress:
         try:
@@ -515,7 +514,8 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             if peer_base.get(shape) is not case:
                 del case
         elif kind == "onnx":
-            records.extend(_bridge_records(*args, dev, read_gbps))
+            from .bench_bridge import bridge_records
+            records.extend(bridge_records(*args, dev, read_gbps))
         elif kind == "write":
             tokens, hq, hkv, d, bs, dtype_name = args
             case = WriteCase(dev, tokens, hq, hkv, d, bs, dtype_name)
@@ -578,31 +578,6 @@ def _bound(case: DecodeCase, rec: Record, repeats: int) -> dict:
             "utilization_ceiling": memory / max(compute, memory)}
 
 
-def _bridge_records(model, label, contexts, dev, read_gbps) -> list[Record]:
-    """The ONNX bridge rows: one per context (peer: the model fed past_key_values) + the hook."""
-    from .onnx.generate import bench_step, hook_overhead_us
-
-    out = []
-    for row in bench_step(model, contexts=contexts, device=dev):
-        seconds = row["bridge_ms"] / 1e3
-        shape = {"context": row["context"], "batch": row["batch"], "layers": row["layers"], "model": label}
-        out.append(Record("onnx_bridge", row["kv_dtype"], shape, seconds, row["kv_bytes"],
-                          row["kv_bytes"] / seconds / 1e9, read_gbps, float("nan"),
-                          peer="past_key_values", speedup=row["reference_ms"] / row["bridge_ms"],
-                          note="one decode step of the whole model (utilisation not meaningful); "
-                               "speedup = the same model fed past_key_values / the bridge, each "
-                               "timed on its own, median of the steps",
-                          extra={"reference_seconds": row["reference_ms"] / 1e3,
-                                 "op_seconds": row["op_ms"] / 1e3}))
-    hook = hook_overhead_us()
-    out.append(Record("onnx_hook_overhead", "-", {"q_shape": list(hook["q_shape"])},
-                      hook["hook_overhead_us"] / 1e6, 0, float("nan"), read_gbps, float("nan"),
-                      note="kvcl::Attention with its body swapped for identity, minus a native "
-                           "Identity node: the Python custom-op bridge's cost per call",
-                      extra={"op_call_us": hook["op_call_us"], "identity_call_us": hook["identity_call_us"]}))
-    return out
-
-
 def _record(case, dtype_name, shape, seconds, nbytes, read_gbps) -> Record:
     gbps = nbytes / seconds / 1e9
     return Record(case, dtype_name, shape, seconds, int(nbytes), gbps, read_gbps, gbps / read_gbps)
@@ -617,7 +592,8 @@ def format_records(records: list[Record], device_name: str) -> str:
         elif "tokens" in shape:
             desc = f"T={shape['tokens']} Hq={shape['num_q_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']}"
         elif "context" in shape:
-            desc = f"context {shape['context']}, B={shape['batch']}, {shape['layers']} layers"
+            desc = (f"{str(shape.get('model', '')).split(':')[0]}, context {shape['context']}, "
+                    f"B={shape['batch']}, {shape['layers']} layers")
         elif "q_shape" in shape:
             desc = f"per op call, q {tuple(shape['q_shape'])}"
         else:
@@ -650,8 +626,10 @@ def format_records(records: list[Record], device_name: str) -> str:
         header += ("bound: what the step's floor is, its arithmetic alone (pages in cache) or its bytes at the "
                    "read's speed, with the utilisation at that floor; <=: the speedup with this case at its floor "
                    "(peers: a kernel reading every fp32 byte at the read's speed)\n")
-    return header + format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
-                                 align="lllrrrll")
+    table = format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
+                         align="lllrrrll")
+    from .bench_bridge import format_bridge
+    return header + table + format_bridge(records)
 
 
 def write_json(records: list[Record], path, device_info) -> None:

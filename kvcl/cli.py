@@ -66,14 +66,16 @@ def _cmd_bench(args) -> int:
     from .runtime import resolve_device
 
     dev = resolve_device(args.device)
-    model = args.onnx_model
-    if model == "auto":   # the bridge cases on full runs, where the ONNX extras are installed
+    models = list(args.onnx_model)
+    if models == ["auto"]:   # the bridge cases on full runs, where the ONNX extras are installed
         from .onnx.customop import HAVE_EXTENSIONS
-        model = "synthetic" if HAVE_EXTENSIONS and not args.quick else "none"
+        models = ["synthetic"] if HAVE_EXTENSIONS and not args.quick else ["none"]
         if not HAVE_EXTENSIONS and not args.quick:
             print("kvcl bench: no ONNX bridge cases (pip install 'kvcl[onnx]' for them)", file=sys.stderr)
+    models = [m for m in models if m not in ("none", "auto")]
     records = run_bench(dev, quick=args.quick, repeats=args.repeats, sampling=args.sampling,
-                        onnx_model=None if model == "none" else model, onnx_contexts=args.onnx_contexts)
+                        onnx_model=models or None, onnx_contexts=args.onnx_contexts,
+                        print_fn=lambda msg: print(msg, file=sys.stderr))
     name = f"{dev.info.platform} / {dev.info.name}"
     print(format_records(records, name))
     if args.json:
@@ -104,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling", choices=("interleaved", "blocked"), default="interleaved",
                    help="interleaved: each case's samples alternate with the streaming read's "
                         "(default); blocked: each case alone, against one read at the start")
-    p.add_argument("--onnx-model", metavar="PATH", default="auto",
+    p.add_argument("--onnx-model", metavar="MODEL", nargs="+", default=["auto"],
                    help="the ONNX bridge's decode step against the same model fed past_key_values, "
-                        "and the custom op's overhead (needs kvcl[onnx]): an exported decoder, "
-                        "'synthetic' (a decoder of realistic attention width built in memory; the "
-                        "default on full runs) or 'none' (the default with --quick)")
-    p.add_argument("--onnx-contexts", metavar="N", type=int, nargs="+", default=[16, 4096],
-                   help="context lengths of the bridge cases (default: 16 4096)")
+                        "where its time goes, and the custom op's overhead (needs kvcl[onnx]); one or "
+                        "more of: an exported decoder's path, 'synthetic' (a decoder of realistic "
+                        "attention width built in memory; the default on full runs), 'smollm2' (the "
+                        "real-weights model tools/export_real_model.sh exports; skipped with a message "
+                        "when it is not there) or 'none' (the default with --quick)")
+    p.add_argument("--onnx-contexts", metavar="N", type=int, nargs="+", default=[16, 256, 4096],
+                   help="context lengths of the bridge cases (default: 16 256 4096)")
     p.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     try:

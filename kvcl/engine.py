@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Sequence
+import weakref
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
-from . import archive
 from .dtypes import INT8_MODE_AWAY, KvDtype, kv_dtype
 from .errors import (
     DeviceMemoryError,
     DtypeError,
     InvalidArgument,
-    KvclError,
     NonFiniteError,
     ShapeError,
 )
@@ -31,66 +30,21 @@ from .ops import blocks as block_ops
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import quantize as quantize_ops
-from .ops._launch import element_base
+from .ops._launch import element_base, forget
 from .paging import PagedBookkeeping, StepPlan
 from .runtime import Device, resolve_device
+from .step import StaleStepError, Step, inline_max_work
 from .validate import check_array, check_float, check_int, is_device_array
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stepcalls import StepCalls
 
 _ROPE_MODES = ("none", "half", "interleaved")
 
 
-class StaleStepError(KvclError, ValueError):
-    """A :class:`Step` is used after one of its sequences was freed or planned again."""
-
-
-class Step:
-    """One planned step: the slots of the new tokens and the page table after them.
-
-    Made by :meth:`PagedKVCache.plan`; pass it to :meth:`~PagedKVCache.write`,
-    :meth:`~PagedKVCache.write_qkv` and :meth:`~PagedKVCache.attend` for every layer.
-    The metadata lives on the device once; the host copy is :attr:`plan`.
-
-    Attributes
-    ----------
-    plan : kvcl.paging.StepPlan
-        Host copy: ``slot_mapping``, ``positions``, ``indptr``, ``indices``,
-        ``last_page_len``, ``q_indptr``, ``kv_lens``, ``max_q_len``, ``max_kv_len``, ``copies``.
-    num_tokens : int
-        New tokens in the step (rows of ``keys`` / ``queries``).
-    slot_mapping, positions, indptr, indices, last_page_len, q_indptr : pyopencl.array.Array
-        The device copies (int32), made on first access: the engine's own calls use the buffers
-        beneath them.
-    """
-
-    FIELDS = ("slot_mapping", "positions", "indptr", "indices", "last_page_len", "q_indptr")
-
-    def __init__(self, cache: "PagedKVCache", plan: StepPlan, serial: int, buffers: Sequence[cl.Buffer]):
-        self.cache, self.plan, self.serial = cache, plan, serial
-        self.buffers = dict(zip(self.FIELDS, buffers))   # int32 sub-buffers, each at offset 0
-        self._arrays: dict[str, cla.Array] = {}
-
-    def _array(self, name: str) -> cla.Array:
-        found = self._arrays.get(name)
-        if found is None:
-            n = max(1, np.asarray(getattr(self.plan, name)).size)
-            found = self._arrays[name] = cla.Array(self.cache.device.queue, (n,), np.int32,
-                                                   data=self.buffers[name])
-        return found
-
-    slot_mapping = property(lambda self: self._array("slot_mapping"))
-    positions = property(lambda self: self._array("positions"))
-    indptr = property(lambda self: self._array("indptr"))
-    indices = property(lambda self: self._array("indices"))
-    last_page_len = property(lambda self: self._array("last_page_len"))
-    q_indptr = property(lambda self: self._array("q_indptr"))
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.plan.q_indptr[-1])
-
-    @property
-    def seq_ids(self) -> list[int]:
-        return [int(s) for s in self.plan.seq_ids]
+def _release(buffers: list, scratch: dict) -> None:
+    """A collected cache's finalizer: the launchers forget its pools and scratch buffers."""
+    forget([*buffers, *scratch.values()])
 
 
 class PagedKVCache:
@@ -111,6 +65,15 @@ class PagedKVCache:
         Default: :func:`kvcl.default_device`.
     enable_prefix_caching : bool
         Keep full blocks for reuse by later prompts with the same prefix (default True).
+
+    Attributes
+    ----------
+    inline_max_work : int
+        A step whose attention reads at most this many K/V elements per layer (cached tokens x
+        query tokens x 2 x num_kv_heads x head_dim, summed over the step's sequences) runs on
+        the device's in-thread companion when it has one (``kvcl.Device.inline_queue``:
+        PoCL), where a blocking call costs ~2 µs instead of 35-70 µs, on one core; 0 turns
+        that off. Default: :func:`inline_max_work` of the device.
 
     Examples
     --------
@@ -155,6 +118,15 @@ class PagedKVCache:
         self._status_unread = False            # a write was queued since the status was last read
         self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
         self._workspace: dict[int, cl.Buffer] = {}
+        # the launchers remember each kernel's last arguments (ops._launch.set_args): let go of
+        # this cache's buffers when it is collected, not when each kernel next runs
+        owned = [a.data for a in (*self._k, *self._v, *self._ks, *self._vs, self._status) if a is not None]
+        weakref.finalize(self, _release, owned, self._scratch)
+        self.inline_max_work = inline_max_work(self.device.info.compute_units)
+        self._last_queue = queue    # the queue that got work last (see _use)
+        self._epoch = 0             # bumped by plan / free: a StepCalls re-checks its step then
+        # sub-buffer alignment of the step uploads, in int32 elements (a device query costs ~2 µs)
+        self._align = max(4, self.device.device.mem_base_addr_align // 8) // 4
 
     # ---- construction helpers --------------------------------------------------------------
 
@@ -180,6 +152,27 @@ class PagedKVCache:
         if total > info.global_mem_bytes:
             raise DeviceMemoryError(f"the KV pools ({self.num_layers} layers x K,V)", total, info.global_mem_bytes)
 
+    def _use(self, queue: cl.CommandQueue) -> cl.CommandQueue:
+        """``queue``, once the other queue's work is done: the device's queue and its inline
+        companion share the pools, and OpenCL orders nothing across queues (call with the lock)."""
+        last = self._last_queue
+        if last is not queue:
+            last.finish()
+            self._last_queue = queue
+        return queue
+
+    def _main(self) -> cl.CommandQueue:
+        return self._use(self.device.queue)
+
+    def _step_queue(self, plan: StepPlan) -> cl.CommandQueue:
+        inline = self.device.inline_queue
+        if inline is None or not self.inline_max_work:
+            return self.device.queue
+        q = plan.q_indptr.tolist()
+        work = sum(kv * (q[i + 1] - q[i]) for i, kv in enumerate(plan.kv_lens.tolist()))
+        work *= 2 * self.num_kv_heads * self.head_dim
+        return inline if work <= self.inline_max_work else self.device.queue
+
     # ---- sequences -------------------------------------------------------------------------
 
     def add_sequence(self, prefix_tokens: "Sequence[int] | None" = None) -> int:
@@ -202,6 +195,7 @@ class PagedKVCache:
         with self._lock:
             self._book.free(seq_id)
             self._last_plan.pop(int(seq_id), None)
+            self._epoch += 1
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens stored (or reserved by the last :meth:`plan`) for ``seq_id``."""
@@ -245,7 +239,7 @@ class PagedKVCache:
         """
         with self._lock:
             plan = self._book.plan(seq_ids, num_new_tokens, token_ids)
-            queue = self.device.queue
+            queue = self._main()
             if plan.copies:  # copy-on-write: duplicate shared last blocks before any write
                 # host ids: copy_blocks validates them on the host and uploads them itself; device
                 # ids would be read back (a blocking round trip) by every one of these calls
@@ -256,11 +250,12 @@ class PagedKVCache:
                         if arr is not None:
                             block_ops.copy_blocks(arr, src, dst, queue=queue)
             self._serial += 1
+            self._epoch += 1
             for s in plan.seq_ids:
                 self._last_plan[int(s)] = self._serial
 
             parts = self._upload_packed([getattr(plan, name) for name in Step.FIELDS])
-            return Step(self, plan, self._serial, parts)
+            return Step(self, plan, self._serial, parts, self._step_queue(plan))
 
     def _upload_packed(self, arrays) -> list[cl.Buffer]:
         """Copy several int32 arrays to the device in ONE buffer; return offset-0 sub-buffers.
@@ -269,7 +264,7 @@ class PagedKVCache:
         CPU OpenCL device costs ~25 µs each (creating the buffer: ~1 µs). Each part starts on
         the device's base-address alignment, as sub-buffers must.
         """
-        align = max(4, self.device.device.mem_base_addr_align // 8) // 4    # in int32 elements
+        align = self._align
         sizes = [max(1, np.asarray(a).size) for a in arrays]
         starts, total = [], 0
         for n in sizes:
@@ -281,6 +276,19 @@ class PagedKVCache:
             host[start:start + a.size] = a
         packed = self._host_buffer(host)
         return [packed.get_sub_region(4 * start, 4 * n) for n, start in zip(sizes, starts)]
+
+    def step_calls(self, step: Step, *, num_q_heads: int, rope: str = "none", cos: Any = None,
+                   sin: Any = None, q_norm_weight: Any = None, k_norm_weight: Any = None,
+                   eps: float = 1e-6, window: int = 0, scale: "float | None" = None) -> "StepCalls":
+        """The per-layer calls of ``step`` with every argument but each layer's inputs checked
+        once (:class:`kvcl.stepcalls.StepCalls`): ``calls.attend_qkv(layer, qkv)`` and
+        ``calls.write_attend(layer, keys, values, queries)``, bit-identical to
+        :meth:`attend_qkv` and to :meth:`write` + :meth:`attend` on numpy inputs, at a fraction
+        of their per-call cost (the ONNX bridge's path)."""
+        from .stepcalls import StepCalls
+        return StepCalls(self, step, num_q_heads=num_q_heads, rope=rope, cos=cos, sin=sin,
+                         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps,
+                         window=window, scale=scale)
 
     def _check_step(self, step: Any) -> Step:
         if not isinstance(step, Step):
@@ -325,12 +333,12 @@ class PagedKVCache:
             buf = self._scratch[name] = cl.Buffer(self.device.context, cl.mem_flags.READ_WRITE, max(nbytes, 64))
         return buf
 
-    def _read_back(self, buf: cl.Buffer, shape) -> np.ndarray:
+    def _read_back(self, buf: cl.Buffer, shape, queue: cl.CommandQueue, result: "np.ndarray | None" = None) -> np.ndarray:
         """``buf`` as a host array, with the write status when a write was queued since the
         status was last read: the status copy is queued just before the blocking read, so both
         arrive for one round trip (each blocking call costs ~30 µs on PoCL, a queued one ~7)."""
-        queue = self.device.queue
-        result = np.empty(shape, np.float32)
+        if result is None:
+            result = np.empty(shape, np.float32)
         status = None
         if self._status_unread:   # a write since the last look: it may have refused rows
             status = np.zeros(1, np.int32)
@@ -368,7 +376,8 @@ class PagedKVCache:
             if step.num_tokens == 0:
                 return
             (kb, k0), (vb, v0) = self._input("keys", keys), self._input("values", values)
-            write_ops.launch_kv_buffers(self.device.queue, kb, k0, vb, v0, step.buffers["slot_mapping"],
+            on_device = is_device_array(keys) or is_device_array(values)   # made on the device's queue
+            write_ops.launch_kv_buffers(self._use(self.device.queue if on_device else step.queue), kb, k0, vb, v0, step.buffers["slot_mapping"],
                                 self._k[layer].data, self._v[layer].data, status=self._status.data,
                                 num_tokens=step.num_tokens, num_kv_heads=self.num_kv_heads,
                                 head_dim=self.head_dim, block_size=self.block_size,
@@ -404,7 +413,7 @@ class PagedKVCache:
                                                      k_norm_weight, eps, rope, "out")
             if q_out is not None:
                 return q_out
-            return np.zeros(shape, np.float32) if q_buf is None else self._read_back(q_buf, shape)
+            return np.zeros(shape, np.float32) if q_buf is None else self._read_back(q_buf, shape, step.queue)
 
     def attend_qkv(self, layer: int, step: Step, qkv: Any, *, num_q_heads: int, cos: Any = None,
                    sin: Any = None, q_norm_weight: Any = None, k_norm_weight: Any = None,
@@ -434,7 +443,10 @@ class PagedKVCache:
                 out = cla.empty(self.device.queue, shape, np.float32)
                 out_buf = out.data
             self._launch_attention(int(layer), step, q_buf, shape[1], window, scale, out_buf)
-            return self._read_back(out_buf, shape) if out is None else out
+            if out is None:
+                return self._read_back(out_buf, shape, step.queue)
+            self._main()    # a device result is used on the device's queue
+            return out
 
     def _write_qkv(self, layer, step, qkv, num_q_heads, cos, sin, q_norm_weight, k_norm_weight, eps, rope,
                    scratch: str):
@@ -472,11 +484,12 @@ class PagedKVCache:
                 check_array(name, w, shape=(self.head_dim,), dtype=np.float32,
                             context=self.device.context, finite=True)
             weights[name] = w
-        queue = self.device.queue
         host_out = not is_device_array(qkv)
         shape = (step.num_tokens, num_q_heads, self.head_dim)
         if step.num_tokens == 0:
-            return step, shape, None, None if host_out else cla.empty(queue, shape, np.float32)
+            return step, shape, None, None if host_out else cla.empty(self.device.queue, shape, np.float32)
+        # device inputs were made on the device's queue: run the step there (no inline handoff)
+        queue = self._use(step.queue if host_out else self.device.queue)
         qb, q0 = self._input("qkv", qkv)
         extra = {name: None if value is None else self._input(name, value, whole=True)[0]
                  for name, value in (*tables.items(), *weights.items())}
@@ -484,7 +497,7 @@ class PagedKVCache:
         if host_out:
             q_buf = self._scratch_buffer(scratch, 4 * math.prod(shape))
         else:
-            q_out = cla.empty(queue, shape, np.float32)
+            q_out = cla.empty(self.device.queue, shape, np.float32)
             q_buf = q_out.data
         write_ops.launch_qkv_buffers(
             queue, qb, q0, step.buffers["slot_mapping"], step.buffers["positions"],
@@ -531,24 +544,24 @@ class PagedKVCache:
             window = check_int("window", window, low=0)
             if scale is not None:
                 scale = check_float("scale", scale)
-            queue = self.device.queue
             host_out = not is_device_array(queries)
             if step.num_tokens == 0:
                 empty = np.zeros(queries.shape, np.float32)
-                return empty if host_out else cla.to_device(queue, empty)
+                return empty if host_out else cla.to_device(self._main(), empty)
             qb, _ = self._input("queries", queries, whole=True)
             if host_out:
                 out_buf = self._scratch_buffer("out", 4 * math.prod(queries.shape))
-            else:
-                out = cla.empty(queue, queries.shape, np.float32)
-                out_buf = out.data
-            self._launch_attention(layer, step, qb, num_q_heads, window, scale, out_buf)
-            return self._read_back(out_buf, queries.shape) if host_out else out
+                self._launch_attention(layer, step, qb, num_q_heads, window, scale, out_buf, step.queue)
+                return self._read_back(out_buf, queries.shape, step.queue)
+            out = cla.empty(self.device.queue, queries.shape, np.float32)
+            self._launch_attention(layer, step, qb, num_q_heads, window, scale, out.data, self.device.queue)
+            return out
 
     def _launch_attention(self, layer: int, step: Step, queries: cl.Buffer, num_q_heads: int, window: int,
-                          scale: "float | None", out: cl.Buffer) -> None:
+                          scale: "float | None", out: cl.Buffer, queue: "cl.CommandQueue | None" = None) -> None:
+        """Enqueue the decode kernel on ``queue`` (default: the queue the write before it used)."""
         attention_ops.launch_buffers(
-            self.device.queue, queries, self._k[layer].data, self._v[layer].data, indptr=step.buffers["indptr"],
+            self._use(queue or self._last_queue), queries, self._k[layer].data, self._v[layer].data, indptr=step.buffers["indptr"],
             indices=step.buffers["indices"], last_page_len=step.buffers["last_page_len"],
             q_indptr=step.buffers["q_indptr"], out=out, total_q=step.num_tokens,
             num_q_heads=num_q_heads, head_dim=self.head_dim, batch=len(step.plan.seq_ids),
@@ -559,11 +572,13 @@ class PagedKVCache:
     # ---- errors recorded on the device -----------------------------------------------------
 
     def _raise_status(self) -> None:
+        self._main()
         self._status_unread = False
         if int(self._status.get()[0]):
             self._refuse_status()
 
     def _refuse_status(self) -> None:
+        self._main()
         self._status.fill(0)
         raise NonFiniteError(
             "keys/values: a device-array write held NaN or Inf; those rows were not written "
@@ -572,7 +587,7 @@ class PagedKVCache:
     def synchronize(self) -> None:
         """Wait for queued work; raise any error the kernels recorded since the last check."""
         with self._lock:
-            self.device.queue.finish()
+            self._main().finish()
             self._raise_status()
 
     # ---- reading back ----------------------------------------------------------------------
@@ -592,7 +607,7 @@ class PagedKVCache:
             shape = (length, self.num_kv_heads, self.head_dim)
             if length == 0:
                 return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            queue = self.device.queue
+            queue = self._main()
             ids = np.asarray(blocks, np.int32)    # host ids: validated and uploaded by the op
             n = len(blocks)
             result = []
@@ -642,79 +657,29 @@ class PagedKVCache:
                 f"{self.num_blocks} blocks of {self.block_size}, {self.dtype.name}, "
                 f"{self.num_free_blocks} free, on {self.device.info.name}>")
 
-    # ---- persistence -----------------------------------------------------------------------
-
-    def _config(self) -> dict:
-        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "num_blocks": self.num_blocks,
-                "block_size": self.block_size, "dtype": self.dtype.name,
-                "enable_prefix_caching": self._book.prefix_index is not None}
+    # ---- persistence (kvcl.persist) ---------------------------------------------------------
 
     def save(self, path) -> int:
         """Write config, bookkeeping and every pool to ``path`` (atomic); return its size.
 
         The format is documented in :mod:`kvcl.archive`; :meth:`load` restores it bit-exactly.
         """
+        from .persist import save_cache
         with self._lock:
-            self.synchronize()
-            arrays = {}
-            for layer in range(self.num_layers):
-                arrays[f"k.{layer}"] = self._k[layer].get()
-                arrays[f"v.{layer}"] = self._v[layer].get()
-                if self.dtype.has_scale:
-                    arrays[f"k_scale.{layer}"] = self._ks[layer].get()
-                    arrays[f"v_scale.{layer}"] = self._vs[layer].get()
-            meta = {"kind": "kvcl.PagedKVCache", "config": self._config(),
-                    "bookkeeping": self._book.state_dict()}
-            return archive.write_archive(path, meta, arrays)
+            return save_cache(self, path)
 
     @classmethod
     def load(cls, path, device: Any = None) -> "PagedKVCache":
         """Rebuild a cache saved by :meth:`save`; a damaged file raises before anything is built."""
-        meta, arrays = archive.read_archive(path)
-        if meta.get("kind") != "kvcl.PagedKVCache":
-            raise archive.ArchiveError(f"{path}: holds {meta.get('kind')!r}, not a kvcl.PagedKVCache")
-        cfg = meta["config"]
-        dt = kv_dtype(cfg["dtype"])
-        pool_shape = [cfg["num_blocks"], cfg["num_kv_heads"], cfg["block_size"], cfg["head_dim"]]
-        expected = {}
-        for layer in range(cfg["num_layers"]):
-            expected[f"k.{layer}"] = (dt.storage, pool_shape)
-            expected[f"v.{layer}"] = (dt.storage, pool_shape)
-            if dt.has_scale:
-                expected[f"k_scale.{layer}"] = (np.dtype(np.float32), pool_shape[:3])
-                expected[f"v_scale.{layer}"] = (np.dtype(np.float32), pool_shape[:3])
-        if set(arrays) != set(expected):
-            raise archive.ArchiveError(f"{path}: arrays {sorted(arrays)} do not match the config (expected {sorted(expected)})")
-        for name, (dtype, shape) in expected.items():
-            if arrays[name].dtype != dtype or list(arrays[name].shape) != list(shape):
-                raise archive.ArchiveError(
-                    f"{path}: array {name!r} is {arrays[name].dtype} {list(arrays[name].shape)}, "
-                    f"the config ({dt.name}) needs {np.dtype(dtype)} {shape}")
-        try:
-            book = PagedBookkeeping.from_state_dict(meta["bookkeeping"])
-        except Exception as exc:
-            raise archive.ArchiveError(f"{path}: bookkeeping is inconsistent: {exc}") from None
-        cache = cls(cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"], cfg["num_blocks"],
-                    cfg["block_size"], dt, device=device,
-                    enable_prefix_caching=cfg.get("enable_prefix_caching", True))
-        cache._book = book
-        queue = cache.device.queue
-        for layer in range(cache.num_layers):
-            cache._k[layer].set(arrays[f"k.{layer}"], queue=queue)
-            cache._v[layer].set(arrays[f"v.{layer}"], queue=queue)
-            if dt.has_scale:
-                cache._ks[layer].set(arrays[f"k_scale.{layer}"], queue=queue)
-                cache._vs[layer].set(arrays[f"v_scale.{layer}"], queue=queue)
-        queue.finish()
-        return cache
+        from .persist import load_cache
+        return load_cache(cls, path, device)
 
     # ---- test support ----------------------------------------------------------------------
 
     def snapshot(self) -> dict:
         """Bookkeeping plus the bytes of every device pool (for byte-identity checks)."""
         with self._lock:
-            self.device.queue.finish()
+            self._main().finish()
             snap = {"bookkeeping": self._book.state_dict()}
             for layer in range(self.num_layers):
                 for name, arr in (("k", self._k[layer]), ("v", self._v[layer]),

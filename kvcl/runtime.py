@@ -11,7 +11,16 @@ Device choice, in order:
 
 Kernels come from ``kvcl/kernels`` inside an installed wheel or ``kernels/`` of a source
 checkout, and are specialised with ``-D`` defines. A program is built once per
-(context, file, defines) and its kernel objects are reused.
+(context, device, file, defines) and its kernel objects are reused.
+
+The inline companion (PoCL): PoCL's ``pthread`` device runs each command on its worker
+threads, and handing a command to them and its completion back costs 35-70 µs per blocking
+call on the development VMs, far more than a decode step of a short sequence takes to compute.
+PoCL's ``basic`` device runs commands on the calling thread (launch + blocking read: ~2 µs).
+Unless ``POCL_DEVICES`` is set by the user (or ``KVCL_INLINE=0``), kvcl asks PoCL for both
+before the first platform query; the ``basic`` device is not listed as a device of its own but
+joins its ``pthread`` twin's context as :attr:`Device.inline_queue`, sharing every buffer (both
+are the host's memory), and the cache engine sends steps too small to pay for the handoff there.
 """
 
 from __future__ import annotations
@@ -26,6 +35,12 @@ from pathlib import Path
 import pyopencl as cl
 
 from .errors import CompileError, NoDeviceError
+
+# Ask PoCL for its in-thread ``basic`` device beside the default ``pthread`` one (see the module
+# docstring). PoCL reads this once, when the first platform query loads it.
+_INLINE_ENV = (os.environ.get("KVCL_INLINE", "1") != "0" and "POCL_DEVICES" not in os.environ)
+if _INLINE_ENV:
+    os.environ["POCL_DEVICES"] = "pthread basic"
 
 _NO_DEVICE_HELP = (
     "no OpenCL device found. Install the embedded CPU device with "
@@ -54,9 +69,33 @@ def _all_devices() -> list[tuple[int, int, cl.Platform, cl.Device]]:
             devices = platform.get_devices()
         except cl.Error:
             continue
+        devices = [d for d in devices if not _is_companion(d)]
         for di, device in enumerate(devices):
             found.append((pi, di, platform, device))
     return found
+
+
+def _is_pocl(device: cl.Device) -> bool:
+    return "pocl" in device.version.lower() or "portable computing language" in device.platform.name.lower()
+
+
+def _is_companion(device: cl.Device) -> bool:
+    """PoCL's ``basic`` device when kvcl asked for it (a companion, not a device of its own)."""
+    return _INLINE_ENV and _is_pocl(device) and device.name.strip().lower().startswith("basic")
+
+
+def _companion_of(device: cl.Device) -> "cl.Device | None":
+    """The in-thread ``basic`` twin of a PoCL ``pthread`` device, when kvcl asked PoCL for one."""
+    if not (_INLINE_ENV and _is_pocl(device) and device.name.strip().lower().startswith("pthread")):
+        return None
+    twin = "basic" + device.name.strip()[len("pthread"):]
+    try:
+        for d in device.platform.get_devices():
+            if d.name.strip() == twin and d.global_mem_size == device.global_mem_size:
+                return d
+    except cl.Error:  # pragma: no cover
+        pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -230,6 +269,15 @@ class Device:
     spec : str, optional
         ``"P:D"`` or a name substring; by default the ``KVCL_DEVICE`` / ``PYOPENCL_CTX`` rules.
 
+    Attributes
+    ----------
+    queue : pyopencl.CommandQueue
+        The device's in-order queue.
+    inline_queue : pyopencl.CommandQueue or None
+        A queue of PoCL's in-thread ``basic`` twin in the same context (the buffers are shared),
+        for work smaller than a handoff to the worker threads costs; None elsewhere. Programs are
+        built for it only when a kernel is first asked for there.
+
     Examples
     --------
     >>> dev = kvcl.Device()          # doctest: +SKIP
@@ -246,8 +294,10 @@ class Device:
         if problems:
             raise NoDeviceError(f"device {device.name.strip()!r} cannot run kvcl: {'; '.join(problems)}")
         self.device = device
-        self.context = cl.Context([device])
-        self.queue = cl.CommandQueue(self.context)
+        twin = _companion_of(device)
+        self.context = cl.Context([device] if twin is None else [device, twin])
+        self.queue = cl.CommandQueue(self.context, device)
+        self.inline_queue = None if twin is None else cl.CommandQueue(self.context, twin)
 
     @cached_property
     def info(self) -> DeviceInfo:
@@ -305,9 +355,12 @@ def build_options(defines: dict | None) -> list[str]:
     return opts
 
 
-def get_program(context: cl.Context, source: str, defines: dict | None = None) -> cl.Program:
-    """Build ``kernels/<source>`` for ``context`` once per set of defines."""
-    key = (context.int_ptr, source, tuple(sorted((defines or {}).items())))
+def get_program(context: cl.Context, source: str, defines: dict | None = None,
+                device: "cl.Device | None" = None) -> cl.Program:
+    """Build ``kernels/<source>`` for ``device`` of ``context`` (default: its first) once per
+    set of defines."""
+    device = device or context.devices[0]
+    key = (context.int_ptr, device.int_ptr, source, tuple(sorted((defines or {}).items())))
     with _build_lock:
         program = _programs.get(key)
         if program is not None:
@@ -319,11 +372,11 @@ def get_program(context: cl.Context, source: str, defines: dict | None = None) -
             with warnings.catch_warnings():
                 # compiler chatter (a non-empty log on success) only when asked for, below
                 warnings.simplefilter("ignore", cl.CompilerWarning)
-                program = cl.Program(context, text).build(options=options)
+                program = cl.Program(context, text).build(options=options, devices=[device])
         except cl.RuntimeError as exc:  # pyopencl folds the build log into the message
             raise CompileError(source, options, str(exc)) from None
         if os.environ.get("KVCL_SHOW_BUILD_LOG"):
-            for dev in context.devices:
+            for dev in (device,):
                 log = program.get_build_info(dev, cl.program_build_info.LOG)
                 if log.strip():
                     print(f"[kvcl] build log {source} {options}:\n{log}")
@@ -331,16 +384,19 @@ def get_program(context: cl.Context, source: str, defines: dict | None = None) -
         return program
 
 
-def get_kernel(context: cl.Context, source: str, name: str, defines: dict | None = None) -> cl.Kernel:
-    """A reusable ``cl.Kernel`` (memoized per context, source, defines and name).
+def get_kernel(context: cl.Context, source: str, name: str, defines: dict | None = None,
+               device: "cl.Device | None" = None) -> cl.Kernel:
+    """A reusable ``cl.Kernel`` for ``device`` of ``context`` (default: its first), memoized per
+    context, device, source, defines and name.
 
     Kernel objects carry their argument state, so callers must set all arguments and
     enqueue under one lock if several threads share them (the cache engine does).
     """
-    key = (context.int_ptr, source, tuple(sorted((defines or {}).items())), name)
+    device = device or context.devices[0]
+    key = (context.int_ptr, device.int_ptr, source, tuple(sorted((defines or {}).items())), name)
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = cl.Kernel(get_program(context, source, defines), name)
+        kernel = cl.Kernel(get_program(context, source, defines, device), name)
         with _build_lock:
             kernel = _kernels.setdefault(key, kernel)
     return kernel

@@ -21,7 +21,10 @@ __all__ = ["HAVE_EXTENSIONS", "OpError", "RewriteError", "rewrite", "is_rewritte
 
 
 def __getattr__(name):  # lazy: generate.py pulls onnxruntime and the OpenCL device
-    if name in ("Generator", "GenerationResult", "ReferenceRunner", "bench_step", "hook_overhead_us", "StepOutput"):
+    if name in ("Generator", "GenerationResult", "ReferenceRunner", "StepOutput"):
         from . import generate
         return getattr(generate, name)
+    if name in ("bench_step", "hook_overhead_us"):
+        from . import timing
+        return getattr(timing, name)
     raise AttributeError(name)

@@ -75,7 +75,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .generate import bench_step
+    from .timing import bench_step
     rows = bench_step(args.model, contexts=args.contexts, batch=args.batch, steps=args.steps,
                       kv_dtype=args.kv_dtype, device=args.device)
     if args.json:

@@ -70,6 +70,8 @@ class CacheBinding:
     lock: threading.RLock = field(default_factory=threading.RLock)
     step_key: bytes | None = None
     step: Any = None
+    step_lens: Any = None      # (new lengths, every row valid) of the planned step
+    step_calls: dict = field(default_factory=dict)   # kvcl.stepcalls.StepCalls by op kind, re-bound per step
     errors: list = field(default_factory=list)
     calls: int = 0
     tables: dict = field(default_factory=dict)   # RoPE tables by name (see register_tables)
@@ -195,13 +197,12 @@ def kvcl_attention(q, k_new, v_new, step, handle, layer, scale):
         raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
     with binding.lock:
         binding.calls += 1
-        kstep, lens = _plan_step(binding, cache, step, s)
-        full = bool(np.all(lens == s))
+        calls, lens, full = _step_calls(binding, cache, step, s, ("kv", hq, float(scale)),
+                                        num_q_heads=hq, scale=float(scale))
         keys = _gather_rows(k_new.astype(np.float32, copy=False), lens, full)
         values = _gather_rows(v_new.astype(np.float32, copy=False), lens, full)
         queries = _gather_rows(q.astype(np.float32, copy=False), lens, full)
-        cache.write(int(layer), kstep, keys, values)
-        out = cache.attend(int(layer), kstep, queries, scale=float(scale))
+        out = calls.write_attend(int(layer), keys, values, queries)
     if full:
         if s == 1:
             return out.reshape(b, hq, 1, d)
@@ -213,12 +214,15 @@ def kvcl_attention(q, k_new, v_new, step, handle, layer, scale):
     return result
 
 
-def _plan_step(binding, cache, step: np.ndarray, s: int):
-    seq_ids, past, lens = (np.asarray(r, np.int64) for r in step)
-    if np.any(lens < 0) or np.any(lens > s):
-        raise InvalidArgument(f"{STEP_INPUT}: new lengths must lie in [0, {s}], got {lens.tolist()}")
-    key = step.astype(np.int64).tobytes()
+def _step_calls(binding, cache, step: np.ndarray, s: int, kind: tuple, **options):
+    """The :class:`kvcl.stepcalls.StepCalls` of ``step`` for ops of ``kind``, the new lengths and
+    whether every row is valid. The step is planned (and its rows checked) by the first layer
+    that sees it; the other layers of the step find it by its bytes."""
+    key = np.ascontiguousarray(step, np.int64).tobytes() + s.to_bytes(8, "little")
     if binding.step_key != key or binding.step is None:
+        seq_ids, past, lens = (np.asarray(r, np.int64) for r in step)
+        if np.any(lens < 0) or np.any(lens > s):
+            raise InvalidArgument(f"{STEP_INPUT}: new lengths must lie in [0, {s}], got {lens.tolist()}")
         for sid, p in zip(seq_ids.tolist(), past.tolist()):
             have = cache.seq_len(sid)
             if have != p:
@@ -227,7 +231,13 @@ def _plan_step(binding, cache, step: np.ndarray, s: int):
                     f"{p} (past lengths must equal what the cache holds)")
         binding.step = cache.plan(seq_ids.tolist(), lens.tolist())
         binding.step_key = key
-    return binding.step, lens
+        binding.step_lens = (lens, bool(np.all(lens == s)))
+    calls = binding.step_calls.get(kind)
+    if calls is None:    # kept across steps: a new step only re-binds it
+        calls = binding.step_calls[kind] = cache.step_calls(binding.step, **options)
+    elif calls.step is not binding.step:
+        calls.rebind(binding.step)
+    return (calls, *binding.step_lens)
 
 
 def _device_table(binding, name: str, t: Any):
@@ -283,16 +293,16 @@ def _attention_qkv(binding, qkv, step, cos, sin, layer, scale, num_heads, rope):
         raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
     with binding.lock:
         binding.calls += 1
-        kstep, lens = _plan_step(binding, cache, step, s)
-        full = bool(np.all(lens == s))
-        x = qkv.astype(np.float32, copy=False)
-        rows = np.ascontiguousarray(x.reshape(b * s, w) if full else
-                                    np.concatenate([x[i, :n] for i, n in enumerate(lens.tolist())]))
         kw = {}
         if rope != "none":
             kw = dict(cos=_device_table(binding, "cos", cos), sin=_device_table(binding, "sin", sin))
-        out = cache.attend_qkv(int(layer), kstep, rows, num_q_heads=int(num_heads), rope=rope,
-                               scale=float(scale), **kw)
+        kind = ("qkv", int(num_heads), rope, float(scale), id(kw.get("cos")), id(kw.get("sin")))
+        calls, lens, full = _step_calls(binding, cache, step, s, kind, num_q_heads=int(num_heads), rope=rope,
+                                        scale=float(scale), **kw)
+        x = qkv.astype(np.float32, copy=False)
+        rows = (x.reshape(b * s, w) if full else
+                np.concatenate([x[i, :n] for i, n in enumerate(lens.tolist())]))
+        out = calls.attend_qkv(int(layer), rows)
     hd = int(num_heads) * d
     if full:
         return out.reshape(b, s, hd)

@@ -1,10 +1,11 @@
-"""Generation through the bridge (:class:`Generator`), the past_key_values baseline
-(:class:`ReferenceRunner`) and a per-step timing of both (:func:`bench_step`)."""
+"""Generation through the bridge (:class:`Generator`) and the past_key_values baseline
+(:class:`ReferenceRunner`); :mod:`kvcl.onnx.timing` times a step of both."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,31 +14,50 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import DtypeError, InvalidArgument, OutOfRangeError
+from ..validate import check_int
 from . import customop
 from .customop import STEP_INPUT, raise_pending, register_cache, unregister_cache
 
-__all__ = ["Generator", "GenerationResult", "StepOutput", "ReferenceRunner", "bench_step", "hook_overhead_us"]
+__all__ = ["Generator", "GenerationResult", "StepOutput", "ReferenceRunner"]
 
 _HANDLES = itertools.count()
+_CPU_TYPE = 2   # CL_DEVICE_TYPE_CPU (kvcl.onnx stays importable without touching pyopencl)
 _NP_OF_ORT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
               "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _session(model_bytes: bytes, *, custom_ops: bool, threads: int | None = None):
+def _session(model_bytes: bytes, *, custom_ops: bool, threads: int | None = None, spinning: bool = True,
+             worker_nice: "int | None" = None):
+    """An onnxruntime CPU session; ``worker_nice`` lowers the priority of the intra-op worker
+    threads it starts (Linux; see :class:`Generator`)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     if custom_ops:
         so.register_custom_ops_library(customop.library_path())
-        # onnxruntime's intra-op threads busy-wait for work after each node by default; while
-        # a kvcl op runs its kernels on the OpenCL device's own threads (PoCL: the same cores)
-        # they would take the cores from them. 4-layer model of realistic width (32 / 8 heads x
-        # 128), 4096 tokens of context, dev VM, two runs each: 24.4-30.8 ms per step with
-        # spinning (14.9-18.3 ms inside the kvcl ops), 16.8-17.8 ms without (8.5-8.6 ms).
+    if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    before = _thread_ids() if worker_nice is not None else set()
+    session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    session.kvcl_worker_threads = []
+    if worker_nice is not None:
+        for tid in sorted(_thread_ids() - before):   # the intra-op workers onnxruntime just started
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, worker_nice)
+                session.kvcl_worker_threads.append(tid)
+            except OSError:  # pragma: no cover - a thread that ended meanwhile
+                pass
+    return session
+
+
+def _thread_ids() -> "set[int]":
+    """This process's thread ids (Linux ``/proc``; empty elsewhere)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # pragma: no cover - not Linux
+        return set()
 
 
 def _vocab_size(model) -> "int | None":
@@ -139,17 +159,29 @@ class Generator:
     block_size : int
     threads : int, optional
         onnxruntime intra-op threads.
+    worker_nice : int or None
+        On a CPU device (PoCL) the kvcl ops share the cores with onnxruntime: its intra-op
+        workers spin for work between nodes (which the short steps want: no wake-up per node),
+        and while a long step's kernels run on PoCL's threads a spinning worker takes a core
+        from them. The workers this Generator's session starts get this nice value (Linux; 19
+        by default, the lowest priority), so they spin only on a core nobody else wants.
+        Synthetic 4-layer decoder, dev VM, 5 rounds: 4096 tokens 9.5-12.6 ms per step spinning,
+        7.7-9.1 ms not spinning, 7.4-7.9 ms spinning at nice 19; 16 tokens 1.7-2.6 ms spinning
+        (either nice), 2.2-3.3 ms not. ``None`` leaves them alone (the default on other devices).
 
     A Generator runs one call at a time (calls from several threads are serialised).
     """
 
     def __init__(self, model: Any, *, kv_dtype: "str | None" = "fp32", device: Any = None,
-                 max_tokens: int = 4096, block_size: int = 16, threads: int | None = None):
+                 max_tokens: int = 4096, block_size: int = 16, threads: int | None = None,
+                 worker_nice: "int | None | str" = "auto"):
         from ..engine import PagedKVCache
         from .rewrite import _load, is_rewritten, model_info, rewrite
 
         if not customop.HAVE_EXTENSIONS:
             raise ImportError("kvcl.onnx.Generator needs onnxruntime-extensions: pip install 'kvcl[onnx]'")
+        if worker_nice not in ("auto", None):
+            worker_nice = check_int("worker_nice", worker_nice, low=0, high=20)
         proto = _load(model)
         if not is_rewritten(proto):
             proto = rewrite(proto, kv_dtype=kv_dtype or "fp32")
@@ -174,7 +206,10 @@ class Generator:
         customop.register_tables(self.handle, proto)   # RoPE tables of kvcl::AttentionQKVRope, once
         self.model = proto
         self.vocab_size = _vocab_size(proto)
-        self.session = _session(proto.SerializeToString(), custom_ops=True, threads=threads)
+        if worker_nice == "auto":
+            worker_nice = 19 if self.cache.device.device.type & _CPU_TYPE else None
+        self.session = _session(proto.SerializeToString(), custom_ops=True, threads=threads,
+                                worker_nice=worker_nice)
         self._inputs = {i.name: _NP_OF_ORT.get(i.type, np.int64) for i in self.session.get_inputs()}
         unknown = set(self._inputs) - {"input_ids", "attention_mask", "position_ids", STEP_INPUT}
         if unknown or "input_ids" not in self._inputs:
@@ -361,157 +396,3 @@ def _gqa_dims(proto, past_name: str) -> tuple[int, int]:
             if cos is not None:
                 return hkv, 2 * int(cos.shape[1])
     raise RewriteError(f"{past_name}: symbolic KV heads / head dim and no GroupQueryAttention to read them from")
-
-
-def bench_step(model: Any, *, contexts: Sequence[int] = (16, 2048), batch: int = 1, steps: int = 20,
-               warmup: int = 3, kv_dtype: str = "fp32", device: Any = None, seed: int = 0) -> list[dict]:
-    """Per-decode-step time of the bridge vs the original model fed past_key_values.
-
-    For each context length the past is filled with random K/V (the step's cost does not
-    depend on the values; a real prefill at 4096 tokens would dominate the run), then
-    ``warmup + steps`` single-token steps are timed and the median reported. The original
-    model gets the past as numpy arrays and its ``present.*`` fed back each step, as a caller
-    without IOBinding would. Returns one dict per context: ``context``, ``batch``,
-    ``bridge_ms``, ``reference_ms``, ``speedup`` (reference / bridge), ``op_ms`` (time inside
-    the kvcl op bodies per step, so ``bridge_ms - op_ms`` is the rest of the graph plus hook
-    overhead), ``layers``, ``kv_bytes`` (the cached K/V bytes one step's attention reads).
-    """
-    from .rewrite import _load
-    _enable_op_timing()
-    proto = _load(model)
-    ref = ReferenceRunner(proto)
-    gen = Generator(proto, kv_dtype=kv_dtype, device=device,
-                    max_tokens=batch * (max(contexts) + warmup + steps + 1) + 64)
-    rng = np.random.default_rng(seed)
-    layers = gen.info["num_layers"]
-    hkv, d = gen.info["num_kv_heads"], gen.info["head_dim"]
-    rows = []
-    try:
-        # warm up the device path (kernel builds, memory pools): the first steps of a fresh
-        # cache are several times slower and would be charged to the first context otherwise
-        gen.generate([[5, 6, 7, 8]] * batch, 2 * warmup + 8)
-        for ctx in contexts:
-            kv = [rng.standard_normal((batch, hkv, ctx, d), np.float32) for _ in range(2 * layers)]
-            tok = rng.integers(3, 100, size=(batch, 1))
-            # the original model, past fed back
-            past = {f"past_key_values.{i}.{k}": kv[2 * i + j] for i in range(layers)
-                    for j, k in enumerate(("key", "value"))}
-            n, times = ctx, []
-            for i in range(warmup + steps):
-                t0 = time.perf_counter()
-                logits, past = ref.step(tok, past, n)
-                times.append(time.perf_counter() - t0)
-                n += 1
-                tok = np.argmax(logits[:, -1], axis=-1)[:, None]
-            ref_ms = float(np.median(times[warmup:]) * 1e3)
-            del past
-            # the bridge: the same past written into the cache
-            seqs = [gen.cache.add_sequence() for _ in range(batch)]
-            try:
-                with gen._lock:
-                    st = gen.cache.plan(seqs, [ctx] * batch)
-                    for layer in range(layers):
-                        k = np.ascontiguousarray(kv[2 * layer].transpose(0, 2, 1, 3).reshape(batch * ctx, hkv, d))
-                        v = np.ascontiguousarray(kv[2 * layer + 1].transpose(0, 2, 1, 3).reshape(batch * ctx, hkv, d))
-                        gen.cache.write(layer, st, k, v)
-                    gen.cache.synchronize()
-                    toks = rng.integers(3, 100, size=batch)
-                    times, op_s = [], []
-                    for i in range(warmup + steps):
-                        t0 = time.perf_counter()
-                        c0 = _op_clock()
-                        last = gen.forward(seqs, [[int(t)] for t in toks])
-                        times.append(time.perf_counter() - t0)
-                        op_s.append(_op_clock() - c0)
-                        toks = np.argmax(last, axis=-1)
-            finally:
-                gen.binding.step = gen.binding.step_key = None
-                for s in seqs:
-                    gen.cache.free(s)
-            br_ms = float(np.median(times[warmup:]) * 1e3)
-            rows.append({"context": ctx, "batch": batch, "kv_dtype": gen.kv_dtype, "layers": layers,
-                         "bridge_ms": br_ms, "reference_ms": ref_ms,
-                         "speedup": ref_ms / br_ms if br_ms else float("nan"),
-                         "op_ms": float(np.median(op_s[warmup:]) * 1e3),
-                         "kv_bytes": 2 * layers * batch * ctx * hkv * gen.cache.dtype.row_bytes(d)})
-    finally:
-        gen.close()
-    return rows
-
-
-def hook_overhead_us(q_shape: Sequence[int] = (1, 32, 1, 128), kv_heads: int = 8, repeats: int = 2000) -> dict:
-    """Cost of one ``kvcl::Attention`` call through onnxruntime minus the op's own work.
-
-    Times a one-node graph whose op body is swapped for ``lambda q, ...: q`` against the same
-    graph with a native ``Identity``; the difference is what the Python custom-op bridge
-    (argument conversion, GIL, the numpy-returning hook) costs per layer and step.
-    """
-    from onnx import TensorProto, helper
-
-    b, h, s, d = q_shape
-    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, list(q_shape)),
-              helper.make_tensor_value_info("k", TensorProto.FLOAT, [b, kv_heads, s, d]),
-              helper.make_tensor_value_info("v", TensorProto.FLOAT, [b, kv_heads, s, d]),
-              helper.make_tensor_value_info(STEP_INPUT, TensorProto.INT64, [3, b])]
-    out = [helper.make_tensor_value_info("o", TensorProto.FLOAT, list(q_shape))]
-
-    def model(node):
-        g = helper.make_graph([node], "hook", inputs, out)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(customop.OP_DOMAIN, 1)])
-        m.ir_version = 9  # readable by onnxruntime releases older than this onnx
-        return m.SerializeToString()
-
-    op = helper.make_node(customop.OP_TYPE, ["q", "k", "v", STEP_INPUT], ["o"], domain=customop.OP_DOMAIN,
-                          handle="unused", layer=0, scale=1.0)
-    ident = helper.make_node("Identity", ["q"], ["o"])
-    rng = np.random.default_rng(0)
-    feed = {"q": rng.standard_normal(q_shape, np.float32),
-            "k": rng.standard_normal((b, kv_heads, s, d), np.float32),
-            "v": rng.standard_normal((b, kv_heads, s, d), np.float32),
-            STEP_INPUT: np.zeros((3, b), np.int64)}
-    saved = customop._opdef.body
-    customop._opdef.body = lambda q, *a, **k: q
-    try:
-        res = {}
-        for name, node in (("op", op), ("identity", ident)):
-            sess = _session(model(node), custom_ops=True, threads=1)
-            f = {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}}
-            for _ in range(50):
-                sess.run(None, f)
-            t = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(repeats // 5):
-                    sess.run(None, f)
-                t.append((time.perf_counter() - t0) / (repeats // 5))
-            res[name] = min(t) * 1e6
-    finally:
-        customop._opdef.body = saved
-    return {"q_shape": list(q_shape), "op_call_us": res["op"], "identity_call_us": res["identity"],
-            "hook_overhead_us": res["op"] - res["identity"]}
-
-
-_TIMING = {"on": False, "total": 0.0}
-
-
-def _op_clock() -> float:
-    return _TIMING["total"]
-
-
-def _timed(body):
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return body(*args, **kwargs)
-        finally:
-            _TIMING["total"] += time.perf_counter() - t0
-    return timed
-
-
-def _enable_op_timing() -> None:
-    """Wrap the op body so that :func:`bench_step` can report time spent inside it."""
-    if _TIMING["on"] or not customop.HAVE_EXTENSIONS:
-        return
-    for opdef in (customop._opdef, customop._opdef_qkv, customop._opdef_qkv_rope):   # every kvcl op
-        opdef.body = _timed(opdef.body)
-    _TIMING["on"] = True

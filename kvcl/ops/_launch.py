@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import pyopencl as cl
@@ -41,6 +42,57 @@ def set_args(kernel: cl.Kernel, *args) -> None:
                 continue
             kernel.set_arg(i, a)
     _last_args[key] = (kernel, args)
+
+
+class Launch(NamedTuple):
+    """One kernel launch made ready: :func:`enqueue` sets ``args`` and enqueues it.
+
+    Launchers that a hot path calls per layer (the fused write, decode attention) can hand
+    these out, so that a caller repeating a launch with one argument changed
+    (:class:`kvcl.stepcalls.StepCalls`) skips the launch planning and its memo look-ups.
+    """
+
+    kernel: cl.Kernel
+    global_size: tuple
+    local_size: "tuple | None"
+    args: tuple
+
+    def with_args(self, changes: dict) -> "Launch":
+        """The same launch with ``args[i]`` replaced by ``changes[i]``."""
+        args = list(self.args)
+        for i, value in changes.items():
+            args[i] = value
+        return self._replace(args=tuple(args))
+
+
+def enqueue(queue: cl.CommandQueue, launches, wait_for=None) -> cl.Event:
+    """Enqueue ``launches`` in order (the first waits for ``wait_for``); the last one's event.
+
+    Arguments are set and enqueued under :data:`launch_lock`, as :func:`set_args` requires.
+    """
+    event = None
+    with launch_lock:
+        for launch in launches:
+            set_args(launch.kernel, *launch.args)
+            event = cl.enqueue_nd_range_kernel(queue, launch.kernel, launch.global_size, launch.local_size,
+                                               wait_for=wait_for)
+            wait_for = None   # an in-order queue runs the rest after the first
+    return event
+
+
+def forget(buffers) -> None:
+    """Drop the remembered arguments that hold any of ``buffers`` (by identity), so that the
+    buffers can be released: :func:`set_args` keeps each kernel's last arguments alive to
+    compare against. The cache engine calls this when a cache is collected (its pools would
+    otherwise live until each kernel that last used them runs again); those kernels then set
+    every argument on their next launch."""
+    ids = {id(b) for b in buffers if b is not None}
+    if not ids:
+        return
+    with launch_lock:
+        for key, (kernel, args) in list(_last_args.items()):
+            if any(id(a) in ids for a in args):
+                del _last_args[key]
 
 
 def require_device(name: str, arr) -> None:

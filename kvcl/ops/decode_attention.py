@@ -22,7 +22,6 @@ header comment and ``docs/performance.md``.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,7 @@ from ..errors import (
 )
 from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_array, check_float, check_int, is_device_array
-from ._launch import set_args
+from ._launch import Launch, enqueue
 
 __all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
 
@@ -76,7 +75,6 @@ _GPU_WG = 32
 # partitions vs 0.31 / 0.25 ms with 512; fp32 best with 512 (0.244 vs 0.262 ms with 256)
 _GPU_PART_MAX = {4: 512, 2: 256, 1: 256}
 
-_lock = threading.Lock()          # kernel objects carry argument state: set + enqueue atomically
 _configs: dict = {}
 _plans: dict = {}
 _dummies: dict = {}
@@ -140,20 +138,20 @@ def variant_for(device: cl.Device) -> str:
 
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
             kvd, int8_mode: int, local_size: int | None = None, variant: str | None = None,
-            num_kv_heads: int = 1):
+            num_kv_heads: int = 1, device=None):
     """(defines, WG, q_tile, HG) for this device and shape; kernels are built (memoized) here.
 
     ``variant``: ``"serial"`` (one work-item per work-group, the CPU-shaped kernel; the default on
     CPU devices except llvmpipe) or ``"cooperative"`` (WG work-items per tile; the default
     elsewhere), see :func:`_variant_for`.
     """
-    key = (context.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
+    dev = device or context.devices[0]
+    key = (context.int_ptr, dev.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
            variant, num_kv_heads, _SERIAL_MAX_HG, _V_VECTORS, _SERIAL_CHUNK, _SERIAL_K_PREFETCH_RUN, _PREFERRED_WG,
            _GPU_WG, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()))  # the sweep tool sets these
     found = _configs.get(key)
     if found is not None:
         return found
-    dev = context.devices[0]
     variant = _variant_for(dev, variant)
     gpu = variant == "cooperative" and bool(dev.type & cl.device_type.GPU)  # the per-format GPU layouts
     vec = 8 if head_dim % 8 == 0 else 4
@@ -183,7 +181,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         run = block_size * head_dim * kvd.bytes_per_elem   # bytes of one head's rows in a block
         defines = dict(base, SERIAL=1, WG=1, ROWS=rows, CT=_SERIAL_CHUNK, SV=sv, CPU_BUILTINS=builtins, HG=hg,
                        PREFETCH_K=int(run <= _SERIAL_K_PREFETCH_RUN))
-        get_kernel(context, SOURCE, "paged_decode_attention", defines)
+        get_kernel(context, SOURCE, "paged_decode_attention", defines, dev)
         found = (tuple(sorted(defines.items())), 1, q_tile, hg)
         _configs[key] = found
         return found
@@ -214,7 +212,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         unroll_k, unroll_v = _GPU_UNROLL.get(kvd.bytes_per_elem, (1, 1)) if gpu else (1, 1)
         defines = dict(base, SERIAL=0, ROWS=group * q_tile, WG=wg, CV=cv_for(wg),
                        UNROLL_K=unroll_k, UNROLL_V=unroll_v)
-        kernel = get_kernel(context, SOURCE, "paged_decode_attention", defines)
+        kernel = get_kernel(context, SOURCE, "paged_decode_attention", defines, dev)
         kwg = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, dev)
         smaller = max(unit, min(kwg, wg // 2) // unit * unit)  # register pressure / device limits
         if kwg >= wg or smaller >= wg or smaller < group * q_tile:
@@ -232,8 +230,9 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
 def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
          block_size: int, max_q_len: int, max_kv_len: int, kv_dtype="fp32", int8_mode: int = 0,
          partition_size: int | None = None, local_size: int | None = None,
-         variant: str | None = None) -> Plan:
-    """The launch layout :func:`paged_attention` uses for these sizes on ``context``'s device.
+         variant: str | None = None, device=None) -> Plan:
+    """The launch layout :func:`paged_attention` uses for these sizes on ``device`` (default:
+    ``context``'s first).
 
     ``variant`` (``"serial"`` / ``"cooperative"``, default by device: serial on CPUs but llvmpipe) and
     ``local_size`` (cooperative only) override the kernel choice, for tests and measurements.
@@ -245,14 +244,15 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     it; at most 256 for 1- and 2-byte formats on GPUs.
     """
     kvd = _kv_dtype(kv_dtype)
-    key = (context.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
+    device = device or context.devices[0]
+    key = (context.int_ptr, device.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
            max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant)
     knobs = _knobs()
     found = _plans.get(key)
     if found is not None and found[0] == knobs:
         return found[1]
     p = _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
-              kvd, int8_mode, partition_size, local_size, variant)
+              kvd, int8_mode, partition_size, local_size, variant, device)
     if len(_plans) >= 256:   # a decode loop makes one per step (max_kv_len grows): keep the recent
         _plans.clear()
     _plans[key] = (knobs, p)
@@ -266,13 +266,12 @@ def _knobs() -> tuple:
 
 
 def _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
-          kvd, int8_mode, partition_size, local_size, variant) -> Plan:
+          kvd, int8_mode, partition_size, local_size, variant, dev) -> Plan:
     group = num_q_heads // num_kv_heads
     defines, wg, q_tile, hg = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
-                                      local_size, variant, num_kv_heads)
+                                      local_size, variant, num_kv_heads, dev)
     q_tiles = -(-max_q_len // q_tile)
     if partition_size is None:
-        dev = context.devices[0]
         per_cu = 2 if work_items_are_threads(dev) else 4
         want = per_cu * dev.max_compute_units
         groups = batch * (num_kv_heads // hg) * q_tiles
@@ -379,21 +378,27 @@ def _launch(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices,
                   num_q_heads=num_q_heads, head_dim=head_dim, batch=q_indptr.shape[0] - 1, **kw)
 
 
-def launch_buffers(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
-           q_indptr, out, *, total_q, num_q_heads, head_dim, batch, kvd, int8_mode, num_kv_heads,
-           block_size, scale, window, max_q_len, max_kv_len, partition_size=None, workspace=None,
-           wait_for=None, local_size=None, variant=None) -> cl.Event:
+def launch_buffers(queue, *args, wait_for=None, **kwargs) -> cl.Event:
     """Enqueue the decode kernel (and the split-K merge) on ``pyopencl.Buffer`` arguments, with
     no argument checks: for a caller that made and validated every buffer itself, such as
     :class:`kvcl.PagedKVCache`, whose per-layer calls would otherwise pay for re-checking (and
-    for building pyopencl Arrays: ~20 µs each). Arguments mean what they mean in
-    :func:`paged_attention`; ``kvd`` is a :class:`kvcl.dtypes.KvDtype`; ``k_scales`` /
-    ``v_scales`` are None unless the format has scales."""
+    for building pyopencl Arrays: ~20 µs each). Arguments as :func:`launches`."""
+    return enqueue(queue, launches(queue, *args, **kwargs), wait_for)
+
+
+def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
+             q_indptr, out, *, total_q, num_q_heads, head_dim, batch, kvd, int8_mode, num_kv_heads,
+             block_size, scale, window, max_q_len, max_kv_len, partition_size=None, workspace=None,
+             local_size=None, variant=None) -> list:
+    """The decode kernel's :class:`~kvcl.ops._launch.Launch` (and the split-K merge's) on
+    ``pyopencl.Buffer`` arguments. Arguments mean what they mean in :func:`paged_attention`;
+    ``kvd`` is a :class:`kvcl.dtypes.KvDtype`; ``k_scales`` / ``v_scales`` are None unless the
+    format has scales."""
     context = queue.context
     p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
              head_dim=head_dim, block_size=block_size, max_q_len=max_q_len, max_kv_len=max_kv_len,
              kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size,
-             variant=variant)
+             variant=variant, device=queue.device)
     defines = dict(p.defines)
     ws_floats = p.workspace_floats(total_q, num_q_heads, head_dim)
     if ws_floats:
@@ -413,19 +418,22 @@ def launch_buffers(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, i
     ks = k_scales if k_scales is not None else _dummy(context)
     vs = v_scales if v_scales is not None else _dummy(context)
     acc_offset = np.uint64(total_q * num_q_heads * p.num_parts * 2)
-    attn = get_kernel(context, SOURCE, "paged_decode_attention", defines)
+    attn = get_kernel(context, SOURCE, "paged_decode_attention", defines, queue.device)
     gsize = (p.local_size * p.q_tiles, num_kv_heads // p.kv_heads_per_group, batch * p.num_parts)
-    with _lock:
-        set_args(attn, queries, k_pool, v_pool, ks, vs, indptr, indices, last_page_len, q_indptr, out,
-                 ws, acc_offset, np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
-                 np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts))
-        event = cl.enqueue_nd_range_kernel(queue, attn, gsize, (p.local_size, 1, 1), wait_for=wait_for)
-        if p.num_parts > 1:
-            merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines)
-            set_args(merge, ws, out, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))
-            event = cl.enqueue_nd_range_kernel(queue, merge, (head_dim, num_q_heads, total_q), None,
-                                               wait_for=[event])
-    return event
+    result = [Launch(attn, gsize, (p.local_size, 1, 1),
+                     (queries, k_pool, v_pool, ks, vs, indptr, indices, last_page_len, q_indptr, out,
+                      ws, acc_offset, np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
+                      np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts)))]
+    if p.num_parts > 1:   # after the decode kernel in the (in-order) queue
+        merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines, queue.device)
+        result.append(Launch(merge, (head_dim, num_q_heads, total_q), None,
+                             (ws, out, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))))
+    return result
+
+
+#: the positions of the queries, K pool, V pool, K scales, V scales and output buffers in the
+#: decode kernel's :func:`launches` arguments
+QUERY_ARG, K_POOL_ARG, V_POOL_ARG, K_SCALES_ARG, V_SCALES_ARG, OUT_ARG = 0, 1, 2, 3, 4, 9
 
 
 def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_indptr, out, *,

@@ -31,7 +31,7 @@ from ..reference.paged_write import (ROPE_MODES, STATUS_BAD_POSITION, STATUS_BAD
                                      STATUS_NONFINITE)
 from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_float, check_int
-from ._launch import device_array, element_base, launch_lock, set_args
+from ._launch import Launch, device_array, element_base, enqueue
 
 __all__ = ["paged_write_qkv", "paged_write_kv", "launch_config", "row_vec", "STATUS_NONFINITE",
            "STATUS_BAD_SLOT", "STATUS_BAD_POSITION", "ROPE_MODES"]
@@ -110,14 +110,14 @@ def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int
     vec = 0
     if _force_config is None:
         vec = _force_row_vec if _force_row_vec is not None else row_vec(device, head_dim, rope, align)
-    key = (context.int_ptr, tuple(sorted(defines.items())), num_rows, _force_config, vec)
+    key = (context.int_ptr, device.int_ptr, tuple(sorted(defines.items())), num_rows, _force_config, vec)
     hit = _config_cache.get(key)
     if hit is not None:
         return hit
     if vec:
         rows = _row_rows(device, num_rows)
         while True:
-            kernel = get_kernel(context, _SOURCE, "paged_write_rows", dict(defines, ROW_VEC=vec, ROWS=rows))
+            kernel = get_kernel(context, _SOURCE, "paged_write_rows", dict(defines, ROW_VEC=vec, ROWS=rows), device)
             limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device)
             if rows <= limit or rows == 1:
                 break
@@ -132,7 +132,7 @@ def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int
         tree = 0 if work_items_are_threads(device) else 1
     while True:
         full = dict(defines, LX=lx, ROWS=rows, TREE_REDUCE=tree if lx > 1 else 1)
-        kernel = get_kernel(context, _SOURCE, "paged_write", full)
+        kernel = get_kernel(context, _SOURCE, "paged_write", full, device)
         limit = kernel.get_work_group_info(cl.kernel_work_group_info.WORK_GROUP_SIZE, device)
         if lx * rows <= limit or (lx == 1 and rows == 1):
             break
@@ -201,11 +201,8 @@ def _resolve_queue(queue, first, context):
     return queue
 
 
-def _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for):
-    global_size = (lx, -(-num_rows // rows) * rows, num_tokens)
-    with launch_lock:
-        set_args(kernel, *args)
-        return cl.enqueue_nd_range_kernel(queue, kernel, global_size, (lx, rows, 1), wait_for=wait_for)
+def _ready(kernel, lx, rows, num_rows, num_tokens, args) -> Launch:
+    return Launch(kernel, (lx, -(-num_rows // rows) * rows, num_tokens), (lx, rows, 1), args)
 
 
 def _add_event(event, outputs):
@@ -330,15 +327,27 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
     return event
 
 
-def launch_qkv_buffers(queue, qkv, qkv_base, slot_mapping, positions, k_pool, v_pool, q_out, k_scales,
-               v_scales, cos, sin, q_norm_weight, k_norm_weight, status, *, num_tokens,
-               num_q_heads, num_kv_heads, head_dim, block_size, kvd, int8_mode, num_slots,
-               max_position, eps, rope, wait_for=None) -> cl.Event:
+def launch_qkv_buffers(queue, *args, wait_for=None, **kwargs) -> cl.Event:
     """Enqueue the fused write on ``pyopencl.Buffer`` arguments (None for an absent optional
     one), with no argument checks: for a caller that made and validated every buffer itself
-    (:class:`kvcl.PagedKVCache`). Arguments mean what they mean in :func:`paged_write_qkv`;
-    ``qkv_base`` is the element offset of row 0 in ``qkv``, ``num_slots`` the pool's
-    ``num_blocks · block_size``, ``kvd`` a :class:`kvcl.dtypes.KvDtype`."""
+    (:class:`kvcl.PagedKVCache`). Arguments as :func:`qkv_launch`."""
+    return enqueue(queue, [qkv_launch(queue, *args, **kwargs)], wait_for)
+
+
+#: the positions of the ``qkv`` buffer in :func:`qkv_launch`'s arguments (Q, K and V views),
+#: and of the pools in its and :func:`kv_launch`'s
+QKV_ARGS = (0, 3, 6)
+K_POOL_ARG, V_POOL_ARG, K_SCALES_ARG, V_SCALES_ARG = 18, 19, 20, 21
+
+
+def qkv_launch(queue, qkv, qkv_base, slot_mapping, positions, k_pool, v_pool, q_out, k_scales,
+               v_scales, cos, sin, q_norm_weight, k_norm_weight, status, *, num_tokens,
+               num_q_heads, num_kv_heads, head_dim, block_size, kvd, int8_mode, num_slots,
+               max_position, eps, rope) -> Launch:
+    """The fused write's :class:`~kvcl.ops._launch.Launch` on ``pyopencl.Buffer`` arguments.
+    Arguments mean what they mean in :func:`paged_write_qkv`; ``qkv_base`` is the element
+    offset of row 0 in ``qkv`` (``qkv`` is argument :data:`QKV_ARGS` of the launch),
+    ``num_slots`` the pool's ``num_blocks · block_size``, ``kvd`` a :class:`kvcl.dtypes.KvDtype`."""
     Hq, Hkv, D = num_q_heads, num_kv_heads, head_dim
     defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode if kvd.has_scale else 0,
                "HEAD_DIM": D, "ROPE": _ROPE_CODE[rope],
@@ -354,7 +363,7 @@ def launch_qkv_buffers(queue, qkv, qkv_base, slot_mapping, positions, k_pool, v_
             slot_mapping, positions, cos, sin, np.int32(max_position), q_norm_weight, k_norm_weight,
             np.float32(eps), q_out, k_pool, v_pool, k_scales, v_scales, status,
             np.int32(Hq), np.int32(Hkv), np.int32(block_size), np.int32(num_slots))
-    return _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for)
+    return _ready(kernel, lx, rows, num_rows, num_tokens, args)
 
 
 def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv_dtype="fp32",
@@ -422,11 +431,21 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
     return event
 
 
-def launch_kv_buffers(queue, keys, keys_base, values, values_base, slot_mapping, k_pool, v_pool, k_scales,
-              v_scales, status, *, num_tokens, num_kv_heads, head_dim, block_size, kvd, int8_mode,
-              num_slots, wait_for=None) -> cl.Event:
+def launch_kv_buffers(queue, *args, wait_for=None, **kwargs) -> cl.Event:
     """:func:`paged_write_kv` on ``pyopencl.Buffer`` arguments with no argument checks (see
-    :func:`launch_qkv_buffers`); ``keys_base`` / ``values_base`` are the element offsets of row 0."""
+    :func:`launch_qkv_buffers`); arguments as :func:`kv_launch`."""
+    return enqueue(queue, [kv_launch(queue, *args, **kwargs)], wait_for)
+
+
+#: the positions of the ``keys`` and ``values`` buffers in :func:`kv_launch`'s arguments
+KV_ARGS = (3, 6)
+
+
+def kv_launch(queue, keys, keys_base, values, values_base, slot_mapping, k_pool, v_pool, k_scales,
+              v_scales, status, *, num_tokens, num_kv_heads, head_dim, block_size, kvd, int8_mode,
+              num_slots) -> Launch:
+    """:func:`paged_write_kv`'s :class:`~kvcl.ops._launch.Launch` on ``pyopencl.Buffer``
+    arguments; ``keys_base`` / ``values_base`` are the element offsets of row 0."""
     D, Hkv = head_dim, num_kv_heads
     defines = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode if kvd.has_scale else 0,
                "HEAD_DIM": D, "ROPE": 0, "Q_NORM": 0, "K_NORM": 0}
@@ -440,4 +459,4 @@ def launch_kv_buffers(queue, keys, keys_base, values, values_base, slot_mapping,
             slot_mapping, None, None, None, np.int32(0), None, None, np.float32(0.0),
             None, k_pool, v_pool, k_scales, v_scales, status,
             np.int32(0), np.int32(Hkv), np.int32(block_size), np.int32(num_slots))
-    return _launch(queue, kernel, lx, rows, num_rows, num_tokens, args, wait_for)
+    return _ready(kernel, lx, rows, num_rows, num_tokens, args)

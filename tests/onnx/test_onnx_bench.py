@@ -15,6 +15,13 @@ def test_bench_step_smoke(onnx_device, route):
     assert [r["context"] for r in rows] == [8, 40]
     for r in rows:   # the time inside the kvcl ops is counted, whichever op the route uses
         assert r["bridge_ms"] > 0 and r["reference_ms"] > 0 and 0 < r["op_ms"] <= r["bridge_ms"]
+        # where the step goes: the parts are inside the ops, the stub graph runs without them
+        assert 0 < r["plan_ms"] < r["op_ms"] and 0 < r["device_ms"] < r["op_ms"]
+        assert 0 < r["graph_ms"] and r["hook_us"] == r["hook_us"]
+        layers = r["layers"]
+        assert r["python_us_per_layer"] == pytest.approx((r["op_ms"] - r["device_ms"]) / layers * 1e3)
+        assert r["fixed_us_per_layer"] == pytest.approx(r["python_us_per_layer"] + r["hook_us"])
+        assert r["inline"] == (onnx_device.inline_queue is not None)   # tiny steps: in-thread on PoCL
         print(r)
 
 
@@ -39,7 +46,8 @@ def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys, model,
     path = str(fixture_path(model)) if model != "synthetic" else model
     assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out),
                  "--onnx-model", path, "--onnx-contexts", "8", "24"]) == 0
-    assert "than past_key_values" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "than past_key_values" in printed and "fixed/layer" in printed   # the breakdown table
     records = json.loads(out.read_text())["records"]
     bridge = [r for r in records if r["case"] == "onnx_bridge"]
     assert [r["shape"]["context"] for r in bridge] == [8, 24]
@@ -48,6 +56,8 @@ def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys, model,
         assert r["peer"] == "past_key_values" and r["seconds"] > 0
         assert r["speedup"] == pytest.approx(r["extra"]["reference_seconds"] / r["seconds"])
         assert r["bytes"] == kv_row_bytes * r["shape"]["context"]
+    for r in bridge:
+        assert {"graph_ms", "op_ms", "plan_ms", "device_ms", "fixed_us_per_layer", "inline"} <= set(r["extra"])
     hook = [r for r in records if r["case"] == "onnx_hook_overhead"]
     assert len(hook) == 1 and hook[0]["extra"]["op_call_us"] > 0
     assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out)]) == 0
@@ -68,3 +78,19 @@ def test_kvcl_bench_refuses_a_bad_model_before_any_case(onnx_device, monkeypatch
     path = fixture_path(model) if model == "llama_dynamo18" else fixture_path("llama_dynamo18").parent / model
     with pytest.raises(kvcl.InvalidArgument, match=match):
         bench.run_bench(onnx_device, quick=True, onnx_model=str(path), onnx_contexts=contexts)
+
+
+def test_kvcl_bench_skips_a_real_model_not_exported(onnx_device, tmp_path, monkeypatch, capsys):
+    # `--onnx-model smollm2` is opt-in; without the export it says how to make it and goes on
+    import json
+
+    import kvcl
+    from kvcl.cli import main
+    monkeypatch.setenv("KVCL_MODEL_DIR", str(tmp_path / "models"))
+    spec = next(d.index for d in kvcl.devices() if d.name == onnx_device.info.name)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out),
+                 "--onnx-model", "smollm2"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping the smollm2 bridge case" in err and "tools/export_real_model.sh" in err
+    assert not [r for r in json.loads(out.read_text())["records"] if r["case"] == "onnx_bridge"]

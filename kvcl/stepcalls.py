@@ -1,0 +1,264 @@
+"""A planned step's per-layer calls, checked once per step: the engine's hot path for models.
+
+A decoder calls the cache once per layer and step with the same step, the same heads, RoPE
+tables and scale: only the layer index and that layer's new rows change. :class:`StepCalls`
+checks everything else once, when it is made, and keeps each layer's kernel launches ready
+(:class:`kvcl.ops._launch.Launch`), so that a call costs what varies: the layer index, the
+inputs' shape, dtype and finiteness, their upload, two enqueues and one blocking read.
+
+Results are bit-identical to :meth:`PagedKVCache.attend_qkv` and to :meth:`PagedKVCache.write`
+then :meth:`PagedKVCache.attend` (same kernels, same launch layout, same arguments). A call
+refused for bad input changes nothing. Made by :meth:`PagedKVCache.step_calls`; it stays
+valid while its step does (a step is stale once one of its sequences is freed or planned
+again: the call then raises :class:`kvcl.step.StaleStepError`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+
+from .dtypes import INT8_MODE_AWAY
+from .errors import InvalidArgument, ShapeError
+from .ops import decode_attention as attention_ops
+from .ops import paged_write as write_ops
+from .ops._launch import enqueue
+from .validate import check_array, check_float, check_int, is_device_array
+
+__all__ = ["StepCalls"]
+
+_F32 = np.dtype(np.float32)
+_RO_COPY = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
+
+
+class StepCalls:
+    """The per-layer calls of one planned step: :meth:`attend_qkv` and :meth:`write_attend`.
+
+    Every argument is checked here, once.
+
+    Parameters
+    ----------
+    cache : PagedKVCache
+    step : kvcl.step.Step
+    num_q_heads : int
+        A multiple of the cache's ``num_kv_heads``.
+    rope : {"none", "half", "interleaved"}
+        :meth:`attend_qkv` only, with ``cos`` / ``sin`` [max_position, head_dim / 2] float32
+        (numpy or device arrays; host tables are uploaded here, once).
+    q_norm_weight, k_norm_weight, eps
+        :meth:`attend_qkv` only, as in :meth:`PagedKVCache.write_qkv`.
+    window : int
+        Sliding window (0: none).
+    scale : float, optional
+        Logit scale, default ``1 / sqrt(head_dim)``.
+    """
+
+    def __init__(self, cache: Any, step: Any, *, num_q_heads: int, rope: str = "none", cos: Any = None,
+                 sin: Any = None, q_norm_weight: Any = None, k_norm_weight: Any = None, eps: float = 1e-6,
+                 window: int = 0, scale: "float | None" = None):
+        from .engine import _ROPE_MODES
+        with cache._lock:
+            self.cache = cache
+            hq = check_int("num_q_heads", num_q_heads, low=1)
+            if hq % cache.num_kv_heads:
+                raise InvalidArgument(f"num_q_heads: expected a multiple of num_kv_heads={cache.num_kv_heads}, "
+                                      f"got {num_q_heads}")
+            if rope not in _ROPE_MODES:
+                raise InvalidArgument(f"rope: expected one of {', '.join(_ROPE_MODES)}, got {rope!r}")
+            self.window = check_int("window", window, low=0)
+            self.scale = None if scale is None else check_float("scale", scale)
+            self.eps = check_float("eps", eps)
+            self.num_q_heads, self.rope = hq, rope
+            d = cache.head_dim
+            context = cache.device.context
+            self._tables = {}
+            for name, table in (("cos", cos), ("sin", sin)):
+                if rope == "none" or table is None:
+                    self._tables[name] = None
+                    continue
+                check_array(name, table, shape=(None, d // 2), dtype=np.float32, context=context, finite=True)
+                self._tables[name] = table
+            self._weights = {}
+            for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+                if w is not None:
+                    check_array(name, w, shape=(d,), dtype=np.float32, context=context, finite=True)
+                self._weights[name] = w
+            self._buffers = {name: None if x is None else cache._input(name, x, whole=True)[0]
+                             for name, x in (*self._tables.items(), *self._weights.items())}
+            self._context = context
+            self._scratch_bytes = 0
+            self._bind(step)
+
+    def rebind(self, step: Any) -> "StepCalls":
+        """Take ``step`` (a later step planned on the same cache) in place of this one's: only
+        the step is checked, the other arguments were when this object was made. Returns self."""
+        with self.cache._lock:
+            self._bind(step)
+        return self
+
+    def _bind(self, step: Any) -> None:
+        cache = self.cache
+        step = cache._check_step(step)
+        for name, table in self._tables.items():
+            if table is not None and table.shape[0] < step.plan.max_kv_len:
+                raise ShapeError(f"{name}: expected at least {step.plan.max_kv_len} rows (the longest "
+                                 f"sequence in this step), got {table.shape[0]}")
+        d, hkv, hq, t = cache.head_dim, cache.num_kv_heads, self.num_q_heads, step.num_tokens
+        self.step, self._epoch = step, cache._epoch
+        self.qkv_shape = (t, (hq + 2 * hkv) * d)
+        self.kv_shape = (t, hkv, d)
+        self.out_shape = (t, hq, d)
+        self._queue = step.queue
+        out_bytes = 4 * max(1, math.prod(self.out_shape))
+        if out_bytes > self._scratch_bytes:   # this object's own: outputs are read back before a call returns
+            self._q_buf = cl.Buffer(self._context, cl.mem_flags.READ_WRITE, out_bytes)
+            self._out_buf = cl.Buffer(self._context, cl.mem_flags.READ_WRITE, out_bytes)
+            self._scratch_bytes = out_bytes
+        # each layer's launches: layer 0's are planned in full, the others derived from them
+        self._qkv_layers: dict[int, tuple] = {}
+        self._kv_layers: dict[int, tuple] = {}
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def _valid_step(self) -> None:
+        cache = self.cache
+        if cache._epoch != self._epoch:     # a plan / free since: is this step still current?
+            cache._check_step(self.step)
+            self._epoch = cache._epoch
+
+    def _host(self, name: str, x: Any, shape: tuple) -> np.ndarray:
+        """``x`` as a C-contiguous float32 numpy array of ``shape``, finite; refused otherwise."""
+        if type(x) is not np.ndarray or x.dtype != _F32 or x.shape != shape:
+            if is_device_array(x):
+                raise InvalidArgument(f"{name}: StepCalls takes numpy arrays; use PagedKVCache.attend_qkv "
+                                      "or write / attend for device arrays")
+            check_array(name, x, shape=shape, dtype=np.float32, allow_device=False)
+        if not np.isfinite(x).all():
+            check_array(name, x, finite=True)   # raises, naming the first bad index
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+    def _layer(self, layer: Any) -> int:
+        if type(layer) is not int or not 0 <= layer < self.cache.num_layers:
+            layer = check_int("layer", layer, low=0, high=self.cache.num_layers)
+        return layer
+
+    def _result(self, out: "np.ndarray | None") -> np.ndarray:
+        if out is None:
+            return np.empty(self.out_shape, np.float32)
+        if type(out) is not np.ndarray or out.dtype != _F32 or out.shape != self.out_shape \
+                or not out.flags.c_contiguous:
+            check_array("out", out, shape=self.out_shape, dtype=np.float32, allow_device=False)
+            raise ShapeError(f"out: expected a C-contiguous array, got strides {out.strides}")
+        return out
+
+    # ---- launches ----------------------------------------------------------------------------
+
+    def _attention(self, layer: int, queries: cl.Buffer) -> list:
+        cache, step = self.cache, self.step
+        pools = cache._pools(layer)
+        return attention_ops.launches(
+            self._queue, queries, cache._k[layer].data, cache._v[layer].data, pools["k_scales"],
+            pools["v_scales"], step.buffers["indptr"], step.buffers["indices"], step.buffers["last_page_len"],
+            step.buffers["q_indptr"], self._out_buf, total_q=step.num_tokens, num_q_heads=self.num_q_heads,
+            head_dim=cache.head_dim, batch=len(step.plan.seq_ids), kvd=cache.dtype, int8_mode=INT8_MODE_AWAY,
+            num_kv_heads=cache.num_kv_heads, block_size=cache.block_size, scale=self.scale,
+            window=self.window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len)
+
+    def _derived(self, layers: dict, layer: int) -> "tuple | None":
+        """Layer ``layer``'s launches from another layer's of this step: only the pools differ."""
+        if not layers:
+            return None
+        write, attention = next(iter(layers.values()))
+        cache = self.cache
+        pools = cache._pools(layer)
+        k, v = cache._k[layer].data, cache._v[layer].data
+        changes = {write_ops.K_POOL_ARG: k, write_ops.V_POOL_ARG: v}
+        attn = {attention_ops.K_POOL_ARG: k, attention_ops.V_POOL_ARG: v}
+        if pools["k_scales"] is not None:
+            changes.update({write_ops.K_SCALES_ARG: pools["k_scales"], write_ops.V_SCALES_ARG: pools["v_scales"]})
+            attn.update({attention_ops.K_SCALES_ARG: pools["k_scales"], attention_ops.V_SCALES_ARG: pools["v_scales"]})
+        found = layers[layer] = (write.with_args(changes), [attention[0].with_args(attn), *attention[1:]])
+        return found
+
+    def _qkv_launches(self, layer: int) -> tuple:
+        found = self._qkv_layers.get(layer) or self._derived(self._qkv_layers, layer)
+        if found is None:
+            cache, step, b = self.cache, self.step, self._buffers
+            pools = cache._pools(layer)
+            write = write_ops.qkv_launch(
+                self._queue, None, 0, step.buffers["slot_mapping"], step.buffers["positions"],
+                cache._k[layer].data, cache._v[layer].data, self._q_buf, pools["k_scales"], pools["v_scales"],
+                b["cos"], b["sin"], b["q_norm_weight"], b["k_norm_weight"], cache._status.data,
+                num_tokens=step.num_tokens, num_q_heads=self.num_q_heads, num_kv_heads=cache.num_kv_heads,
+                head_dim=cache.head_dim, block_size=cache.block_size,
+                num_slots=cache.num_blocks * cache.block_size,
+                max_position=0 if self._tables["cos"] is None else int(self._tables["cos"].shape[0]),
+                eps=self.eps, rope=self.rope, kvd=cache.dtype, int8_mode=INT8_MODE_AWAY)
+            found = self._qkv_layers[layer] = (write, self._attention(layer, self._q_buf))
+        return found
+
+    def _kv_launches(self, layer: int) -> tuple:
+        found = self._kv_layers.get(layer) or self._derived(self._kv_layers, layer)
+        if found is None:
+            cache, step = self.cache, self.step
+            pools = cache._pools(layer)
+            write = write_ops.kv_launch(
+                self._queue, None, 0, None, 0, step.buffers["slot_mapping"], cache._k[layer].data,
+                cache._v[layer].data, pools["k_scales"], pools["v_scales"], cache._status.data,
+                num_tokens=step.num_tokens, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
+                block_size=cache.block_size, kvd=cache.dtype, int8_mode=INT8_MODE_AWAY,
+                num_slots=cache.num_blocks * cache.block_size)
+            attention = self._attention(layer, None)
+            found = self._kv_layers[layer] = (write, attention)
+        return found
+
+    # ---- the calls ---------------------------------------------------------------------------
+
+    def attend_qkv(self, layer: int, qkv: np.ndarray, out: "np.ndarray | None" = None) -> np.ndarray:
+        """:meth:`PagedKVCache.attend_qkv` of this step's ``layer``: packed ``qkv`` [T, (Hq + 2 Hkv) D]
+        float32 (numpy) -> the attention output [T, Hq, D] (into ``out`` when given)."""
+        cache = self.cache
+        with cache._lock:
+            self._valid_step()
+            layer = self._layer(layer)
+            qkv = self._host("qkv", qkv, self.qkv_shape)
+            result = self._result(out)
+            if not self.step.num_tokens:
+                result[...] = 0
+                return result
+            write, attention = self._qkv_launches(layer)
+            buf = cl.Buffer(self._context, _RO_COPY, hostbuf=qkv)
+            q, k, v = write_ops.QKV_ARGS
+            queue = cache._use(self._queue)
+            enqueue(queue, [write.with_args({q: buf, k: buf, v: buf}), *attention])
+            cache._status_unread = True
+            return cache._read_back(self._out_buf, self.out_shape, queue, result)
+
+    def write_attend(self, layer: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray,
+                     out: "np.ndarray | None" = None) -> np.ndarray:
+        """:meth:`PagedKVCache.write` then :meth:`PagedKVCache.attend` of this step's ``layer``:
+        ``keys`` / ``values`` [T, Hkv, D], ``queries`` [T, Hq, D] float32 (numpy) -> [T, Hq, D]."""
+        cache = self.cache
+        with cache._lock:
+            self._valid_step()
+            layer = self._layer(layer)
+            keys = self._host("keys", keys, self.kv_shape)
+            values = self._host("values", values, self.kv_shape)
+            queries = self._host("queries", queries, self.out_shape)
+            result = self._result(out)
+            if not self.step.num_tokens:
+                result[...] = 0
+                return result
+            write, attention = self._kv_launches(layer)
+            kb = cl.Buffer(self._context, _RO_COPY, hostbuf=keys)
+            vb = cl.Buffer(self._context, _RO_COPY, hostbuf=values)
+            qb = cl.Buffer(self._context, _RO_COPY, hostbuf=queries)
+            k, v = write_ops.KV_ARGS
+            queue = cache._use(self._queue)
+            enqueue(queue, [write.with_args({k: kb, v: vb}),
+                            attention[0].with_args({attention_ops.QUERY_ARG: qb}), *attention[1:]])
+            cache._status_unread = True
+            return cache._read_back(self._out_buf, self.out_shape, queue, result)

@@ -1,0 +1,196 @@
+"""StepCalls (the per-layer hot path) and the inline companion device.
+
+* ``StepCalls.attend_qkv`` / ``write_attend`` are bit-identical to the engine's
+  ``attend_qkv`` / ``write`` + ``attend`` on twin caches, every dtype, inline and not, with
+  derived layers, rebinding to later steps and ragged batches;
+* bad input is refused with the cache byte-identical;
+* steps run on PoCL's in-thread companion when small, on the device's queue when large, and
+  mixing the two (a prefill on the worker threads, decode in-thread, a read-back) agrees with
+  the numpy reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvcl.engine import PagedKVCache, StaleStepError, inline_max_work
+from kvcl.errors import DtypeError, InvalidArgument, KvclError, NonFiniteError, ShapeError
+from kvcl.reference.decode_attention import _attend as reference_attend
+
+DTYPES = ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"]
+HKV, D, HQ, LAYERS = 2, 32, 4, 3
+
+
+def _tables(n=256):
+    pos = np.arange(n, dtype=np.float64)[:, None]
+    inv = 10000.0 ** (-np.arange(0, D, 2) / D)
+    return np.cos(pos * inv).astype(np.float32), np.sin(pos * inv).astype(np.float32)
+
+
+def _twins(device, dtype, inline, prefill=(21, 7)):
+    """Two caches with the same prefill (and the same sequence ids)."""
+    caches = []
+    for _ in range(2):
+        c = PagedKVCache(LAYERS, HKV, D, 32, 8, dtype, device=device)
+        c.inline_max_work = (1 << 40) if inline else 0
+        seqs = [c.add_sequence() for _ in prefill]
+        rng = np.random.default_rng(1)
+        st = c.plan(seqs, list(prefill))
+        for layer in range(LAYERS):
+            c.write(layer, st, rng.standard_normal((sum(prefill), HKV, D), np.float32),
+                    rng.standard_normal((sum(prefill), HKV, D), np.float32))
+        caches.append((c, seqs))
+    return caches
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inline", [False, True])
+def test_attend_qkv_bit_identical(device, dtype, inline):
+    (a, sa), (b, sb) = _twins(device, dtype, inline)
+    cos, sin = _tables()
+    rng = np.random.default_rng(2)
+    calls = None
+    for counts in ([1, 1], [3, 1], [1, 2]):        # decode, a ragged chunk, and back
+        qkv = rng.standard_normal((sum(counts), (HQ + 2 * HKV) * D), np.float32)
+        st_a, st_b = a.plan(sa, counts), b.plan(sb, counts)
+        assert st_b.inline == (inline and device.inline_queue is not None)
+        calls = b.step_calls(st_b, num_q_heads=HQ, rope="half", cos=cos, sin=sin) if calls is None \
+            else calls.rebind(st_b)
+        for layer in (2, 0, 1):                     # derived layers, in any order
+            want = a.attend_qkv(layer, st_a, qkv, num_q_heads=HQ, rope="half", cos=cos, sin=sin)
+            got = calls.attend_qkv(layer, qkv)
+            assert got.shape == (sum(counts), HQ, D)
+            np.testing.assert_array_equal(got, want)
+    assert a.snapshot() == b.snapshot()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inline", [False, True])
+def test_write_attend_bit_identical(device, dtype, inline):
+    (a, sa), (b, sb) = _twins(device, dtype, inline)
+    rng = np.random.default_rng(3)
+    for counts in ([1, 1], [2, 3]):
+        t = sum(counts)
+        k, v = (rng.standard_normal((t, HKV, D), np.float32) for _ in range(2))
+        q = rng.standard_normal((t, HQ, D), np.float32)
+        st_a, st_b = a.plan(sa, counts), b.plan(sb, counts)
+        calls = b.step_calls(st_b, num_q_heads=HQ, scale=0.3, window=9)
+        out = np.empty((t, HQ, D), np.float32)
+        for layer in range(LAYERS):
+            a.write(layer, st_a, k, v)
+            want = a.attend(layer, st_a, q, scale=0.3, window=9)
+            got = calls.write_attend(layer, k, v, q, out=out)
+            assert got is out
+            np.testing.assert_array_equal(got, want)
+    assert a.snapshot() == b.snapshot()
+
+
+def test_refusals_change_nothing(device):
+    ((c, seqs),) = _twins(device, "int8", True)[:1]
+    st = c.plan(seqs, [1, 1])
+    cos, sin = _tables()
+    calls = c.step_calls(st, num_q_heads=HQ, rope="half", cos=cos, sin=sin)
+    before = c.snapshot()
+    good = np.zeros((2, (HQ + 2 * HKV) * D), np.float32)
+    nan = good.copy()
+    nan[1, 5] = np.nan
+    bad = [
+        (lambda: calls.attend_qkv(0, good[:1]), ShapeError, "qkv"),
+        (lambda: calls.attend_qkv(0, good.astype(np.float64)), DtypeError, "qkv"),
+        (lambda: calls.attend_qkv(0, nan), NonFiniteError, "qkv"),
+        (lambda: calls.attend_qkv(0, [[0.0]]), DtypeError, "qkv"),
+        (lambda: calls.attend_qkv(LAYERS, good), KvclError, "layer"),
+        (lambda: calls.attend_qkv(-1, good), KvclError, "layer"),
+        (lambda: calls.attend_qkv(0, good, out=np.zeros((2, HQ, D + 1), np.float32)), ShapeError, "out"),
+        (lambda: calls.write_attend(0, good, good, good), ShapeError, "keys"),
+        (lambda: c.step_calls(st, num_q_heads=3), InvalidArgument, "num_q_heads"),
+        (lambda: c.step_calls(st, num_q_heads=HQ, rope="spiral"), InvalidArgument, "rope"),
+        (lambda: c.step_calls(st, num_q_heads=HQ, rope="half", cos=cos[:, :3], sin=sin), ShapeError, "cos"),
+        (lambda: c.step_calls(st, num_q_heads=HQ, rope="half", cos=cos[:10], sin=sin[:10]), ShapeError, "cos"),
+        (lambda: c.step_calls("step", num_q_heads=HQ), DtypeError, "step"),
+    ]
+    for call, err, name in bad:
+        with pytest.raises(err, match=name):
+            call()
+        assert c.snapshot() == before, name
+    # a stale step: one of its sequences planned again
+    c.plan(seqs[:1], [1])
+    before = c.snapshot()
+    with pytest.raises(StaleStepError):
+        calls.attend_qkv(0, good)
+    assert c.snapshot() == before
+
+
+def test_device_arrays_refused(device):
+    import pyopencl.array as cla
+    ((c, seqs),) = _twins(device, "fp32", False)[:1]
+    st = c.plan(seqs, [1, 1])
+    calls = c.step_calls(st, num_q_heads=HQ)
+    x = cla.zeros(device.queue, (2, HKV, D), np.float32)
+    with pytest.raises(InvalidArgument, match="numpy"):
+        calls.write_attend(0, x, x, cla.zeros(device.queue, (2, HQ, D), np.float32))
+
+
+def test_inline_companion_and_mixed_queues(device):
+    """A long prefill on the device's queue, short decode steps in-thread, a long step again,
+    and a read-back: every output equals the numpy reference of the stored K/V."""
+    c = PagedKVCache(1, HKV, D, 64, 8, "fp32", device=device)
+    companion = device.inline_queue is not None        # PoCL only; elsewhere every step is on the queue
+    c.inline_max_work = 40 * 2 * HKV * D            # steps over 40 cached tokens go to the workers
+    s = c.add_sequence()
+    rng = np.random.default_rng(4)
+    ks, vs = [], []
+    for n, inline in ((30, False), (1, True), (1, True), (20, False), (1, False)):
+        # prefill of 30 attends 30 x 30 / 2 tokens: the workers; then 31, 32 tokens in-thread;
+        # 20 more new tokens over 52: the workers; 53 > 40: the workers
+        st = c.plan([s], [n])
+        assert st.inline == (inline and companion), (n, st.inline)
+        k, v = (rng.standard_normal((n, HKV, D), np.float32) for _ in range(2))
+        q = rng.standard_normal((n, HQ, D), np.float32)
+        ks.append(k)
+        vs.append(v)
+        out = c.step_calls(st, num_q_heads=HQ).write_attend(0, k, v, q)
+        K, V = np.concatenate(ks), np.concatenate(vs)
+        want = reference_attend(q, K, V, 1.0 / np.sqrt(D), 0)
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    k_back, v_back = c.read(0, s)
+    np.testing.assert_array_equal(k_back, np.concatenate(ks))
+    np.testing.assert_array_equal(v_back, np.concatenate(vs))
+
+
+def test_inline_max_work_formula():
+    assert inline_max_work(1) >= 1 << 60              # one core: the workers never win
+    two, many = inline_max_work(2), inline_max_work(64)
+    assert two == 2 * inline_max_work(10 ** 9) and many < two
+
+
+def test_companion_not_listed():
+    import kvcl
+    names = [d.name.lower() for d in kvcl.devices()]
+    assert not any(n.startswith("basic") for n in names), names
+
+
+def test_a_deleted_cache_releases_its_buffers(device):
+    # the launchers remember each kernel's last arguments (to skip unchanged ones): a collected
+    # cache's pools must not stay alive in there until each kernel runs again
+    import gc
+
+    from kvcl.ops import _launch
+    c = PagedKVCache(2, HKV, D, 16, 8, "int8", device=device)
+    s = c.add_sequence()
+    st = c.plan([s], [3])
+    rng = np.random.default_rng(5)
+    for layer in range(2):
+        c.write(layer, st, rng.standard_normal((3, HKV, D), np.float32), rng.standard_normal((3, HKV, D), np.float32))
+        c.attend(layer, st, rng.standard_normal((3, HQ, D), np.float32))
+    pools = [a.data for a in (*c._k, *c._v, *c._ks, *c._vs)]
+    handles = {(id(b), b.int_ptr) for b in pools}
+
+    def held():
+        return [a for _, args in _launch._last_args.values() for a in args
+                if (id(a), getattr(a, "int_ptr", None)) in handles]
+    assert held(), "the test needs kernels that remember this cache's pools"
+    del c, st, pools
+    gc.collect()
+    assert held() == []
