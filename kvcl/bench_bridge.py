@@ -11,7 +11,7 @@ __all__ = ["bridge_model", "bridge_records", "format_bridge"]
 
 #: the per-phase fields of a bridge row (kvcl.onnx.timing)
 _BREAKDOWN = ("graph_ms", "op_ms", "plan_ms", "device_ms", "python_us_per_layer", "hook_us",
-              "fixed_us_per_layer", "inline")
+              "fixed_us_per_layer", "inline", "speedup_ceiling")
 
 
 def bridge_model(spec, contexts, print_fn):
@@ -76,13 +76,15 @@ def format_bridge(records: list[Record]) -> str:
             v = e.get(key, float("nan"))
             return "-" if v != v else fmt.format(v)
         rows.append((str(r.shape.get("model", "")).split(":")[0], str(r.shape["context"]), f"{r.seconds * 1e3:.2f}",
-                     f"{e['reference_seconds'] * 1e3:.2f}", f"{r.speedup:.2f}x", f("graph_ms"), f("op_ms"),
+                     f"{e['reference_seconds'] * 1e3:.2f}", f"{r.speedup:.2f}x", f("speedup_ceiling", "{:.2f}x"),
+                     f("graph_ms"), f("op_ms"),
                      f("plan_ms", "{:.3f}"), f("device_ms"), f("python_us_per_layer", "{:.0f}"),
                      f("hook_us", "{:.0f}"), f("fixed_us_per_layer", "{:.0f}"), "yes" if e.get("inline") else "no"))
     if not rows:
         return ""
     return ("\n\nONNX bridge, per decode step (ms) and per layer (µs): graph = the rewritten model with the op "
-            "bodies stubbed (onnxruntime + hook); ops = inside the kvcl ops, of which plan and device (kernels "
-            "+ blocking reads); fixed = python + hook per layer (P8 <= 60 µs); inline = PoCL's in-thread device\n"
-            + format_table(["model", "context", "bridge", "original", "speedup", "graph", "ops", "plan", "device",
-                            "python/layer", "hook", "fixed/layer", "inline"], rows, align="llrrrrrrrrrrl"))
+            "bodies stubbed (onnxruntime + hook); ceiling = original / graph, the speedup with ops that cost "
+            "nothing; ops = inside the kvcl ops, of which plan and device (kernels + blocking reads); fixed = "
+            "python + hook per layer (P8 <= 60 µs); inline = PoCL's in-thread device\n"
+            + format_table(["model", "context", "bridge", "original", "speedup", "ceiling", "graph", "ops", "plan",
+                            "device", "python/layer", "hook", "fixed/layer", "inline"], rows, align="llrrrrrrrrrrrl"))

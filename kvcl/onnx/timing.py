@@ -18,6 +18,8 @@ per layer):
 ``fixed_us_per_layer``   ``python_us_per_layer + hook_us``: what the bridge adds to a layer
                        around its kernels (targets.md P8: <= 60 µs)
 ``inline``             whether the decode steps ran on the device's in-thread companion
+``speedup_ceiling``    ``reference_ms / graph_ms``: the speedup if the kvcl ops cost nothing (the
+                       rest of the rewritten graph bounds it)
 =====================  ============================================================================
 """
 
@@ -91,6 +93,7 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 256, 4096), batch: 
                          "graph_ms": row["graph_ms"], "op_ms": row["op_ms"], "plan_ms": row["plan_ms"],
                          "device_ms": row["device_ms"], "python_us_per_layer": python_us, "hook_us": hook,
                          "fixed_us_per_layer": python_us + hook, "inline": row["inline"],
+                         "speedup_ceiling": ref_ms / row["graph_ms"] if row["graph_ms"] else float("nan"),
                          "kv_bytes": 2 * layers * batch * ctx * hkv * gen.cache.dtype.row_bytes(d)})
     finally:
         gen.close()
