@@ -4,7 +4,7 @@ Per layer it owns two device pools ``[num_blocks, num_kv_heads, block_size, head
 (K and V) in the chosen storage dtype, plus ``[num_blocks, num_kv_heads, block_size]`` float32
 scales for int8. Host bookkeeping (:mod:`kvcl.paging`) decides which slots each token uses;
 the kernels (:mod:`kvcl.ops`) write and attend. A step's metadata (slot mapping, page table)
-is uploaded once by :meth:`PagedKVCache.plan` and reused by every layer.
+is uploaded once by :meth:`~kvcl.engine.PagedKVCache.plan` and reused by every layer.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def _config(cache) -> dict:
 
 def save_cache(cache, path) -> int:
     """Write ``cache`` to ``path`` (atomic, see :func:`kvcl.archive.write_archive`); its size.
-    Call with the cache's lock held (:meth:`PagedKVCache.save` does)."""
+    Call with the cache's lock held (:meth:`~kvcl.engine.PagedKVCache.save` does)."""
     cache.synchronize()
     arrays = {}
     for layer in range(cache.num_layers):

@@ -28,8 +28,8 @@ class StaleStepError(KvclError, ValueError):
 class Step:
     """One planned step: the slots of the new tokens and the page table after them.
 
-    Made by :meth:`PagedKVCache.plan`; pass it to :meth:`~PagedKVCache.write`,
-    :meth:`~PagedKVCache.write_qkv` and :meth:`~PagedKVCache.attend` for every layer.
+    Made by :meth:`~kvcl.engine.PagedKVCache.plan`; pass it to :meth:`~kvcl.engine.PagedKVCache.write`,
+    :meth:`~kvcl.engine.PagedKVCache.write_qkv` and :meth:`~kvcl.engine.PagedKVCache.attend` for every layer.
     The metadata lives on the device once; the host copy is :attr:`plan`.
 
     Attributes
@@ -90,7 +90,7 @@ INLINE_WORK_MANY_CORES = 3 << 19
 
 
 def inline_max_work(compute_units: int) -> int:
-    """The default :attr:`PagedKVCache.inline_max_work` for a device of ``compute_units``.
+    """The default :attr:`~kvcl.engine.PagedKVCache.inline_max_work` for a device of ``compute_units``.
 
     In-thread, a step of W elements takes W / r (r: one core's rate); on the worker threads
     L + W / (r · cu) (L: the handoff, 35-70 µs per blocking call). They cross at

@@ -3,12 +3,12 @@
 A decoder calls the cache once per layer and step with the same step, the same heads, RoPE
 tables and scale: only the layer index and that layer's new rows change. :class:`StepCalls`
 checks everything else once, when it is made, and keeps each layer's kernel launches ready
-(:class:`kvcl.ops._launch.Launch`), so that a call costs what varies: the layer index, the
+(``kvcl.ops._launch.Launch``), so that a call costs what varies: the layer index, the
 inputs' shape, dtype and finiteness, their upload, two enqueues and one blocking read.
 
-Results are bit-identical to :meth:`PagedKVCache.attend_qkv` and to :meth:`PagedKVCache.write`
-then :meth:`PagedKVCache.attend` (same kernels, same launch layout, same arguments). A call
-refused for bad input changes nothing. Made by :meth:`PagedKVCache.step_calls`; it stays
+Results are bit-identical to :meth:`~kvcl.engine.PagedKVCache.attend_qkv` and to :meth:`~kvcl.engine.PagedKVCache.write`
+then :meth:`~kvcl.engine.PagedKVCache.attend` (same kernels, same launch layout, same arguments). A call
+refused for bad input changes nothing. Made by :meth:`~kvcl.engine.PagedKVCache.step_calls`; it stays
 valid while its step does (a step is stale once one of its sequences is freed or planned
 again: the call then raises :class:`kvcl.step.StaleStepError`).
 """
@@ -49,7 +49,7 @@ class StepCalls:
         :meth:`attend_qkv` only, with ``cos`` / ``sin`` [max_position, head_dim / 2] float32
         (numpy or device arrays; host tables are uploaded here, once).
     q_norm_weight, k_norm_weight, eps
-        :meth:`attend_qkv` only, as in :meth:`PagedKVCache.write_qkv`.
+        :meth:`attend_qkv` only, as in :meth:`~kvcl.engine.PagedKVCache.write_qkv`.
     window : int
         Sliding window (0: none).
     scale : float, optional
@@ -218,7 +218,7 @@ class StepCalls:
     # ---- the calls ---------------------------------------------------------------------------
 
     def attend_qkv(self, layer: int, qkv: np.ndarray, out: "np.ndarray | None" = None) -> np.ndarray:
-        """:meth:`PagedKVCache.attend_qkv` of this step's ``layer``: packed ``qkv`` [T, (Hq + 2 Hkv) D]
+        """:meth:`~kvcl.engine.PagedKVCache.attend_qkv` of this step's ``layer``: packed ``qkv`` [T, (Hq + 2 Hkv) D]
         float32 (numpy) -> the attention output [T, Hq, D] (into ``out`` when given)."""
         cache = self.cache
         with cache._lock:
@@ -239,7 +239,7 @@ class StepCalls:
 
     def write_attend(self, layer: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray,
                      out: "np.ndarray | None" = None) -> np.ndarray:
-        """:meth:`PagedKVCache.write` then :meth:`PagedKVCache.attend` of this step's ``layer``:
+        """:meth:`~kvcl.engine.PagedKVCache.write` then :meth:`~kvcl.engine.PagedKVCache.attend` of this step's ``layer``:
         ``keys`` / ``values`` [T, Hkv, D], ``queries`` [T, Hq, D] float32 (numpy) -> [T, Hq, D]."""
         cache = self.cache
         with cache._lock:

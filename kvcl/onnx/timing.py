@@ -4,23 +4,23 @@ step's time goes, and the custom-op hook's own cost (:func:`hook_overhead_us`).
 Where a step goes (the fields of a :func:`bench_step` row, all per decode step unless named
 per layer):
 
-=====================  ============================================================================
-``bridge_ms``          the rewritten model's step through :class:`~kvcl.onnx.Generator`
-``reference_ms``       the original export fed past_key_values (numpy in, ``present.*`` back)
-``graph_ms``           the rewritten model with the kvcl op bodies swapped for zeros of the right
-                       shape: onnxruntime's own graph plus the custom-op hook, no kvcl work
-``op_ms``              inside the kvcl op bodies (what ``bridge_ms - graph_ms`` should be)
-``plan_ms``            inside :meth:`PagedKVCache.plan` (once per step, in the first layer's op)
-``device_ms``          inside the device calls of the ops: the kernels' enqueue and the blocking
-                       read of each output (on PoCL's in-thread device, the kernels run there)
-``python_us_per_layer``  ``(op_ms - device_ms) / layers``: checks, bookkeeping, copies
-``hook_us``            the custom-op hook per call (:func:`hook_overhead_us`, same run)
-``fixed_us_per_layer``   ``python_us_per_layer + hook_us``: what the bridge adds to a layer
-                       around its kernels (targets.md P8: <= 60 µs)
-``inline``             whether the decode steps ran on the device's in-thread companion
-``speedup_ceiling``    ``reference_ms / graph_ms``: the speedup if the kvcl ops cost nothing (the
-                       rest of the rewritten graph bounds it)
-=====================  ============================================================================
+=========================  ============================================================================
+``bridge_ms``              the rewritten model's step through :class:`~kvcl.onnx.Generator`
+``reference_ms``           the original export fed past_key_values (numpy in, ``present.*`` back)
+``graph_ms``               the rewritten model with the kvcl op bodies swapped for zeros of the right
+                           shape: onnxruntime's own graph plus the custom-op hook, no kvcl work
+``op_ms``                  inside the kvcl op bodies (what ``bridge_ms - graph_ms`` should be)
+``plan_ms``                inside :meth:`~kvcl.engine.PagedKVCache.plan` (once per step, in the first layer's op)
+``device_ms``              inside the device calls of the ops: the kernels' enqueue and the blocking
+                           read of each output (on PoCL's in-thread device, the kernels run there)
+``python_us_per_layer``    ``(op_ms - device_ms) / layers``: checks, bookkeeping, copies
+``hook_us``                the custom-op hook per call (:func:`hook_overhead_us`, same run)
+``fixed_us_per_layer``     ``python_us_per_layer + hook_us``: what the bridge adds to a layer
+                           around its kernels (targets.md P8: <= 60 µs)
+``inline``                 whether the decode steps ran on the device's in-thread companion
+``speedup_ceiling``        ``reference_ms / graph_ms``: the speedup if the kvcl ops cost nothing (the
+                           rest of the rewritten graph bounds it)
+=========================  ============================================================================
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 256, 4096), batch: 
                 with gen._lock:
                     st = gen.cache.plan(seqs, [ctx] * batch)
                     for layer in range(layers):
-                        k = np.ascontiguousarray(kv[2 * layer].transpose(0, 2, 1, 3).reshape(batch * ctx, hkv, d))
-                        v = np.ascontiguousarray(kv[2 * layer + 1].transpose(0, 2, 1, 3).reshape(batch * ctx, hkv, d))
-                        gen.cache.write(layer, st, k, v)
+                            k = np.ascontiguousarray(kv[2 * layer].transpose(0, 2, 1, 3).reshape(batch * ctx, hkv, d))
+                            v = np.ascontiguousarray(kv[2 * layer + 1].transpose(0, 2, 1, 3).reshape(batch * ctx, hkv, d))
+                            gen.cache.write(layer, st, k, v)
                     gen.cache.synchronize()
                     del kv
                     row = _bridge_step(gen, seqs, warmup, steps, rng)
@@ -88,13 +88,13 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 256, 4096), batch: 
                     gen.cache.free(s)
             python_us = (row["op_ms"] - row["device_ms"]) / layers * 1e3
             rows.append({"context": ctx, "batch": batch, "kv_dtype": gen.kv_dtype, "layers": layers,
-                         "bridge_ms": row["bridge_ms"], "reference_ms": ref_ms,
-                         "speedup": ref_ms / row["bridge_ms"] if row["bridge_ms"] else float("nan"),
-                         "graph_ms": row["graph_ms"], "op_ms": row["op_ms"], "plan_ms": row["plan_ms"],
-                         "device_ms": row["device_ms"], "python_us_per_layer": python_us, "hook_us": hook,
-                         "fixed_us_per_layer": python_us + hook, "inline": row["inline"],
-                         "speedup_ceiling": ref_ms / row["graph_ms"] if row["graph_ms"] else float("nan"),
-                         "kv_bytes": 2 * layers * batch * ctx * hkv * gen.cache.dtype.row_bytes(d)})
+                             "bridge_ms": row["bridge_ms"], "reference_ms": ref_ms,
+                             "speedup": ref_ms / row["bridge_ms"] if row["bridge_ms"] else float("nan"),
+                             "graph_ms": row["graph_ms"], "op_ms": row["op_ms"], "plan_ms": row["plan_ms"],
+                             "device_ms": row["device_ms"], "python_us_per_layer": python_us, "hook_us": hook,
+                             "fixed_us_per_layer": python_us + hook, "inline": row["inline"],
+                             "speedup_ceiling": ref_ms / row["graph_ms"] if row["graph_ms"] else float("nan"),
+                             "kv_bytes": 2 * layers * batch * ctx * hkv * gen.cache.dtype.row_bytes(d)})
     finally:
         gen.close()
     return rows
@@ -184,7 +184,7 @@ def hook_overhead_us(q_shape: Sequence[int] = (1, 32, 1, 128), kv_heads: int = 8
         return m.SerializeToString()
 
     op = helper.make_node(customop.OP_TYPE, ["q", "k", "v", STEP_INPUT], ["o"], domain=customop.OP_DOMAIN,
-                          handle="unused", layer=0, scale=1.0)
+                              handle="unused", layer=0, scale=1.0)
     ident = helper.make_node("Identity", ["q"], ["o"])
     rng = np.random.default_rng(0)
     feed = {"q": rng.standard_normal(q_shape, np.float32),
@@ -231,7 +231,7 @@ def _clocked(fn, name):
 
 
 def _enable_timing() -> None:
-    """Wrap the op bodies, :meth:`PagedKVCache.plan` and the ops' device calls with clocks (a few
+    """Wrap the op bodies, :meth:`~kvcl.engine.PagedKVCache.plan` and the ops' device calls with clocks (a few
     100 ns per call), for :func:`bench_step`."""
     if _ENABLED or not customop.HAVE_EXTENSIONS:
         return
