@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= pocl,onnx,docs,dev
+EXTRAS ?= pocl,onnx,serve,docs,dev
 
 .PHONY: demo test test-fast bench docs devices clean
 

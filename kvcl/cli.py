@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_demo)
     from .onnx.cli import add_commands
     add_commands(sub)             # kvcl onnx rewrite | generate | bench, kvcl generate
+    from .serve import add_command as add_serve
+    add_serve(sub)                # kvcl serve
     p = sub.add_parser("bench", help="kernel speed vs the device's streaming-read bandwidth and vs peers")
     p.add_argument("--device", default=None, help="device index 'P:D' or name substring")
     p.add_argument("--json", metavar="PATH", help="write one JSON record per case")

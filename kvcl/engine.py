@@ -202,6 +202,12 @@ class PagedKVCache:
         with self._lock:
             return self._book.seq_len(seq_id)
 
+    def blocks_needed(self, seq_ids: Sequence[int], num_new_tokens: Sequence[int]) -> int:
+        """Blocks :meth:`plan` would take for this batch (a scheduler compares it with
+        :attr:`num_free_blocks`); validates like :meth:`plan`, changes nothing."""
+        with self._lock:
+            return self._book.blocks_needed(seq_ids, num_new_tokens)
+
     @property
     def num_free_blocks(self) -> int:
         """Blocks available to new tokens (evictable cached prefix blocks included)."""

@@ -45,32 +45,87 @@ def _cmd_rewrite(args) -> int:
     return 0
 
 
+def _stop_arg(values: "list[str] | None"):
+    """``--stop``: None (the model's own ids), [] for ``none``, else the ids given."""
+    if values is None:
+        return "auto"
+    ids = []
+    for v in values:
+        if v.strip().lower() == "none":
+            return None
+        for part in v.split(","):
+            if not part.strip().isdigit():
+                raise argparse.ArgumentTypeError(f"--stop: expected token ids >= 0 or 'none', got {v!r}")
+            ids.append(int(part))
+    return ids
+
+
 def _cmd_generate(args) -> int:
     from .generate import Generator
+    if (args.prompt_ids is None) == (args.prompt is None):
+        print("kvcl: give the prompt as text (--prompt) or as token ids (--prompt-ids), one of them",
+              file=sys.stderr)
+        return 2
     try:
-        prompts = _prompts(args.prompt_ids)
+        prompts = _prompts(args.prompt_ids) if args.prompt_ids is not None else None
+        stop = _stop_arg(args.stop)
     except argparse.ArgumentTypeError as exc:
         print(f"kvcl: {exc}", file=sys.stderr)
         return 2
-    need = sum(len(p) for p in prompts) + len(prompts) * args.max_new_tokens
-    gen = Generator(args.model, kv_dtype=args.kv_dtype, device=args.device,
-                    max_tokens=max(args.max_tokens, need))
+    gen = Generator(args.model, kv_dtype=args.kv_dtype, device=args.device, max_tokens=args.max_tokens,
+                    tokenizer=args.tokenizer or "auto")
     try:
-        res = gen.generate(prompts, args.max_new_tokens, do_sample=args.do_sample,
-                           temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                           progress=not args.quiet)
+        if prompts is None:
+            prompts = gen.encode_prompts(args.prompt, chat=args.chat)
+        need = sum(len(p) for p in prompts) + len(prompts) * args.max_new_tokens
+        if need > gen.max_tokens:   # the cache is sized by the request, as before
+            gen.close()
+            gen = Generator(args.model, kv_dtype=args.kv_dtype, device=args.device, max_tokens=need,
+                            tokenizer=args.tokenizer or "auto")
+        options = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                       stop_ids=stop)
+        live = gen.tokenizer is not None and len(prompts) == 1 and not args.json
+        if live:   # one prompt, a tokenizer: stream the text as it comes
+            return _stream_text(gen, prompts[0], args.max_new_tokens, options)
+        res = gen.generate(prompts, args.max_new_tokens, progress=not args.quiet, **options)
     finally:
         gen.close()
     if args.json:
-        print(json.dumps({"tokens": res.tokens.tolist(), "prompt_lengths": res.prompt_lengths,
-                          "seconds": res.seconds, "kv_dtype": gen.kv_dtype}))
+        out = {"tokens": res.tokens.tolist(), "lengths": res.lengths, "prompt_lengths": res.prompt_lengths,
+               "seconds": res.seconds, "kv_dtype": gen.kv_dtype}
+        if res.texts is not None:
+            out["texts"] = res.texts
+        print(json.dumps(out))
     else:
-        for i, row in enumerate(res.tokens.tolist()):
-            print(f"[{i}] " + " ".join(str(t) for t in row))
+        for i, (row, n) in enumerate(zip(res.tokens.tolist(), res.lengths)):
+            print(f"[{i}] " + (res.texts[i] if res.texts is not None else " ".join(str(t) for t in row[:n])))
         steps = res.tokens.shape[1]
         if steps:
             print(f"{steps} tokens x {len(prompts)} prompts in {res.seconds:.2f} s "
                   f"({res.seconds / steps * 1e3:.1f} ms/step, kv {gen.kv_dtype})", file=sys.stderr)
+    return 0
+
+
+def _stream_text(gen, prompt: "list[int]", max_new_tokens: int, options: dict) -> int:
+    """Print the continuation of one prompt token by token (whole characters only)."""
+    import time
+
+    from ..tokenizer import IncrementalDecoder
+    dec = IncrementalDecoder(gen.tokenizer)
+    stops = gen._stop_set(options["stop_ids"])
+    t0, n = time.perf_counter(), 0
+    for out in gen.stream([prompt], max_new_tokens, **options):
+        tok = int(out.tokens[0])
+        n += 1
+        if tok in stops:
+            break
+        sys.stdout.write(dec.push(tok))
+        sys.stdout.flush()
+    sys.stdout.write(dec.flush() + "\n")
+    sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    if n:
+        print(f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tok/s, kv {gen.kv_dtype})", file=sys.stderr)
     return 0
 
 
@@ -89,10 +144,20 @@ def _cmd_bench(args) -> int:
 
 
 def _add_generate_args(p) -> None:
-    p.add_argument("model", help="an ONNX export with past_key_values I/O, or a rewritten model")
-    p.add_argument("--prompt-ids", action="append", required=True, metavar="IDS",
+    p.add_argument("model", help="an ONNX export with past_key_values I/O, a rewritten model, a folder "
+                                 "holding model.onnx (and its tokenizer), or a known model's name (smollm2)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt text (needs tokenizer.json beside the model or --tokenizer; repeat for a batch)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each --prompt as a user message with the model's chat template")
+    p.add_argument("--prompt-ids", action="append", metavar="IDS",
                    help="token ids of one prompt, comma-separated (repeat the flag, or separate "
                         "prompts with ';', for a batch)")
+    p.add_argument("--tokenizer", metavar="FOLDER", default=None,
+                   help="folder with tokenizer.json (default: the model's folder)")
+    p.add_argument("--stop", action="append", metavar="IDS",
+                   help="stop at these token ids (comma-separated; 'none': never stop early; "
+                        "default: the model's eos_token_id from generation_config.json / config.json)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default=None,
                    help="KV storage (default: the one a rewritten model records, else fp32)")

@@ -214,11 +214,24 @@ def kvcl_attention(q, k_new, v_new, step, handle, layer, scale):
     return result
 
 
+def _step_key(step: np.ndarray, s: int) -> bytes:
+    return np.ascontiguousarray(step, np.int64).tobytes() + int(s).to_bytes(8, "little")
+
+
+def bind_planned(binding, step_input: np.ndarray, s: int, planned: Any) -> None:
+    """Hand the op a step its caller planned already (with token ids, for prefix caching):
+    the layers of a run fed ``step_input`` (padded to ``s`` tokens) use ``planned``."""
+    lens = np.asarray(step_input[2], np.int64)
+    binding.step = planned
+    binding.step_key = _step_key(step_input, s)
+    binding.step_lens = (lens, bool(np.all(lens == s)))
+
+
 def _step_calls(binding, cache, step: np.ndarray, s: int, kind: tuple, **options):
     """The :class:`kvcl.stepcalls.StepCalls` of ``step`` for ops of ``kind``, the new lengths and
     whether every row is valid. The step is planned (and its rows checked) by the first layer
     that sees it; the other layers of the step find it by its bytes."""
-    key = np.ascontiguousarray(step, np.int64).tobytes() + s.to_bytes(8, "little")
+    key = _step_key(step, s)
     if binding.step_key != key or binding.step is None:
         seq_ids, past, lens = (np.asarray(r, np.int64) for r in step)
         if np.any(lens < 0) or np.any(lens > s):

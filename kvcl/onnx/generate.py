@@ -9,14 +9,18 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import DtypeError, InvalidArgument, OutOfRangeError
+from ..sampling import SamplingParams, check_sampling, sample
 from ..validate import check_int
 from . import customop
-from .customop import STEP_INPUT, raise_pending, register_cache, unregister_cache
+from .customop import STEP_INPUT, bind_planned, raise_pending, register_cache, unregister_cache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..scheduler import Scheduler
 
 __all__ = ["Generator", "GenerationResult", "StepOutput", "ReferenceRunner"]
 
@@ -101,26 +105,13 @@ def _check_prompts(input_ids, vocab_size: "int | None" = None) -> list[list[int]
     return prompts
 
 
-def _check_sampling(do_sample: bool, temperature: float, top_k: "int | None") -> None:
-    """Refuse bad sampling options before a step runs (a refused call changes nothing)."""
-    if do_sample and not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
-        raise InvalidArgument(f"temperature: expected a finite float > 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise InvalidArgument(f"top_k: expected None or an int >= 1, got {top_k!r}")
-
-
-def _pick(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None, rng) -> np.ndarray:
-    """Next token per row of ``logits`` [B, V]."""
-    if not do_sample:
-        return np.argmax(logits, axis=-1).astype(np.int64)
-    z = logits.astype(np.float64) / temperature
-    if top_k is not None and 0 < top_k < z.shape[-1]:
-        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
-        z = np.where(z < kth, -np.inf, z)
-    z -= z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(p.shape[-1], p=row) for row in p], np.int64)
+def _check_sampling(do_sample: bool, temperature: float, top_k: "int | None") -> SamplingParams:
+    """The :class:`~kvcl.sampling.SamplingParams` of the lockstep options (refused before a step runs)."""
+    if do_sample:
+        check_sampling(temperature, top_k, greedy_ok=False)
+        return SamplingParams(float(temperature), top_k)
+    check_sampling(1.0, top_k)
+    return SamplingParams()
 
 
 @dataclass
@@ -140,6 +131,10 @@ class GenerationResult:
     logits: np.ndarray | None = None
     prompt_lengths: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    #: generated tokens per prompt, the stop token included (rows after it repeat it)
+    lengths: list[int] = field(default_factory=list)
+    #: the decoded continuations, when the Generator has a tokenizer
+    texts: "list[str] | None" = None
 
 
 class Generator:
@@ -168,20 +163,45 @@ class Generator:
         Synthetic 4-layer decoder, dev VM, 5 rounds: 4096 tokens 9.5-12.6 ms per step spinning,
         7.7-9.1 ms not spinning, 7.4-7.9 ms spinning at nice 19; 16 tokens 1.7-2.6 ms spinning
         (either nice), 2.2-3.3 ms not. ``None`` leaves them alone (the default on other devices).
+    tokenizer : "auto", str, Path, kvcl.Tokenizer or None
+        Text in and out (:class:`kvcl.tokenizer.Tokenizer`): "auto" loads ``tokenizer.json``
+        found beside the model file, if any; a path names the folder; None: token ids only.
+    prefix_caching : bool
+        Keep full blocks of finished sequences for later prompts with the same prefix (what the
+        :meth:`scheduler` shares between requests); off by default for :meth:`generate`.
+
+    Attributes
+    ----------
+    stop_ids : list of int
+        End-of-sequence ids of the model (its folder's ``generation_config.json`` /
+        ``config.json``, or the tokenizer's ``eos_token``): where ``stop_ids="auto"`` stops.
 
     A Generator runs one call at a time (calls from several threads are serialised).
     """
 
     def __init__(self, model: Any, *, kv_dtype: "str | None" = "fp32", device: Any = None,
                  max_tokens: int = 4096, block_size: int = 16, threads: int | None = None,
-                 worker_nice: "int | None | str" = "auto"):
+                 worker_nice: "int | None | str" = "auto", tokenizer: Any = "auto",
+                 prefix_caching: bool = False):
         from ..engine import PagedKVCache
+        from ..tokenizer import Tokenizer, find_tokenizer, stop_token_ids
+        from .models import resolve_model
         from .rewrite import _load, is_rewritten, model_info, rewrite
 
         if not customop.HAVE_EXTENSIONS:
             raise ImportError("kvcl.onnx.Generator needs onnxruntime-extensions: pip install 'kvcl[onnx]'")
         if worker_nice not in ("auto", None):
             worker_nice = check_int("worker_nice", worker_nice, low=0, high=20)
+        model = resolve_model(model)
+        path = model if isinstance(model, (str, os.PathLike)) else None
+        if tokenizer == "auto":
+            folder = find_tokenizer(path) if path is not None else None
+            tokenizer = Tokenizer(folder) if folder is not None else None
+        elif tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        stops = stop_token_ids(path) if path is not None else []
+        self.stop_ids: list[int] = stops or (list(tokenizer.stop_ids) if tokenizer is not None else [])
         proto = _load(model)
         if not is_rewritten(proto):
             proto = rewrite(proto, kv_dtype=kv_dtype or "fp32")
@@ -200,7 +220,7 @@ class Generator:
         num_blocks = math.ceil(self.max_tokens / block_size) + 16
         self.cache = PagedKVCache(self.info["num_layers"], self.info["num_kv_heads"], self.info["head_dim"],
                                   num_blocks, block_size, kv_dtype, device=device,
-                                  enable_prefix_caching=False)
+                                  enable_prefix_caching=bool(prefix_caching))
         self.kv_dtype = self.cache.dtype.name
         self.binding = register_cache(self.handle, self.cache)
         customop.register_tables(self.handle, proto)   # RoPE tables of kvcl::AttentionQKVRope, once
@@ -228,8 +248,10 @@ class Generator:
 
     # ---- one forward pass ------------------------------------------------------------------
 
-    def _run(self, seq_ids: Sequence[int], past: Sequence[int], tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """Run the graph on right-padded new tokens; return logits [B, S, vocab]."""
+    def _run(self, seq_ids: Sequence[int], past: Sequence[int], tokens: Sequence[Sequence[int]],
+             planned: Any = None) -> np.ndarray:
+        """Run the graph on right-padded new tokens; return logits [B, S, vocab]. ``planned``:
+        the step, already planned on the cache by the caller (else the first op plans it)."""
         b = len(seq_ids)
         lens = [len(t) for t in tokens]
         s = max(lens)
@@ -237,7 +259,7 @@ class Generator:
         pos = np.zeros((b, s), np.int64)
         for i, (t, p) in enumerate(zip(tokens, past)):
             ids[i, :len(t)] = t
-            pos[i] = p + np.arange(s)
+            pos[i] = p + np.minimum(np.arange(s), max(len(t), 1) - 1)   # padding repeats the last position
         feed = {"input_ids": ids.astype(self._inputs["input_ids"], copy=False)}
         if "position_ids" in self._inputs:
             feed["position_ids"] = pos.astype(self._inputs["position_ids"], copy=False)
@@ -249,6 +271,8 @@ class Generator:
                 mask[i, :max(past) - p] = 0
             feed["attention_mask"] = mask
         feed[STEP_INPUT] = np.array([list(seq_ids), list(past), lens], np.int64)
+        if planned is not None:
+            bind_planned(self.binding, feed[STEP_INPUT], s, planned)
         try:
             (logits,) = self.session.run(["logits"], feed)
         except Exception as exc:
@@ -263,13 +287,65 @@ class Generator:
         logits = self._run(seq_ids, past, tokens)
         return np.stack([logits[i, len(t) - 1] for i, t in enumerate(tokens)]).astype(np.float32, copy=False)
 
+    def forward_step(self, step: Any, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run a step planned on :attr:`cache` (``cache.plan(seq_ids, lens, token_ids)``) with the
+        new ``tokens`` [B][lens[b]]; logits of each row's last token [B, vocab]. The forward a
+        :class:`kvcl.scheduler.Scheduler` calls."""
+        plan = step.plan
+        lens = [len(t) for t in tokens]
+        past = [int(k) - n for k, n in zip(plan.kv_lens.tolist(), lens)]
+        with self._lock:
+            try:
+                logits = self._run(step.seq_ids, past, tokens, planned=step)
+            finally:
+                self.binding.step = self.binding.step_key = None
+        return np.stack([logits[i, n - 1] for i, n in enumerate(lens)]).astype(np.float32, copy=False)
+
+    def scheduler(self, **options) -> "Scheduler":
+        """A :class:`kvcl.scheduler.Scheduler` (continuous batching) over this Generator's cache and
+        model; ``options`` go to it (``max_batch_tokens``, ``max_num_seqs``, ...). Make the Generator
+        with ``prefix_caching=True`` for requests to share prompt blocks."""
+        from ..scheduler import Scheduler
+        options.setdefault("vocab_size", self.vocab_size)
+        options.setdefault("stop_ids", self.stop_ids)
+        return Scheduler(self.cache, self.forward_step, **options)
+
+    def encode_prompts(self, prompts: Any, *, chat: bool = False) -> list[list[int]]:
+        """Token ids of ``prompts``: a str, a list of str (tokenized; ``chat``: each wrapped as a user
+        message by the chat template), or token ids as :meth:`generate` takes them."""
+        texts = [prompts] if isinstance(prompts, str) else prompts
+        if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+            if self.tokenizer is None:
+                raise InvalidArgument("input_ids: text given but this Generator has no tokenizer "
+                                      "(no tokenizer.json beside the model; pass tokenizer=FOLDER)")
+            if chat:
+                return [self.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+            return [self.tokenizer.encode(t) for t in texts]
+        return _check_prompts(prompts, self.vocab_size)
+
+    def _stop_set(self, stop_ids: Any) -> frozenset:
+        if stop_ids == "auto":
+            return frozenset(self.stop_ids)
+        if stop_ids is None:
+            return frozenset()
+        ids = [stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids)
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in ids):
+            raise InvalidArgument(f"stop_ids: expected 'auto', None or token ids >= 0, got {stop_ids!r}")
+        return frozenset(int(t) for t in ids)
+
     # ---- generation ------------------------------------------------------------------------
 
     def stream(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
-               top_k: int | None = None, return_logits: bool = False, seed: int | None = None) -> Iterator[StepOutput]:
-        """Yield one :class:`StepOutput` per generated position (all prompts advance together)."""
-        prompts = _check_prompts(input_ids, self.vocab_size)
-        _check_sampling(do_sample, temperature, top_k)
+               top_k: int | None = None, return_logits: bool = False, seed: int | None = None,
+               stop_ids: Any = None) -> Iterator[StepOutput]:
+        """Yield one :class:`StepOutput` per generated position (all prompts advance together).
+
+        ``stop_ids`` ("auto": :attr:`stop_ids`; None: never stop early; or token ids): a prompt
+        that produced one stops being computed; its later positions repeat that token, and the
+        stream ends when every prompt has stopped."""
+        prompts = self.encode_prompts(input_ids)
+        params = _check_sampling(do_sample, temperature, top_k)
+        stops = self._stop_set(stop_ids)
         if max_new_tokens < 0:
             raise InvalidArgument(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
         need = sum(len(p) for p in prompts) + len(prompts) * max_new_tokens
@@ -280,18 +356,28 @@ class Generator:
                 f"input_ids/max_new_tokens: {len(prompts)} prompts need {need} tokens ({blocks} blocks of {bs}); "
                 f"the cache holds max_tokens={self.max_tokens} ({self.cache.num_free_blocks} free blocks): "
                 "make the Generator with a larger max_tokens")
-        rng = np.random.default_rng(seed)
+        params.rng = np.random.default_rng(seed)
         with self._lock:
             seqs = [self.cache.add_sequence() for _ in prompts]
             try:
                 if max_new_tokens == 0:
                     return
                 logits = self.forward(seqs, prompts)
+                live = list(range(len(prompts)))      # rows still generating
+                tok = np.zeros(len(prompts), np.int64)
+                full = None
                 for i in range(max_new_tokens):
-                    tok = _pick(logits, do_sample, temperature, top_k, rng)
-                    yield StepOutput(i, tok, logits if return_logits else None)
+                    for j, row in enumerate(live):
+                        tok[row] = sample(logits[j], params)
+                    if return_logits:
+                        full = np.zeros((len(prompts), logits.shape[-1]), np.float32) if full is None else full
+                        full[live] = logits
+                    yield StepOutput(i, tok.copy(), full.copy() if return_logits else None)
+                    live = [row for row in live if int(tok[row]) not in stops]
+                    if not live:
+                        return
                     if i + 1 < max_new_tokens:
-                        logits = self.forward(seqs, [[int(t)] for t in tok])
+                        logits = self.forward([seqs[r] for r in live], [[int(tok[r])] for r in live])
             finally:
                 self.binding.step = self.binding.step_key = None
                 for s in seqs:
@@ -299,15 +385,19 @@ class Generator:
 
     def generate(self, input_ids, max_new_tokens: int = 32, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, return_logits: bool = False, seed: int | None = None,
-                 callback: Callable[[StepOutput], Any] | None = None, progress: bool = False) -> GenerationResult:
-        """Generate ``max_new_tokens`` for each prompt of ``input_ids`` (a list of token-id lists
-        of any lengths). Returns :class:`GenerationResult` (``tokens`` [B, new], ``logits``
-        [B, new, vocab] with ``return_logits``). ``callback`` gets each :class:`StepOutput`."""
-        prompts = _check_prompts(input_ids, self.vocab_size)
+                 stop_ids: Any = None, callback: Callable[[StepOutput], Any] | None = None,
+                 progress: bool = False) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` for each prompt of ``input_ids``: lists of token ids of
+        any lengths, or text (a str or a list of str) when the Generator has a tokenizer. Returns
+        :class:`GenerationResult` (``tokens`` [B, steps], ``lengths``, ``texts``; ``logits``
+        [B, steps, vocab] with ``return_logits``). ``stop_ids``: see :meth:`stream`.
+        ``callback`` gets each :class:`StepOutput`."""
+        prompts = self.encode_prompts(input_ids)
+        stops = self._stop_set(stop_ids)
         t0 = time.perf_counter()
         toks, logs = [], []
         it = self.stream(prompts, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                         return_logits=return_logits, seed=seed)
+                         return_logits=return_logits, seed=seed, stop_ids=stops)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -327,7 +417,15 @@ class Generator:
         logits = None
         if return_logits:
             logits = np.stack(logs, axis=1) if logs else np.zeros((b, 0, 0), np.float32)
-        return GenerationResult(tokens, logits, [len(p) for p in prompts], time.perf_counter() - t0)
+        lengths = []
+        for row in tokens.tolist():
+            hit = next((i for i, t in enumerate(row) if t in stops), None)
+            lengths.append(len(row) if hit is None else hit + 1)
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(row[:n]) for row, n in zip(tokens.tolist(), lengths)]
+        return GenerationResult(tokens, logits, [len(p) for p in prompts], time.perf_counter() - t0,
+                                lengths, texts)
 
 
 class ReferenceRunner:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 
-__all__ = ["KNOWN_MODELS", "model_dir", "find_model", "require_model"]
+__all__ = ["KNOWN_MODELS", "model_dir", "find_model", "require_model", "resolve_model"]
 
 #: short name -> (folder name, what it is)
 KNOWN_MODELS = {
@@ -53,4 +53,23 @@ def require_model(name: str = "smollm2") -> Path:
     if path is None:
         raise InvalidArgument(f"model {name!r}: not exported yet ({model_dir(name)}/model.onnx is missing); "
                               f"make it with {EXPORT_HINT}")
+    return path
+
+
+def resolve_model(model):
+    """The model file a user named: a known model's name (``smollm2``), a folder holding
+    ``model.onnx`` (or a single ``*.onnx``), or a file; other objects (a ModelProto) pass through."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    if isinstance(model, str) and model in KNOWN_MODELS and not Path(model).exists():
+        return require_model(model)
+    path = Path(model)
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return path / "model.onnx"
+        found = sorted(path.glob("*.onnx"))
+        if len(found) == 1:
+            return found[0]
+        raise InvalidArgument(f"model: {str(path)!r} is a folder with {len(found)} .onnx files "
+                              "(expected model.onnx or exactly one): name the file")
     return path
