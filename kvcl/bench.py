@@ -596,6 +596,8 @@ def format_records(records: list[Record], device_name: str) -> str:
                     f"B={shape['batch']}, {shape['layers']} layers")
         elif "q_shape" in shape:
             desc = f"per op call, q {tuple(shape['q_shape'])}"
+        elif "requests" in shape:
+            desc = f"{shape['model']}, {shape['requests']} requests x {shape['new_tokens']} tokens"
         else:
             desc = f"{shape.get('bytes', 0) / 2**20:.0f} MiB"
         extra = ""
@@ -614,7 +616,7 @@ def format_records(records: list[Record], device_name: str) -> str:
             bound = r.extra["bound"]
             if bound == "compute":
                 bound += f" ({100 * r.extra['utilization_ceiling']:.0f}%)"
-        rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}" if r.bytes else "-",
+        rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}" if r.bytes and r.gbps == r.gbps else "-",
                      f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", bound, extra))
     if records and records[0].extra.get("sampling") == "blocked":
         header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
@@ -629,7 +631,8 @@ def format_records(records: list[Record], device_name: str) -> str:
     table = format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
                          align="lllrrrll")
     from .bench_bridge import format_bridge
-    return header + table + format_bridge(records)
+    from .bench_serving import format_serving
+    return header + table + format_bridge(records) + format_serving(records)
 
 
 def write_json(records: list[Record], path, device_info) -> None:

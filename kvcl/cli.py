@@ -76,6 +76,10 @@ def _cmd_bench(args) -> int:
     records = run_bench(dev, quick=args.quick, repeats=args.repeats, sampling=args.sampling,
                         onnx_model=models or None, onnx_contexts=args.onnx_contexts,
                         print_fn=lambda msg: print(msg, file=sys.stderr))
+    if args.serving:
+        from .bench_serving import serving_records
+        records += serving_records(args.serving, dev, requests=args.serving_requests,
+                                   kv_dtypes=args.serving_kv_dtypes, print_fn=lambda msg: print(msg, file=sys.stderr))
     name = f"{dev.info.platform} / {dev.info.name}"
     print(format_records(records, name))
     if args.json:
@@ -117,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                         "when it is not there) or 'none' (the default with --quick)")
     p.add_argument("--onnx-contexts", metavar="N", type=int, nargs="+", default=[16, 256, 4096],
                    help="context lengths of the bridge cases (default: 16 256 4096)")
+    p.add_argument("--serving", metavar="MODEL", default=None,
+                   help="also continuous-batching throughput: N requests through the scheduler at once vs "
+                        "the original model fed past_key_values one by one (a model path, folder or 'smollm2')")
+    p.add_argument("--serving-requests", metavar="N", type=int, default=16, help="requests of the serving case")
+    p.add_argument("--serving-kv-dtypes", metavar="DTYPE", nargs="+", default=["fp32", "int8"],
+                   help="KV dtypes of the serving case (default: fp32 int8)")
     p.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     try:

@@ -94,3 +94,21 @@ def test_kvcl_bench_skips_a_real_model_not_exported(onnx_device, tmp_path, monke
     err = capsys.readouterr().err
     assert "skipping the smollm2 bridge case" in err and "tools/export_real_model.sh" in err
     assert not [r for r in json.loads(out.read_text())["records"] if r["case"] == "onnx_bridge"]
+
+
+def test_serving_case_rows(onnx_device):
+    """kvcl bench --serving: one row per KV dtype, throughput and memory against the peer."""
+    from bridge_fixtures import fixture_path
+
+    from kvcl.bench_serving import format_serving, serving_records
+    recs = serving_records(fixture_path("llama_torchscript"), onnx_device, requests=3, new_tokens=4,
+                           kv_dtypes=("fp32", "int8"), print_fn=lambda m: None)
+    assert [r.kv_dtype for r in recs] == ["fp32", "int8"]
+    for r in recs:
+        e = r.extra
+        assert r.case == "serving" and r.speedup > 0 and e["tokens_per_s"] > 0 and e["reference_tokens_per_s"] > 0
+        assert abs(r.speedup - e["reference_seconds"] / r.seconds) < 1e-9
+    assert recs[0].extra["greedy_equal_to_reference"] == 3        # fp32: the same tokens as the peer
+    assert recs[1].extra["kv_bytes"] < recs[0].extra["kv_bytes"] / 3   # int8 codes + one scale per row
+    text = format_serving(recs)
+    assert "Serving (P10" in text and "int8" in text
