@@ -120,7 +120,8 @@ class Scheduler:
     forward : callable ``(step, tokens) -> logits [B, vocab]``
         Runs the model on the planned ``step`` (see the module notes).
     max_batch_tokens : int
-        Rows x longest chunk per step (the padded tokens the forward computes), default 256.
+        Tokens the forward computes per step, default 256: rows x the longest chunk when
+        ``padded``, else the sum of the rows' tokens (decodes always run, 1 token each).
     max_num_seqs : int
         Rows per step (running sequences), default 32.
     min_chunk : int
@@ -129,11 +130,15 @@ class Scheduler:
         Token ids at or above it are refused.
     stop_ids : iterable of int
         Default end-of-sequence ids of every request.
+    padded : bool
+        True when ``forward`` runs the rows right-padded to the longest (its cost is rows x
+        width); False when it packs them into one row of their total length
+        (:meth:`kvcl.onnx.Generator.forward_step` does where the model takes ``position_ids``).
     """
 
     def __init__(self, cache: Any, forward: Callable[[Any, list[list[int]]], np.ndarray], *,
                  max_batch_tokens: int = 256, max_num_seqs: int = 32, min_chunk: int = 16,
-                 vocab_size: "int | None" = None, stop_ids: Iterable[int] = ()):
+                 vocab_size: "int | None" = None, stop_ids: Iterable[int] = (), padded: bool = True):
         self.cache = cache
         self.forward = forward
         self.max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens, low=1)
@@ -141,6 +146,7 @@ class Scheduler:
         self.min_chunk = check_int("min_chunk", min_chunk, low=1)
         self.vocab_size = vocab_size
         self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.padded = bool(padded)
         self._lock = threading.Lock()        # guards the incoming queues and the request table
         self._step_lock = threading.Lock()   # one step at a time
         self._incoming: list[Request] = []
@@ -340,6 +346,20 @@ class Scheduler:
             self._running.remove(r)
         self._waiting.appendleft(r)
 
+    def _widths(self, rows: list[Request], picks: list[Request]) -> list[tuple[Request, int]]:
+        """Tokens per row: decodes 1; prompt chunks within the budget (see ``padded``)."""
+        budget = self.max_batch_tokens
+        batch = [(r, 1) for r in rows]
+        if self.padded:   # rows x the longest chunk
+            width = max(1, budget // max(1, len(rows) + len(picks)))
+            return batch + [(r, min(r.remaining, width)) for r in picks]
+        left = max(0, budget - len(rows))
+        for r in picks:   # packed: the chunks take what the decodes leave, oldest first
+            n = max(1, min(r.remaining, left))
+            left = max(0, left - n)
+            batch.append((r, n))
+        return batch
+
     def _schedule(self) -> list[tuple[Request, int]]:
         """The rows of the next step: (request, tokens to feed), blocks guaranteed."""
         budget = self.max_batch_tokens
@@ -348,23 +368,24 @@ class Scheduler:
         rows = list(decodes)
         picks: list[Request] = []
         new: list[Request] = []           # admitted by this call
+        left = budget - len(rows)         # packed: tokens left for prompt chunks
         for r in itertools.chain(prefilling, list(self._waiting)):
             n_rows = len(rows) + len(picks) + 1
             if n_rows > self.max_num_seqs:
                 break
-            if picks and budget // n_rows < min(r.remaining, self.min_chunk):
+            room = budget // n_rows if self.padded else left
+            if picks and room < min(r.remaining, self.min_chunk):
                 break
-            if len(rows) + len(picks) and budget // n_rows < 1:
+            if rows and room < 1:
                 break
             if r.seq_id is None:
                 self._waiting.remove(r)
                 self._admit(r)
                 new.append(r)
             picks.append(r)
+            left -= min(r.remaining, max(left, 1))
         while True:
-            n_rows = len(rows) + len(picks)
-            width = max(1, budget // max(1, n_rows))
-            batch = [(r, 1) for r in rows] + [(r, min(r.remaining, width)) for r in picks]
+            batch = self._widths(rows, picks)
             if not batch:
                 return []
             need = self.cache.blocks_needed([r.seq_id for r, _ in batch], [n for _, n in batch])
@@ -392,7 +413,7 @@ class Scheduler:
         c = self.counters
         c["steps"] += 1
         width = max(n for _, n in batch)
-        c["padded_tokens"] += width * len(batch)
+        c["padded_tokens"] += width * len(batch) if self.padded else sum(n for _, n in batch)
         for r, n in batch:
             if r.remaining == n and len(r.output_ids) and n == 1:
                 c["decode_tokens"] += 1

@@ -193,11 +193,10 @@ def kvcl_attention(q, k_new, v_new, step, handle, layer, scale):
     b, hq, s, d = q.shape
     if k_new.shape[0] != b or k_new.shape[2] != s or k_new.shape[3] != d:
         raise ShapeError(f"kvcl::Attention: q {q.shape} and k_new {k_new.shape} disagree")
-    if step.shape != (3, b):
-        raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
+    packed = _check_step_shape(step, b)
     with binding.lock:
         binding.calls += 1
-        calls, lens, full = _step_calls(binding, cache, step, s, ("kv", hq, float(scale)),
+        calls, lens, full = _step_calls(binding, cache, step, s, ("kv", hq, float(scale)), packed,
                                         num_q_heads=hq, scale=float(scale))
         keys = _gather_rows(k_new.astype(np.float32, copy=False), lens, full)
         values = _gather_rows(v_new.astype(np.float32, copy=False), lens, full)
@@ -218,16 +217,27 @@ def _step_key(step: np.ndarray, s: int) -> bytes:
     return np.ascontiguousarray(step, np.int64).tobytes() + int(s).to_bytes(8, "little")
 
 
-def bind_planned(binding, step_input: np.ndarray, s: int, planned: Any) -> None:
+def bind_planned(binding, step_input: np.ndarray, s: int, planned: Any, packed: bool = False) -> None:
     """Hand the op a step its caller planned already (with token ids, for prefix caching):
-    the layers of a run fed ``step_input`` (padded to ``s`` tokens) use ``planned``."""
+    the layers of a run fed ``step_input`` (rows padded to ``s`` tokens, or ``packed`` into one
+    row of ``s`` tokens) use ``planned``."""
     lens = np.asarray(step_input[2], np.int64)
     binding.step = planned
     binding.step_key = _step_key(step_input, s)
-    binding.step_lens = (lens, bool(np.all(lens == s)))
+    binding.step_lens = (lens, bool(packed or np.all(lens == s)))
 
 
-def _step_calls(binding, cache, step: np.ndarray, s: int, kind: tuple, **options):
+def _check_step_shape(step: np.ndarray, b: int) -> bool:
+    """True for a packed step: one graph row holding every sequence's new tokens back to back
+    (``step`` [3, N], N sequences, with batch 1); else ``step`` must be [3, B]."""
+    if step.shape == (3, b):
+        return False
+    if b == 1 and step.ndim == 2 and step.shape[0] == 3 and step.shape[1] >= 1:
+        return True
+    raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
+
+
+def _step_calls(binding, cache, step: np.ndarray, s: int, kind: tuple, packed: bool = False, **options):
     """The :class:`kvcl.stepcalls.StepCalls` of ``step`` for ops of ``kind``, the new lengths and
     whether every row is valid. The step is planned (and its rows checked) by the first layer
     that sees it; the other layers of the step find it by its bytes."""
@@ -236,6 +246,9 @@ def _step_calls(binding, cache, step: np.ndarray, s: int, kind: tuple, **options
         seq_ids, past, lens = (np.asarray(r, np.int64) for r in step)
         if np.any(lens < 0) or np.any(lens > s):
             raise InvalidArgument(f"{STEP_INPUT}: new lengths must lie in [0, {s}], got {lens.tolist()}")
+        if packed and int(lens.sum()) != s:
+            raise InvalidArgument(f"{STEP_INPUT}: a packed step's new lengths must add up to the {s} tokens "
+                                  f"of its one row, got {lens.tolist()}")
         for sid, p in zip(seq_ids.tolist(), past.tolist()):
             have = cache.seq_len(sid)
             if have != p:
@@ -244,7 +257,7 @@ def _step_calls(binding, cache, step: np.ndarray, s: int, kind: tuple, **options
                     f"{p} (past lengths must equal what the cache holds)")
         binding.step = cache.plan(seq_ids.tolist(), lens.tolist())
         binding.step_key = key
-        binding.step_lens = (lens, bool(np.all(lens == s)))
+        binding.step_lens = (lens, bool(packed or np.all(lens == s)))
     calls = binding.step_calls.get(kind)
     if calls is None:    # kept across steps: a new step only re-binds it
         calls = binding.step_calls[kind] = cache.step_calls(binding.step, **options)
@@ -302,16 +315,15 @@ def _attention_qkv(binding, qkv, step, cos, sin, layer, scale, num_heads, rope):
     if w != (int(num_heads) + 2 * cache.num_kv_heads) * d:
         raise ShapeError(f"kvcl::AttentionQKV: width {w} != (num_heads {num_heads} + 2 x kv heads "
                          f"{cache.num_kv_heads}) x head dim {d}")
-    if step.shape != (3, b):
-        raise ShapeError(f"{STEP_INPUT}: expected [3, {b}] (seq ids, past lengths, new lengths), got {step.shape}")
+    packed = _check_step_shape(step, b)
     with binding.lock:
         binding.calls += 1
         kw = {}
         if rope != "none":
             kw = dict(cos=_device_table(binding, "cos", cos), sin=_device_table(binding, "sin", sin))
         kind = ("qkv", int(num_heads), rope, float(scale), id(kw.get("cos")), id(kw.get("sin")))
-        calls, lens, full = _step_calls(binding, cache, step, s, kind, num_q_heads=int(num_heads), rope=rope,
-                                        scale=float(scale), **kw)
+        calls, lens, full = _step_calls(binding, cache, step, s, kind, packed, num_q_heads=int(num_heads),
+                                        rope=rope, scale=float(scale), **kw)
         x = qkv.astype(np.float32, copy=False)
         rows = (x.reshape(b * s, w) if full else
                 np.concatenate([x[i, :n] for i, n in enumerate(lens.tolist())]))

@@ -169,6 +169,12 @@ class Generator:
     prefix_caching : bool
         Keep full blocks of finished sequences for later prompts with the same prefix (what the
         :meth:`scheduler` shares between requests); off by default for :meth:`generate`.
+    packed : "auto" or bool
+        :meth:`forward_step` feeds a step's sequences back to back in one row of the graph
+        (``input_ids`` [1, total]) instead of right-padded rows [B, longest], so no padding is
+        computed. "auto": where the model takes ``position_ids`` (each token then gets its own
+        position; the kvcl ops attend per sequence). The tests check packed steps give the same
+        tokens as each sequence alone on every fixture route and the real model.
 
     Attributes
     ----------
@@ -182,7 +188,7 @@ class Generator:
     def __init__(self, model: Any, *, kv_dtype: "str | None" = "fp32", device: Any = None,
                  max_tokens: int = 4096, block_size: int = 16, threads: int | None = None,
                  worker_nice: "int | None | str" = "auto", tokenizer: Any = "auto",
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, packed: "str | bool" = "auto"):
         from ..engine import PagedKVCache
         from ..tokenizer import Tokenizer, find_tokenizer, stop_token_ids
         from .models import resolve_model
@@ -235,6 +241,10 @@ class Generator:
         if unknown or "input_ids" not in self._inputs:
             raise InvalidArgument(f"model: inputs {sorted(self._inputs)}; kvcl feeds input_ids, "
                                   f"attention_mask, position_ids and {STEP_INPUT} only")
+        self.packed = ("position_ids" in self._inputs) if packed == "auto" else bool(packed)
+        if self.packed and "position_ids" not in self._inputs:
+            raise InvalidArgument("packed: this model takes no position_ids input, so packed rows would get "
+                                  "wrong positions; use packed=False")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -296,10 +306,32 @@ class Generator:
         past = [int(k) - n for k, n in zip(plan.kv_lens.tolist(), lens)]
         with self._lock:
             try:
+                if self.packed:
+                    logits = self._run_packed(step.seq_ids, past, tokens, step)
+                    return logits[0, np.cumsum(lens) - 1].astype(np.float32, copy=False)
                 logits = self._run(step.seq_ids, past, tokens, planned=step)
             finally:
                 self.binding.step = self.binding.step_key = None
         return np.stack([logits[i, n - 1] for i, n in enumerate(lens)]).astype(np.float32, copy=False)
+
+    def _run_packed(self, seq_ids, past, tokens, planned) -> np.ndarray:
+        """Run a planned step with every sequence's tokens back to back in one row; logits [1, T, vocab]."""
+        ids = np.concatenate([np.asarray(t, np.int64) for t in tokens])[None]
+        pos = np.concatenate([p + np.arange(len(t)) for t, p in zip(tokens, past)])[None]
+        t = ids.shape[1]
+        feed = {"input_ids": ids.astype(self._inputs["input_ids"], copy=False),
+                "position_ids": pos.astype(self._inputs["position_ids"], copy=False)}
+        if "attention_mask" in self._inputs:   # kvcl masks attention per sequence itself
+            feed["attention_mask"] = np.ones((1, max(past) + t), self._inputs["attention_mask"])
+        feed[STEP_INPUT] = np.array([list(seq_ids), list(past), [len(x) for x in tokens]], np.int64)
+        bind_planned(self.binding, feed[STEP_INPUT], t, planned, packed=True)
+        try:
+            (logits,) = self.session.run(["logits"], feed)
+        except Exception as exc:
+            raise_pending(self.binding, cause=exc)
+            raise
+        raise_pending(self.binding)
+        return logits
 
     def scheduler(self, **options) -> "Scheduler":
         """A :class:`kvcl.scheduler.Scheduler` (continuous batching) over this Generator's cache and
@@ -308,6 +340,7 @@ class Generator:
         from ..scheduler import Scheduler
         options.setdefault("vocab_size", self.vocab_size)
         options.setdefault("stop_ids", self.stop_ids)
+        options.setdefault("padded", not self.packed)
         return Scheduler(self.cache, self.forward_step, **options)
 
     def encode_prompts(self, prompts: Any, *, chat: bool = False) -> list[list[int]]:

@@ -111,6 +111,18 @@ def test_batch_equals_each_alone_with_chunked_prefill():
     assert cache.stats()["num_sequences"] == 0 and cache.num_free_blocks == 64
 
 
+@pytest.mark.parametrize("budget", [5, 8, 40])
+def test_packed_rows_stay_within_the_token_budget(budget):
+    # a forward that packs its rows (no padding): the budget is the sum of the rows' tokens
+    cache, s = make(max_batch_tokens=budget, min_chunk=2, padded=False)
+    got = s.generate(PROMPTS, max_new_tokens=6)
+    assert got == [alone(p, 6) for p in PROMPTS]
+    for ids, lens in cache.plans:
+        decodes = sum(1 for n in lens if n == 1)
+        assert sum(lens) <= max(budget, decodes + 1), (ids, lens)
+    assert s.counters["padded_tokens"] == s.counters["prefill_tokens"] + s.counters["decode_tokens"]
+
+
 def test_requests_join_and_leave_mid_flight():
     cache, s = make()
     a = s.add_request(PROMPTS[0], max_new_tokens=10)

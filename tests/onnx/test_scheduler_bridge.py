@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridge_fixtures import fixture_path, require_onnx
+from bridge_fixtures import ROUTES, fixture_path, require_onnx
 
 require_onnx()
 
@@ -85,3 +85,23 @@ def test_forward_step_logits_equal_forward(onnx_device):
     finally:
         gen.close()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("packed", [True, False])
+def test_every_route_packed_and_padded(route, packed, onnx_device):
+    """Steps fed back to back in one row (packed) or right-padded: each request's tokens as alone."""
+    from kvcl.onnx import Generator
+    gen = Generator(fixture_path(route), device=onnx_device, max_tokens=512, block_size=4, packed="auto")
+    if packed and not gen.packed:
+        gen.close()
+        pytest.skip(f"{route} takes no position_ids: never packed")
+    gen.packed = packed
+    try:
+        alone = [gen.generate([p], 6).tokens[0].tolist() for p in PROMPTS]
+        sched = gen.scheduler(max_batch_tokens=24, min_chunk=4)
+        assert sched.padded is (not packed)
+        got = _run_all(sched, PROMPTS, 6, join_after=2)
+    finally:
+        gen.close()
+    assert got == alone
