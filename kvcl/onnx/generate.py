@@ -298,7 +298,7 @@ class Generator:
         return np.stack([logits[i, len(t) - 1] for i, t in enumerate(tokens)]).astype(np.float32, copy=False)
 
     def forward_step(self, step: Any, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """Run a step planned on :attr:`cache` (``cache.plan(seq_ids, lens, token_ids)``) with the
+        """Run a step planned on ``self.cache`` (``cache.plan(seq_ids, lens, token_ids)``) with the
         new ``tokens`` [B][lens[b]]; logits of each row's last token [B, vocab]. The forward a
         :class:`kvcl.scheduler.Scheduler` calls."""
         plan = step.plan

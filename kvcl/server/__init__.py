@@ -1,9 +1,10 @@
 """``kvcl serve``: an OpenAI-compatible HTTP server over :class:`kvcl.scheduler.Scheduler`.
 
-Layers: :mod:`kvcl.server.protocol` checks request bodies, :mod:`kvcl.server.engine` runs the one
-engine loop (a thread stepping the scheduler), :mod:`kvcl.server.app` is the Starlette app.
-Nothing here knows what is below the scheduler (onnxruntime, the device): ``kvcl serve`` in
-:mod:`kvcl.server.cli` builds the scheduler from an exported model and hands it over.
+Layers: :mod:`kvcl.server.protocol` checks request bodies, ``kvcl.server.engine`` runs the one
+engine loop (:class:`EngineLoop`, a thread stepping the scheduler), ``kvcl.server.app`` is the
+Starlette app (:func:`create_app`). Nothing here knows what is below the scheduler (onnxruntime,
+the device): ``kvcl serve`` in :mod:`kvcl.serve` builds the scheduler from an exported model and
+hands it over.
 Needs the ``serve`` extra (starlette, uvicorn).
 """
 

@@ -53,7 +53,7 @@ class EngineLoop:
             self._thread = None
 
     def submit(self, prompt_ids: list[int], **options: Any) -> tuple[str, asyncio.Queue]:
-        """Queue a request (``options`` as :meth:`Scheduler.add_request`); return its id and the
+        """Queue a request (``options`` as :meth:`kvcl.scheduler.Scheduler.add_request`); return its id and the
         queue its :class:`~kvcl.scheduler.RequestOutput` objects arrive on. Raises what
         ``add_request`` raises (nothing is queued then)."""
         loop = asyncio.get_running_loop()
