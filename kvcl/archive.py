@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KvclError
+from .paths import check_output_path
 
 MAGIC = b"KVCLSAVE"
 VERSION = 1
@@ -43,8 +44,9 @@ class ArchiveError(KvclError, ValueError):
 
 
 def write_archive(path: "str | os.PathLike", meta: dict, arrays: "dict[str, np.ndarray]") -> int:
-    """Write ``meta`` and ``arrays`` to ``path`` atomically; return the file size in bytes."""
-    path = Path(path)
+    """Write ``meta`` and ``arrays`` to ``path`` atomically; return the file size in bytes.
+    A path that cannot be written raises :class:`~kvcl.errors.InvalidArgument` first."""
+    path = check_output_path(path, "path")
     entries, blobs = [], []
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)

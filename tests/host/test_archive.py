@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+import kvcl
+from kvcl import archive
 from kvcl.archive import ArchiveError, read_archive, write_archive
 
 
@@ -83,3 +85,17 @@ def test_failed_save_leaves_the_old_file(saved, monkeypatch):
         write_archive(path, {"other": 1}, {"x": np.ones(1000, np.float32)})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left behind"
+
+
+@pytest.mark.parametrize("where,needle", [
+    (lambda d: d / "missing" / "a.kvcl", "does not exist"),
+    (lambda d: d, "got the folder"),
+    (lambda d: d / "plain.txt" / "a.kvcl", "is a file, not a folder"),
+])
+def test_unwritable_path_is_refused_before_writing(tmp_path, where, needle):
+    (tmp_path / "plain.txt").write_text("x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(kvcl.InvalidArgument, match=needle) as info:
+        archive.write_archive(where(tmp_path), {"kind": "t"}, {"a": np.zeros(3)})
+    assert str(info.value).startswith("path: ") and ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
