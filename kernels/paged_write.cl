@@ -93,7 +93,16 @@
 
 // Whether a row of this kind gets the RMS norm (both kernels below).
 inline bool row_is_normed(const int kind) {
-    return (Q_NORM && kind == ROW_Q) || (K_NORM && kind == ROW_K);
+    // Preprocessor, not (Q_NORM && ...) || ...: clang warns of constant operands of && and ||.
+#if Q_NORM && K_NORM
+    return kind == ROW_Q || kind == ROW_K;
+#elif Q_NORM
+    return kind == ROW_Q;
+#elif K_NORM
+    return kind == ROW_K;
+#else
+    return false;
+#endif
 }
 
 // Where work-item row r of token t goes: which of Q/K/V, which head, its slot and RoPE row,
