@@ -24,6 +24,10 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
   :mod:`kvcl.onnx.models`): the ONNX bridge's decode step at 16, 256 and 4096 tokens against the
   same model fed past_key_values, each timed on its own, with where the step's time goes (a
   second table), and ``onnx_hook_overhead``, the custom op's cost per call (targets.md P6, P8).
+* ``perplexity`` (``--perplexity MODEL``, opt-in): the quality of each KV dtype, the
+  perplexity of :func:`kvcl.onnx.perplexity.english_text` teacher forced through the bridge,
+  against fp32 KV and the bounds of issue 19, with the original model fed past_key_values as
+  the harness's check (a table of its own; :func:`kvcl.bench_bridge.perplexity_records`).
 * peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
   with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
   in turn with kvcl's fp32 decode of that shape; the speedup is the median of the rounds'
@@ -598,6 +602,9 @@ def format_records(records: list[Record], device_name: str) -> str:
             desc = f"per op call, q {tuple(shape['q_shape'])}"
         elif "requests" in shape:
             desc = f"{shape['model']}, {shape['requests']} requests x {shape['new_tokens']} tokens"
+        elif "text_sha256" in shape:
+            desc = (f"{str(shape['model']).split(':')[0]}, {shape['scored_tokens']} tokens scored, ppl {r.extra['ppl']:.4f}"
+                    + (" (past_key_values)" if shape.get("route") == "past_key_values" else ""))
         else:
             desc = f"{shape.get('bytes', 0) / 2**20:.0f} MiB"
         extra = ""
@@ -630,9 +637,9 @@ def format_records(records: list[Record], device_name: str) -> str:
                    "(peers: a kernel reading every fp32 byte at the read's speed)\n")
     table = format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
                          align="lllrrrll")
-    from .bench_bridge import format_bridge
+    from .bench_bridge import format_bridge, format_perplexity
     from .bench_serving import format_serving
-    return header + table + format_bridge(records) + format_serving(records)
+    return header + table + format_bridge(records) + format_serving(records) + format_perplexity(records)
 
 
 def write_json(records: list[Record], path, device_info) -> None:

@@ -1,12 +1,15 @@
 """The ONNX bridge cases of ``kvcl bench``: which models (``--onnx-model``), their rows, and
-the table of where a bridge step's time goes (:mod:`kvcl.onnx.timing`)."""
+the table of where a bridge step's time goes (:mod:`kvcl.onnx.timing`); the perplexity rows
+(``--perplexity MODEL``, :mod:`kvcl.onnx.perplexity`)."""
 
 from __future__ import annotations
 
 from .bench import Record
+from .errors import InvalidArgument
 from .table import format_table
 
-__all__ = ["bridge_model", "bridge_records", "format_bridge"]
+__all__ = ["bridge_model", "bridge_records", "format_bridge", "check_perplexity_options", "perplexity_records",
+           "format_perplexity"]
 
 
 #: the per-phase fields of a bridge row (kvcl.onnx.timing)
@@ -88,3 +91,103 @@ def format_bridge(records: list[Record]) -> str:
             "python + hook per layer (P8 <= 60 µs); inline = PoCL's in-thread device\n"
             + format_table(["model", "context", "bridge", "original", "speedup", "ceiling", "graph", "ops", "plan",
                             "device", "python/layer", "hook", "fixed/layer", "inline"], rows, align="llrrrrrrrrrrrl"))
+
+
+PERPLEXITY_KV_DTYPES = ("fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def check_perplexity_options(kv_dtypes, chunk) -> "tuple[list[str], int]":
+    """(KV dtypes with fp32 first, chunk) of the perplexity case, refused with the option named
+    (the CLI checks them before any case runs)."""
+    from .dtypes import KV_DTYPES
+    from .validate import check_int
+    if isinstance(kv_dtypes, str) or not isinstance(kv_dtypes, (list, tuple)) or not kv_dtypes:
+        raise InvalidArgument(f"perplexity_kv_dtypes: expected a non-empty list of KV dtypes, got {kv_dtypes!r}")
+    bad = [d for d in kv_dtypes if not isinstance(d, str) or d.lower() not in KV_DTYPES]
+    if bad:
+        raise InvalidArgument(f"perplexity_kv_dtypes: expected names among {', '.join(KV_DTYPES)}, got {bad}")
+    dtypes = list(dict.fromkeys(d.lower() for d in kv_dtypes))
+    if "fp32" not in dtypes:   # every delta is against the bridge's fp32
+        dtypes.insert(0, "fp32")
+    return dtypes, check_int("perplexity_chunk", chunk, low=1)
+
+
+def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int = 128,
+                       print_fn=print) -> list[Record]:
+    """The perplexity rows of ``kvcl bench --perplexity MODEL``: the English text of
+    :func:`kvcl.onnx.perplexity.english_text` teacher forced through the original export fed
+    past_key_values (the ``past_key_values`` row), then through the bridge per KV dtype, each
+    dtype's delta against the bridge's fp32 and the bound of issue 19. ``spec``: a known model's
+    name (skipped with a message, [] returned, when it is not exported), a path or a folder
+    holding ``tokenizer.json`` beside the model."""
+    from .onnx.models import EXPORT_HINT, KNOWN_MODELS, find_model, resolve_model
+    from .tokenizer import Tokenizer, find_tokenizer
+    dtypes, chunk = check_perplexity_options(kv_dtypes, chunk)
+    if isinstance(spec, str) and spec in KNOWN_MODELS and find_model(spec) is None:
+        print_fn(f"kvcl bench: skipping the {spec} perplexity case: the model is not exported yet; "
+                 f"make it with {EXPORT_HINT}")
+        return []
+    from .onnx import Generator, ReferenceRunner
+    from .onnx.perplexity import BOUNDS, english_text, perplexity, reference_perplexity, within_bound
+    from .onnx.rewrite import _load, rewrite
+    path = resolve_model(spec)
+    folder = find_tokenizer(path)
+    if folder is None:
+        raise InvalidArgument(f"perplexity: no tokenizer.json beside {path}: the text cannot be tokenized")
+    label = f"{spec}: {KNOWN_MODELS[spec][1]}" if isinstance(spec, str) and spec in KNOWN_MODELS else str(spec)
+    text = english_text()
+    ids = Tokenizer(folder).encode(text.text, add_special_tokens=False)
+    print_fn(f"kvcl bench: perplexity of {text.name} ({len(ids)} tokens) on {label}: past_key_values")
+    original = _load(path)
+    results = [reference_perplexity(ReferenceRunner(original), ids, chunk=chunk)]
+    rewritten = rewrite(original)
+    del original
+    for dt in dtypes:
+        print_fn(f"kvcl bench: perplexity, kvcl {dt}")
+        gen = Generator(rewritten, kv_dtype=dt, device=dev, max_tokens=len(ids) + chunk, tokenizer=None)
+        try:
+            results.append(perplexity(gen, ids, chunk=chunk))
+        finally:
+            gen.close()
+    base = next(r for r in results if r.route == "bridge" and r.kv_dtype == "fp32")
+    out = []
+    for r in results:
+        delta, bound, ok = within_bound(r, base)
+        shape = {"model": label, "text": text.name, "text_sha256": text.sha256, "text_source": text.source,
+                 "scored_tokens": r.tokens, "chunk": chunk, "route": r.route}
+        out.append(Record(
+            "perplexity", r.kv_dtype, shape, r.seconds, r.kv_bytes_per_token * len(ids), float("nan"),
+            float("nan"), float("nan"), peer="past_key_values" if r.route == "past_key_values" else None,
+            note="teacher-forced perplexity of the text in chunks of prefill; delta vs the bridge's fp32 KV; "
+                 "bytes = KV bytes of the whole text",
+            extra={"ppl": r.ppl, "nll_sum": r.nll_sum, "delta_vs_fp32": delta, "ppl_bound": bound, "within_bound": ok,
+                   "kv_bytes_per_token": r.kv_bytes_per_token, "ids_sha256": r.ids_sha256,
+                   "bounds": dict(BOUNDS)}))
+    return out
+
+
+def format_perplexity(records: list[Record]) -> str:
+    """The perplexity table of ``kvcl bench --perplexity``."""
+    rows = []
+    for r in records:
+        if r.case != "perplexity":
+            continue
+        e = r.extra
+        bound, ok = e.get("ppl_bound"), e.get("within_bound")
+        if r.shape.get("route") == "past_key_values":
+            kind, verdict = "original (past_key_values)", ("pass" if abs(e["delta_vs_fp32"]) <= 1e-4 else "FAIL")
+            bound_text = "±0.01% (harness)"
+        else:
+            kind, verdict = f"kvcl {r.kv_dtype}", "-" if ok is None else ("pass" if ok else "FAIL")
+            bound_text = "-" if bound is None else f"+{100 * bound:.1f}%"
+        delta = 100 * e["delta_vs_fp32"]
+        delta_text = f"{delta:+.1e}%" if 0 < abs(delta) < 1e-3 else f"{delta:+.3f}%"
+        rows.append((kind, f"{e['ppl']:.4f}", delta_text, bound_text, verdict,
+                     str(e["kv_bytes_per_token"]), f"{r.seconds:.1f}"))
+    if not rows:
+        return ""
+    first = next(r for r in records if r.case == "perplexity")
+    return (f"\n\nPerplexity (issue 19): {first.shape['text']} ({first.shape['scored_tokens']} tokens scored, sha256 "
+            f"{first.shape['text_sha256'][:12]}), chunks of {first.shape['chunk']}; delta vs kvcl fp32 KV\n"
+            + format_table(["KV", "ppl", "delta", "bound", "result", "KV bytes/token", "s"], rows,
+                           align="lrrrlrr"))
