@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -30,7 +29,7 @@ from .ops import blocks as block_ops
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import quantize as quantize_ops
-from .ops._launch import element_base, forget
+from .ops._launch import element_base
 from .paging import PagedBookkeeping, StepPlan
 from .runtime import Device, resolve_device
 from .step import StaleStepError, Step, inline_max_work
@@ -40,11 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .stepcalls import StepCalls
 
 _ROPE_MODES = ("none", "half", "interleaved")
-
-
-def _release(buffers: list, scratch: dict) -> None:
-    """A collected cache's finalizer: the launchers forget its pools and scratch buffers."""
-    forget([*buffers, *scratch.values()])
 
 
 class PagedKVCache:
@@ -118,10 +112,6 @@ class PagedKVCache:
         self._status_unread = False            # a write was queued since the status was last read
         self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
         self._workspace: dict[int, cl.Buffer] = {}
-        # the launchers remember each kernel's last arguments (ops._launch.set_args): let go of
-        # this cache's buffers when it is collected, not when each kernel next runs
-        owned = [a.data for a in (*self._k, *self._v, *self._ks, *self._vs, self._status) if a is not None]
-        weakref.finalize(self, _release, owned, self._scratch)
         self.inline_max_work = inline_max_work(self.device.info.compute_units)
         self._last_queue = queue    # the queue that got work last (see _use)
         self._epoch = 0             # bumped by plan / free: a StepCalls re-checks its step then

@@ -1,8 +1,19 @@
-"""What every launcher in :mod:`kvcl.ops` shares: queue resolution and device-array checks."""
+"""What every launcher in :mod:`kvcl.ops` shares: the one launch path, queue resolution and
+device-array checks.
+
+Every kernel launch in kvcl goes through :func:`enqueue` (or :func:`launch`, one launch). A
+kernel object is shared (:func:`kvcl.runtime.get_kernel` memoizes it per context, device,
+source, defines and name) and OpenCL keeps its argument values between enqueues, so setting the
+arguments and enqueueing happen under that kernel's own lock; arguments that still hold the same
+value are not set again. What is remembered of an argument holds no reference to a buffer: a
+cache's device pools are released when the cache is collected.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -11,45 +22,13 @@ import pyopencl as cl
 from ..errors import DtypeError, InvalidArgument, ShapeError
 from ..validate import check_array, is_device_array
 
-# Kernel objects are memoized and shared (kvcl.runtime.get_kernel): setting their arguments
-# and enqueueing must happen atomically when several threads launch the same kernel.
-launch_lock = threading.RLock()
-
-
-_last_args: dict = {}   # kernel object id -> (kernel, the argument values it holds now)
-
-
-def set_args(kernel: cl.Kernel, *args) -> None:
-    """``kernel.set_args(*args)``, skipping the arguments that still hold the same value.
-
-    OpenCL keeps a kernel's arguments after an enqueue, and the engine calls the same kernel
-    per layer and step with mostly the same buffers (pools, tables) and scalars; each
-    ``clSetKernelArg`` costs ~4 us on PoCL, so a 27-argument launch spent ~110 us here. Buffers
-    count as the same when they are the same object (held here, so their ids cannot be
-    reused), scalars when type and value are equal. Call with the launch lock held, and set a
-    kernel's arguments only through here (a direct ``set_args`` would go unnoticed).
-    Measured (PoCL, the engine's write + attend of one decode step, 2 KV heads x 16): 1188 ->
-    834 us per layer.
-    """
-    key = id(kernel)
-    found = _last_args.get(key)
-    if found is None or found[0] is not kernel or len(found[1]) != len(args):
-        kernel.set_args(*args)
-    else:
-        old = found[1]
-        for i, (a, b) in enumerate(zip(args, old)):
-            if a is b or (type(a) is type(b) and isinstance(a, np.generic) and a == b):
-                continue
-            kernel.set_arg(i, a)
-    _last_args[key] = (kernel, args)
-
 
 class Launch(NamedTuple):
     """One kernel launch made ready: :func:`enqueue` sets ``args`` and enqueues it.
 
     Launchers that a hot path calls per layer (the fused write, decode attention) can hand
     these out, so that a caller repeating a launch with one argument changed
-    (:class:`kvcl.stepcalls.StepCalls`) skips the launch planning and its memo look-ups.
+    (:class:`kvcl.stepcalls.StepCalls`) skips the launch planning.
     """
 
     kernel: cl.Kernel
@@ -65,35 +44,167 @@ class Launch(NamedTuple):
         return self._replace(args=tuple(args))
 
 
+# ---- what a kernel remembers of its arguments ------------------------------------------------
+
+class _Alive:
+    """Stored on a buffer (its only strong reference): a weak reference to it dies with the
+    buffer. pyopencl buffers cannot be weakly referenced themselves, but they take attributes."""
+
+    __slots__ = ("__weakref__",)
+
+
+_ALIVE = "_kvcl_alive"
+_Ref = weakref.ref
+_UNKNOWN = object()   # remembered for arguments compared by nothing (local memory): always set
+
+
+def _alive_ref(buffer) -> weakref.ref:
+    token = getattr(buffer, _ALIVE, None)
+    if token is None:
+        token = buffer.__dict__.setdefault(_ALIVE, _Alive())   # one token even if two threads race
+    return _Ref(token)
+
+
+def _remember(value):
+    """What the memo keeps of one argument value: a weak reference for a buffer, the value for
+    a numpy scalar and None, :data:`_UNKNOWN` for anything else."""
+    if isinstance(value, cl.MemoryObjectHolder):
+        return _alive_ref(value)
+    if value is None or isinstance(value, np.generic):
+        return value
+    return _UNKNOWN
+
+
+def _unchanged(value, kept) -> bool:
+    """Whether a kernel argument that was set to what ``kept`` remembers still holds ``value``.
+
+    A buffer counts as the same while it is the same (living) object: a collected buffer's
+    handle may be reused by a new one, which is then set again. Scalars count as the same when
+    type and value are equal (and, for zeros, the sign).
+    """
+    if type(kept) is _Ref:
+        token = kept()
+        return token is not None and getattr(value, _ALIVE, None) is token
+    if kept is None:
+        return value is None
+    if kept is _UNKNOWN or type(value) is not type(kept) or value != kept:
+        return False
+    return bool(value) or not isinstance(value, np.floating) or \
+        math.copysign(1.0, value) == math.copysign(1.0, kept)
+
+
+class _KernelState:
+    """One kernel's lock and what it remembers of the arguments it holds."""
+
+    __slots__ = ("lock", "kept")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.kept: "list | None" = None
+
+
+_STATE = "_kvcl_launch_state"
+_state_lock = threading.Lock()
+
+
+def _state(kernel: cl.Kernel) -> _KernelState:
+    """The kernel's :class:`_KernelState`, kept on the kernel object (it lives as long)."""
+    state = getattr(kernel, _STATE, None)
+    if state is None:
+        with _state_lock:
+            state = getattr(kernel, _STATE, None)
+            if state is None:
+                state = _KernelState()
+                setattr(kernel, _STATE, state)
+    return state
+
+
+def kernel_lock(kernel: cl.Kernel) -> threading.Lock:
+    """The lock :func:`enqueue` holds while it sets ``kernel``'s arguments and enqueues it."""
+    return _state(kernel).lock
+
+
+def _set_args(kernel: cl.Kernel, state: _KernelState, args: tuple) -> None:
+    """``kernel.set_args(*args)``, skipping the arguments that still hold the same value
+    (call with ``state.lock`` held).
+
+    OpenCL keeps a kernel's arguments after an enqueue, and the engine calls the same kernel
+    per layer and step with mostly the same buffers (pools, tables) and scalars; each
+    ``clSetKernelArg`` costs ~4 us on PoCL, so a 27-argument launch spent ~110 us here.
+    Measured (PoCL, the engine's write + attend of one decode step, 2 KV heads x 16): 1188 ->
+    834 us per layer.
+    """
+    kept = state.kept
+    if kept is None or len(kept) != len(args):
+        kernel.set_args(*args)
+        state.kept = [_remember(a) for a in args]
+        return
+    for i, value in enumerate(args):
+        if not _unchanged(value, kept[i]):
+            kernel.set_arg(i, value)
+            kept[i] = _remember(value)
+
+
+def _forget_args(state: _KernelState) -> None:
+    state.kept = None   # a failed set leaves the kernel's arguments unknown
+
+
+# Launches that follow each other through a buffer (decode attention's split-K partitions, read
+# by the merge) are enqueued together: no other sequence on the same queue comes between them.
+_sequence_locks: dict = {}   # queue handle -> lock
+
+
+def _sequence_lock(queue: cl.CommandQueue) -> threading.Lock:
+    key = queue.int_ptr
+    lock = _sequence_locks.get(key)
+    if lock is None:
+        with _state_lock:
+            lock = _sequence_locks.setdefault(key, threading.Lock())
+    return lock
+
+
+def _enqueue_one(queue, launch: Launch, wait_for) -> cl.Event:
+    state = _state(launch.kernel)
+    with state.lock:
+        try:
+            _set_args(launch.kernel, state, launch.args)
+        except BaseException:
+            _forget_args(state)
+            raise
+        return cl.enqueue_nd_range_kernel(queue, launch.kernel, launch.global_size, launch.local_size,
+                                          wait_for=wait_for)
+
+
 def enqueue(queue: cl.CommandQueue, launches, wait_for=None) -> cl.Event:
     """Enqueue ``launches`` in order (the first waits for ``wait_for``); the last one's event.
 
-    Arguments are set and enqueued under :data:`launch_lock`, as :func:`set_args` requires.
+    Each kernel's arguments are set (the changed ones only) and it is enqueued under that
+    kernel's lock; several launches are enqueued as one sequence on ``queue``.
     """
+    launches = list(launches)
+    if len(launches) == 1:
+        return _enqueue_one(queue, launches[0], wait_for)
     event = None
-    with launch_lock:
+    with _sequence_lock(queue):
         for launch in launches:
-            set_args(launch.kernel, *launch.args)
-            event = cl.enqueue_nd_range_kernel(queue, launch.kernel, launch.global_size, launch.local_size,
-                                               wait_for=wait_for)
+            event = _enqueue_one(queue, launch, wait_for)
             wait_for = None   # an in-order queue runs the rest after the first
     return event
 
 
-def forget(buffers) -> None:
-    """Drop the remembered arguments that hold any of ``buffers`` (by identity), so that the
-    buffers can be released: :func:`set_args` keeps each kernel's last arguments alive to
-    compare against. The cache engine calls this when a cache is collected (its pools would
-    otherwise live until each kernel that last used them runs again); those kernels then set
-    every argument on their next launch."""
-    ids = {id(b) for b in buffers if b is not None}
-    if not ids:
-        return
-    with launch_lock:
-        for key, (kernel, args) in list(_last_args.items()):
-            if any(id(a) in ids for a in args):
-                del _last_args[key]
+def launch(queue: cl.CommandQueue, kernel: cl.Kernel, global_size: tuple, local_size, args: tuple,
+           wait_for=None) -> cl.Event:
+    """Enqueue one kernel with ``args`` (:func:`enqueue` of one :class:`Launch`)."""
+    return _enqueue_one(queue, Launch(kernel, tuple(global_size), local_size, tuple(args)), wait_for)
 
+
+def remembered_buffers(kernel: cl.Kernel) -> int:
+    """How many of ``kernel``'s remembered arguments are buffers still alive (for tests)."""
+    kept = _state(kernel).kept or []
+    return sum(1 for k in kept if type(k) is _Ref and k() is not None)
+
+
+# ---- argument checks shared by the launchers ---------------------------------------------------
 
 def require_device(name: str, arr) -> None:
     """Refuse anything but a ``pyopencl.array.Array``, saying how to make one."""

@@ -23,7 +23,7 @@ import pyopencl as cl
 from ..errors import DtypeError, InvalidArgument, ShapeError
 from ..runtime import get_kernel
 from ..validate import check_array, check_int, is_device_array
-from ._launch import device_array, launch_lock, resolve_queue
+from ._launch import device_array, launch, resolve_queue
 
 __all__ = ["copy_blocks", "extract_blocks", "inject_blocks", "extract_positions", "inject_positions"]
 
@@ -98,9 +98,7 @@ def _block_shape(name: str, pool) -> tuple[int, int]:
 
 def _enqueue(queue, kernel, global_size, args, wait_for):
     global_size = (-(-global_size[0] // _LOCAL) * _LOCAL,) + tuple(global_size[1:])
-    with launch_lock:
-        kernel.set_args(*args)
-        return cl.enqueue_nd_range_kernel(queue, kernel, global_size, None, wait_for=wait_for)
+    return launch(queue, kernel, global_size, None, args, wait_for)
 
 
 def copy_blocks(pool, src_ids, dst_ids, *, queue=None, wait_for=None) -> cl.Event:

@@ -16,7 +16,7 @@ from .. import dtypes as _dtypes
 from ..errors import InvalidArgument, ShapeError
 from ..runtime import get_kernel
 from ..validate import check_int
-from ._launch import device_array, element_base, launch_lock, resolve_queue
+from ._launch import device_array, element_base, launch, resolve_queue
 
 __all__ = ["quantize_rows", "dequantize_rows"]
 
@@ -178,16 +178,13 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
     scale_buf, scale_base = None, 0
     if scales is not None:
         scale_buf, scale_base = scales.base_data, element_base(scales) + out_row_offset
-    with launch_lock:
-        kernel.set_args(
-            x.base_data, np.uint64(element_base(x)),
+    args = (x.base_data, np.uint64(element_base(x)),
             out.base_data, np.uint64(element_base(out) + out_row_offset * head_dim),
             scale_buf, np.uint64(scale_base),
             np.uint32(num_rows), np.uint32(head_dim),
-            cl.LocalMemory(4 * lanes * rows_per_group),
-        )
-        return cl.enqueue_nd_range_kernel(queue, kernel, (lanes, groups * rows_per_group),
-                                          (lanes, rows_per_group), wait_for=wait_for)
+            cl.LocalMemory(4 * lanes * rows_per_group))
+    return launch(queue, kernel, (lanes, groups * rows_per_group), (lanes, rows_per_group), args,
+                  wait_for)
 
 
 def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row_offset: int = 0,
@@ -253,12 +250,8 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     if scales is not None:
         scale_buf, scale_base = scales.base_data, element_base(scales) + row_offset
     local = 64
-    with launch_lock:
-        kernel.set_args(
-            data.base_data, np.uint64(element_base(data) + row_offset * head_dim),
+    args = (data.base_data, np.uint64(element_base(data) + row_offset * head_dim),
             scale_buf, np.uint64(scale_base),
             out.base_data, np.uint64(element_base(out)),
-            np.uint32(head_dim), np.uint64(total),
-        )
-        return cl.enqueue_nd_range_kernel(queue, kernel, (-(-total // local) * local,), None,
-                                          wait_for=wait_for)
+            np.uint32(head_dim), np.uint64(total))
+    return launch(queue, kernel, (-(-total // local) * local,), None, args, wait_for)

@@ -8,7 +8,7 @@ import pyopencl.array as cla
 
 from ..errors import ShapeError
 from ..runtime import get_kernel, work_items_are_threads
-from ._launch import device_array, launch_lock, resolve_queue
+from ._launch import device_array, launch, resolve_queue
 
 
 def stream_read_config(device: cl.Device) -> tuple[int, int]:
@@ -41,9 +41,8 @@ def stream_read(src, partial, *, queue=None, wait_for=None) -> cl.Event:
     cpu = work_items_are_threads(queue.device)
     vec = 16 if cpu else 4
     kernel = get_kernel(queue.context, "stream_read.cl", "stream_read", {"CONTIGUOUS": int(cpu), "VEC": vec})
-    with launch_lock:
-        kernel.set_args(src.base_data, np.uint32(src.size // vec), partial.base_data)
-        return cl.enqueue_nd_range_kernel(queue, kernel, (global_size,), (local,), wait_for=wait_for)
+    return launch(queue, kernel, (global_size,), (local,),
+                  (src.base_data, np.uint32(src.size // vec), partial.base_data), wait_for)
 
 
 def empty_partial(queue) -> cla.Array:

@@ -21,7 +21,7 @@ from ..errors import ShapeError
 from ..reference.turboquant import QJL_CONSTANT, code_dtype, sign_bytes
 from ..runtime import get_kernel
 from ..validate import check_int
-from ._launch import device_array, launch_lock, resolve_queue
+from ._launch import device_array, launch, resolve_queue
 
 __all__ = ["matvec_rows", "polar_encode", "qjl_sketch", "polar_decode", "attention_scores"]
 
@@ -123,11 +123,9 @@ def matvec_rows(x, matrices, out, *, num_heads: int, transpose: bool = False,
         return cl.enqueue_marker(queue, wait_for=wait_for)
     buffers = _buffers(x=x, matrices=matrices, out=out)
     kernel = get_kernel(context, _SOURCE, "matvec_rows")
-    with launch_lock:
-        kernel.set_args(*buffers, np.uint32(num_rows), np.uint32(num_heads), np.uint32(in_dim),
-                        np.uint32(out_dim), np.uint32(bool(transpose)))
-        return cl.enqueue_nd_range_kernel(queue, kernel, (out_dim, num_rows), None,
-                                          wait_for=wait_for)
+    args = (*buffers, np.uint32(num_rows), np.uint32(num_heads), np.uint32(in_dim), np.uint32(out_dim),
+            np.uint32(bool(transpose)))
+    return launch(queue, kernel, (out_dim, num_rows), None, args, wait_for)
 
 
 def polar_encode(rotated, angle_table, codes, radii, residual, *, row_offset: int = 0,
@@ -176,10 +174,8 @@ def polar_encode(rotated, angle_table, codes, radii, residual, *, row_offset: in
     buffers = _buffers(rotated=rotated, angle_table=angle_table, codes=codes, radii=radii,
                        residual=residual)
     kernel = get_kernel(context, _SOURCE, "polar_encode", {"HEAD_DIM": head_dim, "BITS": bits})
-    with launch_lock:
-        kernel.set_args(*buffers, np.uint64(row_offset), np.uint32(num_rows))
-        return cl.enqueue_nd_range_kernel(queue, kernel, (head_dim // 2, num_rows), None,
-                                          wait_for=wait_for)
+    args = (*buffers, np.uint64(row_offset), np.uint32(num_rows))
+    return launch(queue, kernel, (head_dim // 2, num_rows), None, args, wait_for)
 
 
 def qjl_sketch(residual, projections, signs, norms, *, num_heads: int, row_offset: int = 0,
@@ -227,10 +223,8 @@ def qjl_sketch(residual, projections, signs, norms, *, num_heads: int, row_offse
         return cl.enqueue_marker(queue, wait_for=wait_for)
     buffers = _buffers(residual=residual, projections=projections, signs=signs, norms=norms)
     kernel = get_kernel(context, _SOURCE, "qjl_sketch", {"HEAD_DIM": head_dim, "PROJECTIONS": m})
-    with launch_lock:
-        kernel.set_args(*buffers, np.uint64(row_offset), np.uint32(num_rows), np.uint32(num_heads))
-        return cl.enqueue_nd_range_kernel(queue, kernel, (sign_bytes(m) + 1, num_rows), None,
-                                          wait_for=wait_for)
+    args = (*buffers, np.uint64(row_offset), np.uint32(num_rows), np.uint32(num_heads))
+    return launch(queue, kernel, (sign_bytes(m) + 1, num_rows), None, args, wait_for)
 
 
 def _storage(codes, radii, angle_table, context, *, num_tokens, num_heads):
@@ -286,10 +280,8 @@ def polar_decode(codes, radii, angle_table, out, *, kind: int, num_tokens: int,
         return cl.enqueue_marker(queue, wait_for=wait_for)
     buffers = _buffers(codes=codes, radii=radii, angle_table=angle_table, out=out)
     kernel = get_kernel(context, _SOURCE, "polar_decode", {"HEAD_DIM": head_dim, "BITS": bits})
-    with launch_lock:
-        kernel.set_args(*buffers, np.uint32(kind), np.uint32(num_tokens), np.uint32(num_heads))
-        return cl.enqueue_nd_range_kernel(queue, kernel, (head_dim // 2, num_tokens * num_heads),
-                                          None, wait_for=wait_for)
+    args = (*buffers, np.uint32(kind), np.uint32(num_tokens), np.uint32(num_heads))
+    return launch(queue, kernel, (head_dim // 2, num_tokens * num_heads), None, args, wait_for)
 
 
 def attention_scores(codes, radii, signs, norms, angle_table, rotated_queries, projected_queries,
@@ -347,8 +339,6 @@ def attention_scores(codes, radii, signs, norms, angle_table, rotated_queries, p
                        projected_queries=projected_queries, scores=scores)
     kernel = get_kernel(context, _SOURCE, "attention_scores", defines)
     inv_sqrt_dim = np.float32(1.0) / np.sqrt(np.float32(head_dim))
-    with launch_lock:
-        kernel.set_args(*buffers, np.uint32(num_tokens), np.uint32(num_heads),
-                        np.float32(QJL_CONSTANT), inv_sqrt_dim)
-        return cl.enqueue_nd_range_kernel(queue, kernel, (num_tokens, num_heads), None,
-                                          wait_for=wait_for)
+    args = (*buffers, np.uint32(num_tokens), np.uint32(num_heads), np.float32(QJL_CONSTANT),
+            inv_sqrt_dim)
+    return launch(queue, kernel, (num_tokens, num_heads), None, args, wait_for)

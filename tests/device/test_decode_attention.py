@@ -523,7 +523,7 @@ def test_bad_contiguous_input(device, rng):
 
 
 def test_argument_reuse_between_launches(device, rng):
-    # the launchers skip re-setting kernel arguments that did not change (kvcl.ops._launch.set_args):
+    # the launchers skip re-setting kernel arguments that did not change (kvcl.ops._launch.enqueue):
     # alternate two batches with different buffers, scales and windows through the same kernel
     cases = [make_case(rng, lens=LENS) for _ in range(2)]
     for case, window in ((cases[0], 0), (cases[1], 0), (cases[1], 9), (cases[0], 9), (cases[0], 0)):

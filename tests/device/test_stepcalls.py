@@ -169,28 +169,3 @@ def test_companion_not_listed():
     import kvcl
     names = [d.name.lower() for d in kvcl.devices()]
     assert not any(n.startswith("basic") for n in names), names
-
-
-def test_a_deleted_cache_releases_its_buffers(device):
-    # the launchers remember each kernel's last arguments (to skip unchanged ones): a collected
-    # cache's pools must not stay alive in there until each kernel runs again
-    import gc
-
-    from kvcl.ops import _launch
-    c = PagedKVCache(2, HKV, D, 16, 8, "int8", device=device)
-    s = c.add_sequence()
-    st = c.plan([s], [3])
-    rng = np.random.default_rng(5)
-    for layer in range(2):
-        c.write(layer, st, rng.standard_normal((3, HKV, D), np.float32), rng.standard_normal((3, HKV, D), np.float32))
-        c.attend(layer, st, rng.standard_normal((3, HQ, D), np.float32))
-    pools = [a.data for a in (*c._k, *c._v, *c._ks, *c._vs)]
-    handles = {(id(b), b.int_ptr) for b in pools}
-
-    def held():
-        return [a for _, args in _launch._last_args.values() for a in args
-                if (id(a), getattr(a, "int_ptr", None)) in handles]
-    assert held(), "the test needs kernels that remember this cache's pools"
-    del c, st, pools
-    gc.collect()
-    assert held() == []
