@@ -26,13 +26,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import KvclError
-from .paths import check_output_path
+from .paths import atomic_file, check_output_path
 
 MAGIC = b"KVCLSAVE"
 VERSION = 1
@@ -55,23 +54,12 @@ def write_archive(path: "str | os.PathLike", meta: dict, arrays: "dict[str, np.n
                         "nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         blobs.append(data)
     header = json.dumps({"meta": meta, "arrays": entries}, sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_PREAMBLE.pack(MAGIC, VERSION, len(header)))
-            f.write(header)
-            f.write(hashlib.sha256(header).digest())
-            for data in blobs:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        f.write(_PREAMBLE.pack(MAGIC, VERSION, len(header)))
+        f.write(header)
+        f.write(hashlib.sha256(header).digest())
+        for data in blobs:
+            f.write(data)
     return path.stat().st_size
 
 

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perplexity-chunk", metavar="N", type=int, default=128,
                    help="tokens per chunk of prefill in the perplexity case (default: 128)")
     p.set_defaults(func=_cmd_bench)
-    args = parser.parse_args(argv)
+    from .onnx.cli import id_flags_with_negative_values
+    args = parser.parse_args(id_flags_with_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         from .errors import KvclError
         if isinstance(exc, KvclError):
             print(f"kvcl: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.filename is not None:   # disk full, permissions, ...
+            print(f"kvcl: {exc.strerror or exc}: {exc.filename!r}", file=sys.stderr)
             return 2
         raise
 

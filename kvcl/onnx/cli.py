@@ -8,38 +8,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from ..dtypes import KV_DTYPES
 
-__all__ = ["add_commands", "main"]
+__all__ = ["add_commands", "id_flags_with_negative_values"]
+
+
+def _ids(flag: str, text: str) -> list[int]:
+    """Comma- (or space-) separated token ids >= 0, strictly: ``1,,2`` and ``-5`` are refused."""
+    parts = re.split(r"\s*,\s*|\s+", text.strip())
+    ids = []
+    for t in parts:
+        if not t:
+            raise argparse.ArgumentTypeError(f"{flag}: an empty token id in {text!r} (two commas, or a comma at an end)")
+        if not re.fullmatch(r"[+-]?\d+", t):
+            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers, got {t!r} in {text!r}")
+        if int(t) < 0:
+            raise argparse.ArgumentTypeError(f"{flag}: token ids are >= 0, got {t} in {text!r}")
+        ids.append(int(t))
+    return ids
 
 
 def _prompts(values: list[str]) -> list[list[int]]:
     prompts = []
     for v in values:
         for part in v.split(";"):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                prompts.append([int(t) for t in part.replace(",", " ").split()])
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"--prompt-ids: expected comma-separated integers, got {part!r}") from None
+            if part.strip():
+                prompts.append(_ids("--prompt-ids", part))
     if not prompts:
         raise argparse.ArgumentTypeError("--prompt-ids: no prompt given")
     return prompts
 
 
-def _cmd_rewrite(args) -> int:
-    import onnx
+def id_flags_with_negative_values(argv: list[str]) -> list[str]:
+    """``--prompt-ids -5,2`` as ``--prompt-ids=-5,2``: argparse would take ``-5,2`` for an
+    option and say the flag has no value; joined, the value reaches :func:`_ids`, which says
+    what is wrong with it."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] in _ID_FLAGS and re.match(r"-\d", out[i + 1]):
+            out[i:i + 2] = [f"{out[i]}={out[i + 1]}", None]
+    return [a for a in out if a is not None]
 
+
+_ID_FLAGS = ("--prompt-ids", "--stop")
+
+
+def _cmd_rewrite(args) -> int:
+    from .modelio import check_model_paths, data_files, load_model, save_model
     from .rewrite import model_info, rewrite
-    model = rewrite(args.input, kv_dtype=args.kv_dtype)
-    onnx.save(model, args.output)
+    model = load_model(args.input)
+    # refused before the rewrite runs: OUT may not replace IN or a data file IN reads
+    check_model_paths(args.output, [args.input, *data_files(model)])
+    model = rewrite(model, kv_dtype=args.kv_dtype)
+    written = save_model(model, args.output)
     info = model_info(model)
-    print(f"{args.output}: {info['num_layers']} layers rewritten to kvcl::Attention "
+    print(f"{' + '.join(str(p) for p in written)}: {info['num_layers']} layers rewritten to kvcl::Attention "
           f"(kv heads {info['num_kv_heads']}, head dim {info['head_dim']}, scales {info['scales']}, "
           f"kv dtype {info['kv_dtype']})")
     return 0
@@ -53,10 +79,7 @@ def _stop_arg(values: "list[str] | None"):
     for v in values:
         if v.strip().lower() == "none":
             return None
-        for part in v.split(","):
-            if not part.strip().isdigit():
-                raise argparse.ArgumentTypeError(f"--stop: expected token ids >= 0 or 'none', got {v!r}")
-            ids.append(int(part))
+        ids += _ids("--stop", v)
     return ids
 
 
@@ -193,22 +216,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_bench)
     _add_generate_args(subparsers.add_parser("generate", help="generate tokens with an ONNX export through kvcl"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m kvcl.onnx.cli ...``) until ``kvcl.cli`` wires the commands in."""
-    parser = argparse.ArgumentParser(prog="kvcl")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except Exception as exc:
-        from ..errors import KvclError
-        if isinstance(exc, KvclError):
-            print(f"kvcl: {exc}", file=sys.stderr)
-            return 2
-        raise
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,6 +18,7 @@ from ..sampling import SamplingParams, check_sampling, sample
 from ..validate import check_int
 from . import customop
 from .customop import STEP_INPUT, bind_planned, raise_pending, register_cache, unregister_cache
+from .modelio import configure_session, session_source
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..scheduler import Scheduler
@@ -30,12 +31,18 @@ _NP_OF_ORT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(floa
               "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _session(model_bytes: bytes, *, custom_ops: bool, threads: int | None = None, spinning: bool = True,
+def _session(model: Any, *, custom_ops: bool, threads: int | None = None, spinning: bool = True,
              worker_nice: "int | None" = None):
-    """An onnxruntime CPU session; ``worker_nice`` lowers the priority of the intra-op worker
-    threads it starts (Linux; see :class:`Generator`)."""
+    """An onnxruntime CPU session of a ModelProto (its external data read by onnxruntime from
+    where the model names it, :mod:`kvcl.onnx.modelio`) or of serialised bytes; ``worker_nice``
+    lowers the priority of the intra-op worker threads it starts (Linux; see :class:`Generator`)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
+    if isinstance(model, bytes):
+        model_bytes = model
+    else:
+        model_bytes, folder = session_source(model)
+        configure_session(so, folder)
     if custom_ops:
         so.register_custom_ops_library(customop.library_path())
     if not spinning:
@@ -234,7 +241,7 @@ class Generator:
         self.vocab_size = _vocab_size(proto)
         if worker_nice == "auto":
             worker_nice = 19 if self.cache.device.device.type & _CPU_TYPE else None
-        self.session = _session(proto.SerializeToString(), custom_ops=True, threads=threads,
+        self.session = _session(proto, custom_ops=True, threads=threads,
                                 worker_nice=worker_nice)
         self._inputs = {i.name: _NP_OF_ORT.get(i.type, np.int64) for i in self.session.get_inputs()}
         unknown = set(self._inputs) - {"input_ids", "attention_mask", "position_ids", STEP_INPUT}
@@ -467,7 +474,7 @@ class ReferenceRunner:
     def __init__(self, model: Any, *, threads: int | None = None):
         from .rewrite import _PAST, _load
         proto = _load(model)
-        self.session = _session(proto.SerializeToString(), custom_ops=False, threads=threads)
+        self.session = _session(proto, custom_ops=False, threads=threads)
         ins = self.session.get_inputs()
         self._inputs = {i.name: _NP_OF_ORT.get(i.type, np.int64) for i in ins}
         self.past_names = [i.name for i in ins if _PAST.match(i.name)]

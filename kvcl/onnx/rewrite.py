@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..dtypes import kv_dtype as _kv_dtype
-from ..errors import DtypeError, InvalidArgument, KvclError
+from ..errors import KvclError
+from .modelio import configure_session, load_model, session_source, tensor_dims, tensor_value
 from .customop import OP_DOMAIN, OP_TYPE, OP_TYPE_QKV, OP_TYPE_QKV_ROPE, STEP_INPUT
 
 __all__ = ["rewrite", "RewriteError", "is_rewritten", "model_info", "DEFAULT_HANDLE"]
@@ -66,6 +66,13 @@ class _Graph:
         self.init = {t.name: t for t in self.g.initializer}
         self.index()
 
+    def const_dims(self, name):
+        """The shape of an initializer or Constant output (without reading its data), else None."""
+        if name in self.init:
+            return tensor_dims(self.init[name])
+        v = self.const_value(name) if self.prod.get(name) is not None else None
+        return None if v is None else v.shape
+
     def index(self):
         self.prod = {}
         self.cons = defaultdict(list)
@@ -81,7 +88,7 @@ class _Graph:
         """numpy value of an initializer or Constant output, else None."""
         from onnx import numpy_helper
         if name in self.init:
-            return numpy_helper.to_array(self.init[name])
+            return tensor_value(self.init[name])
         n = self.prod.get(name)
         if n is not None and n.op_type == "Constant":
             for a in n.attribute:
@@ -117,9 +124,9 @@ def _scalar_operand(G: _Graph, node, data_in: str, shapes: dict):
     o = other[0]
     if node.op_type == "Div" and node.input[0] != data_in:
         return None  # data is the denominator
-    v = G.const_value(o)
-    if v is not None:
-        return o if v.size == 1 else None
+    dims = G.const_dims(o)
+    if dims is not None:
+        return o if int(np.prod(dims)) == 1 else None
     shp = shapes.get(o)
     if shp is not None and all(isinstance(d, int) and d == 1 for d in shp):
         return o
@@ -133,7 +140,7 @@ def _is_shape_only(G: _Graph, name: str, depth: int = 0) -> bool:
     """True if ``name`` is computed only from constants and Shape() of tensors."""
     if depth > 40:
         return False
-    if G.const_value(name) is not None:
+    if G.const_dims(name) is not None:
         return True
     n = G.prod.get(name)
     if n is None:
@@ -229,7 +236,7 @@ def _weightless(model):
         n = 1
         for d in t.dims:
             n *= d
-        if n > 1024 and t.data_type not in ints:
+        if (n > 1024 and t.data_type not in ints) or t.data_location == onnx.TensorProto.EXTERNAL:
             if t.name not in declared:
                 g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
@@ -433,21 +440,7 @@ def model_info(model) -> dict:
     return out
 
 
-def _load(model_or_path):
-    import onnx
-    if isinstance(model_or_path, (str, Path)):
-        path = Path(model_or_path)
-        if not path.is_file():
-            raise InvalidArgument(f"model: no such file {str(path)!r}")
-        try:
-            return onnx.load(str(path))
-        except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX model
-            raise InvalidArgument(f"model: {str(path)!r} is not a readable ONNX model ({exc})") from None
-    if isinstance(model_or_path, onnx.ModelProto):
-        m = onnx.ModelProto()
-        m.CopyFrom(model_or_path)
-        return m
-    raise DtypeError(f"model_or_path: expected a path or onnx.ModelProto, got {type(model_or_path).__name__}")
+_load = load_model   # the name the bridge's modules import
 
 
 def rewrite(model_or_path: Any, *, kv_dtype: str = "fp32", handle: str = DEFAULT_HANDLE):
@@ -718,9 +711,9 @@ def _last_dim(G: "_Graph", name: str):
                 n = G.prod[i]
                 break
     if n is not None and n.op_type == "MatMul":
-        w = G.const_value(n.input[1])
-        if w is not None:
-            return int(w.shape[-1])
+        dims = G.const_dims(n.input[1])
+        if dims:
+            return int(dims[-1])
     return None
 
 
@@ -847,7 +840,9 @@ def _run_original(original, names: list[str], kv_heads: int, head_dim: int) -> l
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    data, folder = session_source(m)
+    configure_session(so, folder)
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     per_cfg = []
     for b, s, p in _FIT_CONFIGS:
         feed = _dummy_feed(original, b, s, p, kv_heads, head_dim)

@@ -1,4 +1,4 @@
-"""kvcl.onnx.cli: the commands the lead wires into ``kvcl`` (run here through its own main)."""
+"""kvcl.onnx.cli: ``kvcl onnx rewrite`` / ``kvcl generate`` through ``kvcl.cli.main``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_add_commands_registers_onnx_and_generate():
 
 
 def test_rewrite_then_generate(tmp_path, capsys, onnx_device):
-    from kvcl.onnx.cli import main
+    from kvcl.cli import main
     out = tmp_path / "rw.onnx"
     assert main(["onnx", "rewrite", str(fixture_path("llama_torchscript")), str(out)]) == 0
     assert "2 layers rewritten" in capsys.readouterr().out
@@ -35,7 +35,7 @@ def test_rewrite_then_generate(tmp_path, capsys, onnx_device):
 
 
 def test_cli_errors(tmp_path, capsys):
-    from kvcl.onnx.cli import main
+    from kvcl.cli import main
     out = tmp_path / "rw.onnx"
     main(["onnx", "rewrite", str(fixture_path("llama_torchscript")), str(out)])
     assert main(["onnx", "rewrite", str(out), str(tmp_path / "again.onnx")]) == 2
