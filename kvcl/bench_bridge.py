@@ -22,7 +22,8 @@ def bridge_model(spec, contexts, print_fn):
     name (:mod:`kvcl.onnx.models`; (None, None) with a message when it is not exported), a path
     or a ModelProto. Checked to be a decoder the bridge can take (RewriteError otherwise)."""
     from .onnx.models import EXPORT_HINT, KNOWN_MODELS, find_model
-    from .onnx.rewrite import _load, rewrite
+    from .onnx.modelio import load_model
+    from .onnx.rewrite import rewrite
     if isinstance(spec, str) and spec == "synthetic":
         from .onnx.benchmodel import gqa_decoder
         label = "synthetic: gqa_decoder(), 32/8 heads x 128"
@@ -34,10 +35,10 @@ def bridge_model(spec, contexts, print_fn):
                      f"make it with {EXPORT_HINT}")
             return None, None
         label = f"{spec}: {KNOWN_MODELS[spec][1]}"
-        model = _load(path)
+        model = load_model(path)
     else:
         label = str(spec) if not hasattr(spec, "graph") else spec.graph.name
-        model = _load(spec)
+        model = load_model(spec)
     rewrite(model)
     return model, label
 
@@ -129,7 +130,8 @@ def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int 
         return []
     from .onnx import Generator, ReferenceRunner
     from .onnx.perplexity import BOUNDS, english_text, perplexity, reference_perplexity, within_bound
-    from .onnx.rewrite import _load, rewrite
+    from .onnx.modelio import load_model
+    from .onnx.rewrite import rewrite
     path = resolve_model(spec)
     folder = find_tokenizer(path)
     if folder is None:
@@ -138,7 +140,7 @@ def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int 
     text = english_text()
     ids = Tokenizer(folder).encode(text.text, add_special_tokens=False)
     print_fn(f"kvcl bench: perplexity of {text.name} ({len(ids)} tokens) on {label}: past_key_values")
-    original = _load(path)
+    original = load_model(path)
     results = [reference_perplexity(ReferenceRunner(original), ids, chunk=chunk)]
     rewritten = rewrite(original)
     del original

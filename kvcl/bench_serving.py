@@ -40,10 +40,11 @@ def serving_records(spec, dev, *, requests: int = 16, new_tokens: int = 32, kv_d
     """The serving rows for ``spec`` (a model path, folder or known name; see module notes)."""
     from .onnx import Generator, ReferenceRunner
     from .onnx.models import resolve_model
-    from .onnx.rewrite import _load, model_info, rewrite
+    from .onnx.modelio import load_model
+    from .onnx.rewrite import model_info, rewrite
 
     path = resolve_model(spec)
-    original = _load(path)
+    original = load_model(path)
     rewritten = rewrite(original)
     info = model_info(rewritten)
     vocab = None

@@ -199,7 +199,8 @@ class Generator:
         from ..engine import PagedKVCache
         from ..tokenizer import Tokenizer, find_tokenizer, stop_token_ids
         from .models import resolve_model
-        from .rewrite import _load, is_rewritten, model_info, rewrite
+        from .modelio import load_model
+        from .rewrite import is_rewritten, model_info, rewrite
 
         if not customop.HAVE_EXTENSIONS:
             raise ImportError("kvcl.onnx.Generator needs onnxruntime-extensions: pip install 'kvcl[onnx]'")
@@ -215,7 +216,7 @@ class Generator:
         self.tokenizer = tokenizer
         stops = stop_token_ids(path) if path is not None else []
         self.stop_ids: list[int] = stops or (list(tokenizer.stop_ids) if tokenizer is not None else [])
-        proto = _load(model)
+        proto = load_model(model)
         if not is_rewritten(proto):
             proto = rewrite(proto, kv_dtype=kv_dtype or "fp32")
         self.info = model_info(proto)
@@ -472,8 +473,9 @@ class ReferenceRunner:
     """The original export in onnxruntime, past_key_values fed back each step (the baseline)."""
 
     def __init__(self, model: Any, *, threads: int | None = None):
-        from .rewrite import _PAST, _load
-        proto = _load(model)
+        from .graph import _PAST
+        from .modelio import load_model
+        proto = load_model(model)
         self.session = _session(proto, custom_ops=False, threads=threads)
         ins = self.session.get_inputs()
         self._inputs = {i.name: _NP_OF_ORT.get(i.type, np.int64) for i in ins}
@@ -522,7 +524,7 @@ class ReferenceRunner:
 
 def _gqa_dims(proto, past_name: str) -> tuple[int, int]:
     """(kv heads, head dim) of a model whose past inputs have symbolic dims (genai's GQA)."""
-    from .rewrite import RewriteError, _attr, _Graph, _last_dim
+    from .graph import RewriteError, _attr, _Graph, _last_dim
     G = _Graph(proto)
     for n in G.cons.get(past_name, []):
         if n.op_type == "GroupQueryAttention":

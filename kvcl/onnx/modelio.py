@@ -27,8 +27,8 @@ import numpy as np
 from ..errors import DtypeError, InvalidArgument
 from ..paths import atomic_file, check_output_path
 
-__all__ = ["load_model", "has_external_data", "session_source", "save_model", "tensor_value",
-           "tensor_dims", "check_model_paths", "EXTERNAL_THRESHOLD"]
+__all__ = ["load_model", "has_external_data", "data_files", "session_source", "configure_session",
+           "save_model", "tensor_value", "tensor_dims", "check_model_paths", "EXTERNAL_THRESHOLD"]
 
 EXTERNAL_THRESHOLD = 1024     # bytes: tensors at least this large go to the data file
 _INLINE_LIMIT = 1 << 30       # a model above this many bytes inline is written with external data

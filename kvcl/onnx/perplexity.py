@@ -352,9 +352,10 @@ def reference_perplexity(model: Any, text: Any, *, chunk: int = DEFAULT_CHUNK, t
         dims = [o.shape for o in runner.session.get_outputs() if o.name == "logits"]
         vocab = dims[0][-1] if dims and dims[0] and isinstance(dims[0][-1], int) else None
     else:
-        from .rewrite import _load, is_rewritten
+        from .modelio import load_model
+        from .rewrite import is_rewritten
         source = resolve_model(model)
-        proto = _load(source)
+        proto = load_model(source)
         if is_rewritten(proto):
             raise InvalidArgument("model: a rewritten model has no past_key_values inputs; give the original export")
         runner = ReferenceRunner(proto)

@@ -52,9 +52,9 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 256, 4096), batch: 
     ``hook_us`` and ``fixed_us_per_layer`` are then NaN).
     """
     from .generate import Generator, ReferenceRunner
-    from .rewrite import _load
+    from .modelio import load_model
     _enable_timing()
-    proto = _load(model)
+    proto = load_model(model)
     ref = ReferenceRunner(proto)
     gen = Generator(proto, kv_dtype=kv_dtype, device=device,
                     max_tokens=batch * (max(contexts) + warmup + steps + 1) + 64)
