@@ -14,7 +14,9 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 
 * ``stream_read``: a plain wide-vector read kernel over a large buffer — the device limit.
 * ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
-  shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype; plus
+  shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype (int8
+  twice: float logits and the integer path, ``int8_dot`` of :mod:`kvcl.ops.decode_attention`;
+  ``extra["int8_dot"]`` says which, ``extra["int8_dot_auto"]`` whether ``"auto"`` picks it); plus
   long context (B=1, L=32768, split-K), many sequences (B=64, L=512) and the GPU target shape
   of targets.md P7 (B=16, L=4096, fp32 and fp16).
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
@@ -217,10 +219,13 @@ def decode_bytes(shape: DecodeShape, dtype_name: str) -> int:
 
 
 class DecodeCase:
-    """Random pools in ``dtype`` with a shuffled page table, ready to launch on ``dev``."""
+    """Random pools in ``dtype`` with a shuffled page table, ready to launch on ``dev``;
+    ``int8_dot`` is passed to the launcher (int8: ``"float"`` / ``"integer"`` logits, None its
+    default)."""
 
-    def __init__(self, dev: Device, shape: DecodeShape, dtype_name: str, seed: int = 0):
+    def __init__(self, dev: Device, shape: DecodeShape, dtype_name: str, seed: int = 0, int8_dot=None):
         self.dev, self.shape, self.dtype = dev, shape, kv_dtype(dtype_name)
+        self.int8_dot = int8_dot
         rng = np.random.default_rng(seed)
         s = shape
         pages_per_seq = math.ceil(s.kv_len / s.block_size)
@@ -265,7 +270,8 @@ class DecodeCase:
         (k, ks), (v, vs) = self.pools
         return attention_ops.paged_attention(
             self.queries, k, v, self.indptr, self.indices, self.last_page_len, self.q_indptr, self.out,
-            k_scales=ks, v_scales=vs, kv_dtype=self.dtype.name, max_q_len=1, max_kv_len=self.shape.kv_len)
+            k_scales=ks, v_scales=vs, kv_dtype=self.dtype.name, max_q_len=1, max_kv_len=self.shape.kv_len,
+            int8_dot=self.int8_dot)
 
 
 # ---- fused paged write ----------------------------------------------------------------------------
@@ -400,13 +406,25 @@ GPU = DecodeShape(batch=16, num_q_heads=32, num_kv_heads=8, head_dim=128, kv_len
 QUICK = DecodeShape(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, kv_len=256)
 
 
+def _decode_cases(shape: DecodeShape) -> list[tuple]:
+    """paged_decode in every KV dtype; int8 twice: float logits and the integer path (the
+    launcher's ``int8_dot``), each sampled in turn with fp32."""
+    cases = []
+    for name in KV_DTYPES:
+        if kv_dtype(name).has_scale:
+            cases += [("paged_decode", "decode", (shape, name, dot)) for dot in ("float", "integer")]
+        else:
+            cases.append(("paged_decode", "decode", (shape, name)))
+    return cases
+
+
 def plan_cases(quick: bool) -> list[tuple]:
     """(name, kind, args) of every case in run order."""
     if quick:
-        return [("paged_decode", "decode", (QUICK, name)) for name in KV_DTYPES] + [
+        return _decode_cases(QUICK) + [
             ("paged_write", "write", (64, 8, 2, 64, 16, "fp32")),
             ("peer:onnxruntime_gqa", "ort", (QUICK,)), ("peer:numpy", "numpy", (QUICK,))]
-    cases = [("paged_decode", "decode", (TARGET, name)) for name in KV_DTYPES]
+    cases = _decode_cases(TARGET)
     cases += [("long_context", "decode", (LONG, "fp32")), ("many_sequences", "decode", (MANY, "fp32")),
               ("batch16_4k", "decode", (GPU, "fp32")), ("batch16_4k", "decode", (GPU, "fp16")),
               ("paged_write", "write", (2048, 32, 8, 128, 16, "fp32")),
@@ -496,15 +514,19 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
     peer_base = {}
     for name, kind, args in cases:
         if bar:
-            bar.set_postfix_str(f"{name} {args[-1] if kind in ('decode', 'write') else ''}")
+            bar.set_postfix_str(f"{name} {' '.join(map(str, args[1:])) if kind in ('decode', 'write') else ''}")
         if kind == "decode":
-            shape, dtype_name = args
-            case = DecodeCase(dev, shape, dtype_name)
+            shape, dtype_name, *dot = args
+            case = DecodeCase(dev, shape, dtype_name, int8_dot=dot[0] if dot else None)
             nbytes = decode_bytes(shape, dtype_name)
             base = peer_base.get(shape) if name == "paged_decode" and dtype_name != "fp32" else None
             seconds, gbps, vs_fp32, ranges = with_read(case.run, nbytes, base)
             records.append(_record(name, dtype_name, shape.as_dict(), seconds, nbytes, gbps))
             records[-1].extra.update(ranges)
+            if dot:   # the path this row ran, and whether int8_dot="auto" picks it on this device
+                auto = attention_ops.int8_dot_for(dev.device, head_dim=shape.head_dim, kv_dtype=dtype_name,
+                                                  context=dev.context, int8_dot="auto")
+                records[-1].extra.update(int8_dot=dot[0], int8_dot_auto=auto == dot[0])
             records[-1].extra.update(_bound(case, records[-1], repeats))
             if vs_fp32 is not None:   # P3: sampled in turn with kvcl's fp32 decode of the shape
                 ex = records[-1].extra
@@ -623,7 +645,10 @@ def format_records(records: list[Record], device_name: str) -> str:
             bound = r.extra["bound"]
             if bound == "compute":
                 bound += f" ({100 * r.extra['utilization_ceiling']:.0f}%)"
-        rows.append((r.case, r.kv_dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}" if r.bytes and r.gbps == r.gbps else "-",
+        dtype = r.kv_dtype
+        if "int8_dot" in r.extra:   # int8's two paths: float or integer logits
+            dtype += f" {r.extra['int8_dot']}" + (" (auto)" if r.extra.get("int8_dot_auto") else "")
+        rows.append((r.case, dtype, desc, f"{r.seconds * 1e3:.3f}", f"{r.gbps:.1f}" if r.bytes and r.gbps == r.gbps else "-",
                      f"{100 * r.utilization:.0f}%" if r.utilization == r.utilization else "-", bound, extra))
     if records and records[0].extra.get("sampling") == "blocked":
         header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
@@ -655,7 +680,8 @@ def plot(records: list[Record], path, device_name: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in records if r.case != "stream_read" and r.utilization == r.utilization]
-    labels = [f"{r.case}\n{r.kv_dtype}" if not r.peer else f"{r.peer}\nfp32" for r in rows]
+    labels = [f"{r.case}\n{r.kv_dtype}{' ' + r.extra['int8_dot'] if 'int8_dot' in r.extra else ''}"
+              if not r.peer else f"{r.peer}\nfp32" for r in rows]
     colors = ["#999999" if r.peer else "#2a7ab9" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     ax.bar(range(len(rows)), [r.utilization for r in rows], color=colors)

@@ -3,6 +3,7 @@
     python tools/decode_ab.py @HEAD~1 .                    # a git revision against the working tree
     python tools/decode_ab.py . .:_SERIAL_CHUNK=16 --dtype fp32 int8 --rounds 16
     python tools/decode_ab.py @HEAD~1 . --cached 2         # arithmetic alone: pages in cache
+    python tools/decode_ab.py .:_INT8_DOT=float .:_INT8_DOT=integer --dtype int8 --vs-fp32
 
 Each variant is ``SOURCE[:KNOB=VALUE,...]``: ``.`` is ``kernels/decode_attention.cl`` as it is,
 ``@REV`` that file at a git revision (built against today's ``common.h``), anything else a path
@@ -15,6 +16,10 @@ the reference the others are compared with (max abs difference).
 
 ``--cached N`` points every page of the table at the first N blocks, so K and V stay in the
 caches and the kernel's arithmetic is what is timed (no streaming read then).
+
+``--vs-fp32`` also samples kvcl's fp32 decode of the shape (the working tree, default knobs) in
+every round, and prints each variant's speedup over it (the median of the rounds' ratios, as
+``kvcl bench``'s ``speedup_vs_fp32``).
 """
 
 from __future__ import annotations
@@ -55,7 +60,10 @@ def parse_variant(spec: str, tmp: Path) -> tuple[str, str, dict]:
         name, _, value = item.partition("=")
         if not hasattr(ops, name):
             raise SystemExit(f"unknown knob {name!r} of kvcl.ops.decode_attention")
-        values[name] = int(value)
+        try:
+            values[name] = int(value)
+        except ValueError:
+            values[name] = value          # a string knob such as _INT8_DOT=integer
     return spec, source, values
 
 
@@ -72,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cached", type=int, metavar="N", help="every page in the first N blocks")
+    ap.add_argument("--vs-fp32", action="store_true", help="sample fp32 too; print speedups over it")
     args = ap.parse_args(argv)
 
     dev = resolve_device(args.device)
@@ -102,9 +111,22 @@ def main(argv=None) -> int:
                 run()
                 outs.append(case.out.get())
             jobs = [(run, dev.queue.finish) for run in runs]
+            if args.vs_fp32:
+                base = bench.DecodeCase(dev, shape, "fp32")
+                if args.cached:
+                    base = base.in_cache(args.cached)
+
+                def run_fp32(base=base):
+                    for name, value in defaults.items():
+                        setattr(ops, name, value)
+                    ops._configs.clear()
+                    ops._plans.clear()
+                    return base.run()
+                jobs.append((run_fp32, dev.queue.finish))
             if reader is not None:
                 jobs.insert(0, (reader.run, reader.sync))
             times = bench.sample_interleaved(jobs, repeats=args.rounds, seed=args.seed)
+            fp32_t = times.pop() if args.vs_fp32 else None
             nbytes = bench.decode_bytes(shape, dtype)
             head = f"{dtype}, B={shape.batch} L={shape.kv_len}"
             if reader is not None:
@@ -112,12 +134,16 @@ def main(argv=None) -> int:
                 head += f": read {np.median(read) / 1e9:.1f} GB/s ({read.min() / 1e9:.1f}-{read.max() / 1e9:.1f})"
             else:
                 head += f": pages in {args.cached} blocks (arithmetic)"
+            if fp32_t is not None:
+                head += f"; fp32 {np.median(fp32_t) * 1e3:.3f} ms"
             print(head)
             for (label, _, _), t, out in zip(variants, times, outs):
                 line = f"  {label:40s} {np.median(t) * 1e3:8.3f} ms"
                 if reader is not None:
                     line += f"  util {np.median(nbytes / t / read) * 100:5.1f}%"
                 line += f"  vs first {bench.paired_ratio(times[0], t):.3f}x"
+                if fp32_t is not None:
+                    line += f"  vs fp32 {bench.paired_ratio(fp32_t, t):.2f}x"
                 line += f"  max|diff| {float(np.abs(out - outs[0]).max()):.2g}"
                 print(line, flush=True)
     for name, value in defaults.items():

@@ -40,11 +40,21 @@ from ..runtime import get_kernel, work_items_are_threads
 from ..validate import check_array, check_float, check_int, is_device_array
 from ._launch import Launch, enqueue
 
-__all__ = ["contiguous_attention", "paged_attention", "plan", "variant_for"]
+__all__ = ["contiguous_attention", "int8_dot_for", "paged_attention", "plan", "variant_for"]
 
 SOURCE = "decode_attention.cl"
 
 VARIANTS = ("serial", "cooperative")
+#: the ``int8_dot`` choices: how int8 KV's logits are computed (see :func:`paged_attention`)
+INT8_DOTS = ("auto", "float", "integer")
+# int8_dot=None means this (tools and tests reassign it; the engine passes None)
+_INT8_DOT = "auto"
+# bits of the query codes of the integer path (16 or 8; the INT8_DOT define). 16 measured at least
+# as fast as 8 (decode 1.09-1.16x vs 1.07-1.20x float logits in the same runs, arithmetic
+# 1.16-1.18x vs 1.11-1.13x) and 2.5x closer to the fp32-KV output on peaky inputs
+# (docs/performance.md)
+_INT8_DOT_BITS = 16
+_INT8_DOT_MAX_HEAD_DIM = 512   # beyond it int32 sums of 16-bit x 8-bit codes could overflow
 _PREFERRED_WG = 128     # cooperative: work-items per group before the device limits cut it down
 _V_VECTORS = 1          # cooperative: head_dim vectors per work-item in the V phase (when they divide)
 _SERIAL_CHUNK = 32      # serial: tokens per chunk (CT)
@@ -94,6 +104,12 @@ class Plan:
     num_parts: int          # partitions per sequence (1: no merge kernel)
     kv_heads_per_group: int = 1  # kv heads each work-group serves (HG; the serial variant)
 
+    @property
+    def int8_dot(self) -> str:
+        """``"integer"`` where the kernel computes int8 logits as integer dot products (the
+        INT8_DOT define), else ``"float"``."""
+        return "integer" if dict(self.defines).get("INT8_DOT") else "float"
+
     def workspace_floats(self, total_q: int, num_q_heads: int, head_dim: int) -> int:
         """float32 elements of the split-K workspace (0 without split)."""
         if self.num_parts == 1:
@@ -105,8 +121,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _local_bytes(rows: int, head_dim: int, chunk: int, has_scale: bool) -> int:
-    return 4 * (rows * head_dim + rows * chunk + 3 * rows + chunk * (2 if has_scale else 1))
+def _local_bytes(rows: int, head_dim: int, chunk: int, has_scale: bool, integer: bool = False) -> int:
+    return 4 * (rows * head_dim + rows * chunk + (5 if integer else 3) * rows + chunk * (2 if has_scale else 1))
 
 
 def _divisor_at_least(n: int, low: int) -> int:
@@ -136,23 +152,100 @@ def variant_for(device: cl.Device) -> str:
     return _variant_for(device, None)
 
 
+_PROBE_SRC = """
+__kernel void probe(__global int *out) {
+    int fast = 0;
+#if defined(__AVX2__) && defined(__has_builtin)
+#if __has_builtin(__builtin_ia32_pmaddwd256) && __has_builtin(__builtin_ia32_pmaddubsw256) \\
+    && __has_builtin(__builtin_ia32_psignb256)
+    fast = 1;
+#endif
+#endif
+    out[0] = fast;
+}
+"""
+_probes: dict = {}
+
+
+def _x86_int_dot(context, dev) -> bool:
+    """Whether the device's compiler offers the AVX2 multiply-adds the serial kernel's integer
+    path uses (IDOT_X86 in the kernel: the same test, run once per device in a tiny program)."""
+    key = (context.int_ptr, dev.int_ptr)
+    found = _probes.get(key)
+    if found is None:
+        try:
+            prg = cl.Program(context, _PROBE_SRC).build(options=["-cl-std=CL1.2"], devices=[dev])
+            queue = cl.CommandQueue(context, dev)
+            buf = cl.Buffer(context, cl.mem_flags.WRITE_ONLY, 4)
+            prg.probe(queue, (1,), (1,), buf)
+            got = np.zeros(1, np.int32)
+            cl.enqueue_copy(queue, got, buf)
+            queue.finish()
+            found = bool(got[0])
+        except cl.Error:
+            found = False
+        _probes[key] = found
+    return found
+
+
+def _check_int8_dot(int8_dot) -> str:
+    if int8_dot is None:
+        int8_dot = _INT8_DOT
+    if not isinstance(int8_dot, str) or int8_dot not in INT8_DOTS:
+        raise InvalidArgument(f"int8_dot: expected one of {INT8_DOTS} or None, got {int8_dot!r}")
+    return int8_dot
+
+
+def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> str:
+    """``"integer"`` or ``"float"``: the logits int8 KV gets (see :func:`int8_dot_for`)."""
+    explicit = int8_dot is not None   # the module default applies to int8 KV only
+    int8_dot = _check_int8_dot(int8_dot)
+    if not kvd.has_scale:          # int8 is the only format with integer codes
+        if int8_dot == "integer" and explicit:
+            raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8, got {kvd.name}")
+        return "float"
+    if int8_dot == "integer" and head_dim > _INT8_DOT_MAX_HEAD_DIM:
+        if not explicit:
+            return "float"
+        raise InvalidArgument(f"int8_dot: 'integer' supports head_dim <= {_INT8_DOT_MAX_HEAD_DIM} "
+                              f"(int32 sums), got {head_dim}")
+    if int8_dot != "auto":
+        return int8_dot
+    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 B=4 L=2048 decode, see
+    # docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster)
+    fast = (variant == "serial" and "pocl" in dev.version.lower() and bool(dev.type & cl.device_type.CPU)
+            and head_dim % 16 == 0 and head_dim <= _INT8_DOT_MAX_HEAD_DIM and _x86_int_dot(context, dev))
+    return "integer" if fast else "float"
+
+
+def int8_dot_for(device: cl.Device, *, head_dim: int = 128, kv_dtype="int8", int8_dot=None,
+                 variant: str | None = None, context=None) -> str:
+    """The logits int8 KV gets on ``device``: ``"integer"`` (the query quantized per token and
+    head, integer multiply-adds on the codes) or ``"float"``, for ``int8_dot`` (None: the module
+    default, ``"auto"``); ``"float"`` for the other KV dtypes."""
+    context = context or cl.Context([device])
+    return _int8_dot_for(device, _variant_for(device, variant), _kv_dtype(kv_dtype), head_dim, int8_dot, context)
+
+
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
             kvd, int8_mode: int, local_size: int | None = None, variant: str | None = None,
-            num_kv_heads: int = 1, device=None):
+            num_kv_heads: int = 1, device=None, int8_dot=None):
     """(defines, WG, q_tile, HG) for this device and shape; kernels are built (memoized) here.
 
     ``variant``: ``"serial"`` (one work-item per work-group, the CPU-shaped kernel; the default on
     CPU devices except llvmpipe) or ``"cooperative"`` (WG work-items per tile; the default
-    elsewhere), see :func:`_variant_for`.
+    elsewhere), see :func:`_variant_for`. ``int8_dot``: see :func:`paged_attention`.
     """
     dev = device or context.devices[0]
     key = (context.int_ptr, dev.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
            variant, num_kv_heads, _SERIAL_MAX_HG, _V_VECTORS, _SERIAL_CHUNK, _SERIAL_K_PREFETCH_RUN, _PREFERRED_WG,
-           _GPU_WG, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()))  # the sweep tool sets these
+           _GPU_WG, tuple(_GPU_UNROLL.items()), tuple(_GPU_VEC.items()),  # the sweep tool sets these
+           int8_dot, _INT8_DOT, _INT8_DOT_BITS)
     found = _configs.get(key)
     if found is not None:
         return found
     variant = _variant_for(dev, variant)
+    idot = _int8_dot_for(dev, variant, kvd, head_dim, int8_dot, context)
     gpu = variant == "cooperative" and bool(dev.type & cl.device_type.GPU)  # the per-format GPU layouts
     vec = 8 if head_dim % 8 == 0 else 4
     if gpu:
@@ -167,6 +260,10 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         q_tile = 1 << (q_tile.bit_length() - 1)  # a power of two: few distinct builds
     base = {"KV_DTYPE": kvd.code, "INT8_MODE": int8_mode, "HEAD_DIM": head_dim,
             "BLOCK_SIZE": block_size, "GROUP": group, "VEC": vec}
+    if idot == "integer":
+        if _INT8_DOT_BITS not in (8, 16):
+            raise InvalidArgument(f"_INT8_DOT_BITS: expected 8 or 16, got {_INT8_DOT_BITS!r}")
+        base["INT8_DOT"] = _INT8_DOT_BITS
     if variant == "serial":
         rows = group * q_tile
         # the acc slice of the V phase (rows x SV vectors) should fit the vector registers
@@ -201,7 +298,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     while True:
         rows = group * q_tile
         chunk = min(wg, wg // block_size * block_size) if block_size <= wg else wg
-        if (_local_bytes(rows, head_dim, chunk + vec, kvd.has_scale) <= local_limit
+        if (_local_bytes(rows, head_dim, chunk + vec, kvd.has_scale, idot == "integer") <= local_limit
                 or (q_tile == 1 and (wg <= unit or wg // 2 < rows))):
             break
         if q_tile > 1:
@@ -230,12 +327,13 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
 def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
          block_size: int, max_q_len: int, max_kv_len: int, kv_dtype="fp32", int8_mode: int = 0,
          partition_size: int | None = None, local_size: int | None = None,
-         variant: str | None = None, device=None) -> Plan:
+         variant: str | None = None, device=None, int8_dot=None) -> Plan:
     """The launch layout :func:`paged_attention` uses for these sizes on ``device`` (default:
     ``context``'s first).
 
     ``variant`` (``"serial"`` / ``"cooperative"``, default by device: serial on CPUs but llvmpipe) and
-    ``local_size`` (cooperative only) override the kernel choice, for tests and measurements.
+    ``local_size`` (cooperative only) override the kernel choice, for tests and measurements;
+    ``int8_dot`` as in :func:`paged_attention` (the plan's ``int8_dot`` says what it resolved to).
 
     ``partition_size=None`` picks split-K automatically: none when the
     ``batch · num_kv_heads / kv_heads_per_group · q_tiles`` work-groups already give every
@@ -246,13 +344,13 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     kvd = _kv_dtype(kv_dtype)
     device = device or context.devices[0]
     key = (context.int_ptr, device.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
-           max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant)
+           max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant, int8_dot)
     knobs = _knobs()
     found = _plans.get(key)
     if found is not None and found[0] == knobs:
         return found[1]
     p = _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
-              kvd, int8_mode, partition_size, local_size, variant, device)
+              kvd, int8_mode, partition_size, local_size, variant, device, int8_dot)
     if len(_plans) >= 256:   # a decode loop makes one per step (max_kv_len grows): keep the recent
         _plans.clear()
     _plans[key] = (knobs, p)
@@ -262,14 +360,15 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
 def _knobs() -> tuple:
     """The module's layout settings (tools and tests reassign them): part of a memoized plan."""
     return (_SERIAL_MAX_HG, _SERIAL_STATE_FLOATS, _SERIAL_CHUNK, _SERIAL_K_PREFETCH_RUN, _SERIAL_ACC_VECTORS,
-            _SERIAL_PART_MAX, _PREFERRED_WG, _V_VECTORS, _GPU_WG, _GPU_UNROLL, _GPU_VEC, _GPU_PART_MAX, _PART_MIN, _PART_MAX)
+            _SERIAL_PART_MAX, _PREFERRED_WG, _V_VECTORS, _GPU_WG, _GPU_UNROLL, _GPU_VEC, _GPU_PART_MAX, _PART_MIN, _PART_MAX,
+            _INT8_DOT, _INT8_DOT_BITS)
 
 
 def _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
-          kvd, int8_mode, partition_size, local_size, variant, dev) -> Plan:
+          kvd, int8_mode, partition_size, local_size, variant, dev, int8_dot=None) -> Plan:
     group = num_q_heads // num_kv_heads
     defines, wg, q_tile, hg = _config(context, head_dim, block_size, group, max_q_len, kvd, int8_mode,
-                                      local_size, variant, num_kv_heads, dev)
+                                      local_size, variant, num_kv_heads, dev, int8_dot)
     q_tiles = -(-max_q_len // q_tile)
     if partition_size is None:
         per_cu = 2 if work_items_are_threads(dev) else 4
@@ -327,7 +426,7 @@ def _check_scales(kvd, int8_mode, k_scales, v_scales, shape, context):
 
 
 def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, head_dim, context,
-                  scale, window, max_q_len, max_kv_len, partition_size, queue):
+                  scale, window, max_q_len, max_kv_len, partition_size, queue, int8_dot=None):
     total_q, num_q_heads, _ = queries.shape
     if num_q_heads % num_kv_heads:
         raise ShapeError(f"queries: num_q_heads {num_q_heads} is not a multiple of the cache's "
@@ -346,6 +445,12 @@ def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, h
     check_int("max_kv_len", max_kv_len, low=1)
     if partition_size is not None:
         check_int("partition_size", partition_size, low=1)
+    if _check_int8_dot(int8_dot) == "integer" and int8_dot is not None:   # refused before any build
+        if not kvd.has_scale:
+            raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8, got {kvd.name}")
+        if head_dim > _INT8_DOT_MAX_HEAD_DIM:
+            raise InvalidArgument(f"int8_dot: 'integer' supports head_dim <= {_INT8_DOT_MAX_HEAD_DIM} "
+                                  f"(int32 sums), got {head_dim}")
     if queue is not None and queue.context != context:
         raise DeviceMismatchError("queue: belongs to another OpenCL context than the arrays")
 
@@ -389,7 +494,7 @@ def launch_buffers(queue, *args, wait_for=None, **kwargs) -> cl.Event:
 def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
              q_indptr, out, *, total_q, num_q_heads, head_dim, batch, kvd, int8_mode, num_kv_heads,
              block_size, scale, window, max_q_len, max_kv_len, partition_size=None, workspace=None,
-             local_size=None, variant=None) -> list:
+             local_size=None, variant=None, int8_dot=None) -> list:
     """The decode kernel's :class:`~kvcl.ops._launch.Launch` (and the split-K merge's) on
     ``pyopencl.Buffer`` arguments. Arguments mean what they mean in :func:`paged_attention`;
     ``kvd`` is a :class:`kvcl.dtypes.KvDtype`; ``k_scales`` / ``v_scales`` are None unless the
@@ -398,7 +503,7 @@ def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices
     p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
              head_dim=head_dim, block_size=block_size, max_q_len=max_q_len, max_kv_len=max_kv_len,
              kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size,
-             variant=variant, device=queue.device)
+             variant=variant, device=queue.device, int8_dot=int8_dot)
     defines = dict(p.defines)
     ws_floats = p.workspace_floats(total_q, num_q_heads, head_dim)
     if ws_floats:
@@ -439,7 +544,7 @@ QUERY_ARG, K_POOL_ARG, V_POOL_ARG, K_SCALES_ARG, V_SCALES_ARG, OUT_ARG = 0, 1, 2
 def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_indptr, out, *,
                     k_scales=None, v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None,
                     window=0, max_q_len, max_kv_len, partition_size=None, workspace=None,
-                    queue=None, wait_for=None, _local_size=None, _variant=None) -> cl.Event:
+                    queue=None, wait_for=None, int8_dot=None, _local_size=None, _variant=None) -> cl.Event:
     """Attention of ``queries`` over a paged KV cache, written to ``out``.
 
     Query token ``i`` of sequence ``b`` (``q_len`` tokens, ``kv_len`` cached including
@@ -487,6 +592,15 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     queue : pyopencl.CommandQueue, optional
         Defaults to ``queries.queue``.
     wait_for : list of pyopencl.Event, optional
+    int8_dot : str, optional
+        How int8 KV's logits are computed: ``"float"`` (the float query times the dequantised
+        codes, as every format), ``"integer"`` (the query quantized per token and head to
+        16-bit codes of ``max|q| / 32767``, integer multiply-adds on the stored codes, the two
+        scales applied once per logit: within the int8 accuracy bounds of the fp32-KV output,
+        not bit-identical to the float path; ``head_dim`` <= 512), or ``"auto"``: integer where it
+        measured faster (the serial variant on x86 PoCL with AVX2), float elsewhere. None (the
+        default): the module's ``_INT8_DOT``, ``"auto"``. Other KV dtypes: float logits;
+        ``"integer"`` is refused for them.
 
     Returns
     -------
@@ -513,14 +627,14 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     _dev("indices", indices, ndim=1, dtype=np.int32, context=context)
     _dev("last_page_len", last_page_len, shape=(batch,), dtype=np.int32, context=context)
     _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, head_dim, context,
-                  scale, window, max_q_len, max_kv_len, partition_size, queue)
+                  scale, window, max_q_len, max_kv_len, partition_size, queue, int8_dot)
     _check_scales(kvd, int8_mode, k_scales, v_scales, (num_blocks, num_kv_heads, block_size), context)
     return _launch(queue or queries.queue, queries, k_pool, v_pool, k_scales, v_scales, indptr,
                    indices, last_page_len, q_indptr, out, kvd=kvd, int8_mode=int8_mode,
                    num_kv_heads=num_kv_heads, block_size=block_size, scale=scale, window=window,
                    max_q_len=max_q_len, max_kv_len=max_kv_len, partition_size=partition_size,
                    workspace=workspace, wait_for=wait_for, local_size=_local_size,
-                   variant=_variant)
+                   variant=_variant, int8_dot=int8_dot)
 
 
 def _contiguous_table(queue, batch: int):
@@ -538,7 +652,7 @@ def _contiguous_table(queue, batch: int):
 def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k_scales=None,
                          v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None, window=0,
                          max_q_len, max_kv_len, partition_size=None, workspace=None, queue=None,
-                         wait_for=None, _local_size=None, _variant=None) -> cl.Event:
+                         wait_for=None, int8_dot=None, _local_size=None, _variant=None) -> cl.Event:
     """Attention over a contiguous cache: the paged kernel with one ``capacity``-token page per
     sequence (same maths as :func:`paged_attention`, whose other parameters and return value
     this shares).
@@ -567,7 +681,7 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k
     batch, num_kv_heads, capacity, _ = k_cache.shape
     _dev("kv_lens", kv_lens, shape=(batch,), dtype=np.int32, context=context)
     _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, head_dim, context,
-                  scale, window, max_q_len, max_kv_len, partition_size, queue)
+                  scale, window, max_q_len, max_kv_len, partition_size, queue, int8_dot)
     check_int("max_kv_len", max_kv_len, low=1, high=capacity + 1)
     _check_scales(kvd, int8_mode, k_scales, v_scales, (batch, num_kv_heads, capacity), context)
     queue = queue or queries.queue
@@ -576,4 +690,4 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k
                    q_indptr, out, kvd=kvd, int8_mode=int8_mode, num_kv_heads=num_kv_heads,
                    block_size=capacity, scale=scale, window=window, max_q_len=max_q_len,
                    max_kv_len=max_kv_len, partition_size=partition_size, workspace=workspace,
-                   wait_for=wait_for, local_size=_local_size, variant=_variant)
+                   wait_for=wait_for, local_size=_local_size, variant=_variant, int8_dot=int8_dot)

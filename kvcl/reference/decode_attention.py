@@ -12,13 +12,30 @@ cached tokens including its own) and query head ``h`` reading kv head ``h // gro
     lo = max(0, hi - window) if window > 0 else 0
     logits[j] = scale * q[i, h] . k[j, h // group]      for j in [lo, hi)
     out[i, h] = sum_j softmax(logits)[j] * v[j, h // group]
+
+int8 KV with ``int8_dot="integer"`` (the kernel's INT8_DOT path) is twinned exactly up to the
+logits: the query row quantized as the kernel does it (:func:`quantize_query`), the integer
+sums over the stored codes, and the float32 products in the kernel's order give the kernel's
+logits bit for bit (:func:`integer_logits`); softmax and V then as above, in float64::
+
+    step = float32(max|q[i, h]| / QMAX)          QMAX = 32767 (16-bit codes) or 127 (8-bit)
+    c = clip(rint(float32(q[i, h] / step)), -QMAX, QMAX)        (0 where that is NaN)
+    logits2[j] = float32(float32(float32(c . k_codes[j]) * float32(step * qk_scale_log2)) * k_scale[j])
+    logits[j] = logits2[j] * ln(2)              (logits2 is in the log2 domain, like the kernel)
+
+with ``qk_scale_log2 = float32(scale * log2(e))``.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .quantize import decode_kv
+from .quantize import decode_kv, fp16_decode
+
+#: bits of the query codes of the integer path, and their largest magnitude
+INT8_DOT_QMAX = {16: 32767.0, 8: 127.0}
 
 
 def gather_sequence(pool: np.ndarray, scales: np.ndarray | None, indptr: np.ndarray,
@@ -62,28 +79,83 @@ def gather_sequence(pool: np.ndarray, scales: np.ndarray | None, indptr: np.ndar
     return rows[:kv_len]
 
 
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int) -> np.ndarray:
-    """One sequence: ``q [q_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` → ``[q_len, Hq, D]``."""
+def gather_codes(pool: np.ndarray, scales: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+                 last_page_len: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence ``b``'s stored int8 codes ``[kv_len, Hkv, D]`` (int8) and row scales
+    ``[kv_len, Hkv]`` (float32; fp16 bits as uint16 are decoded), in token order."""
+    block_size = pool.shape[2]
+    pages = np.asarray(indices[int(indptr[b]):int(indptr[b + 1])], dtype=np.int64)
+    kv_len = (len(pages) - 1) * block_size + int(last_page_len[b])
+    codes = pool[pages].transpose(0, 2, 1, 3).reshape(len(pages) * block_size, pool.shape[1], pool.shape[3])
+    sc = np.asarray(scales)[pages]
+    sc = fp16_decode(sc) if sc.dtype == np.uint16 else sc.astype(np.float32)
+    sc = sc.transpose(0, 2, 1).reshape(len(pages) * block_size, pool.shape[1])
+    return codes[:kv_len], sc[:kv_len]
+
+
+def quantize_query(q: np.ndarray, bits: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The integer path's query codes: per row (last axis) ``step = max|q| / QMAX`` in float32
+    and ``c = clip(rint(q / step), -QMAX, QMAX)``, 0 where that is NaN (a zero row: 0 / 0; an
+    Inf / NaN row: its step is Inf / NaN). Returns ``(codes int32 [..., D], step float32 [...])``,
+    bit for bit the kernel's."""
+    if bits not in INT8_DOT_QMAX:
+        raise ValueError(f"bits: expected one of {sorted(INT8_DOT_QMAX)}, got {bits!r}")
+    qmax = np.float32(INT8_DOT_QMAX[bits])
+    q = np.asarray(q, dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amax = np.abs(q).max(axis=-1)                      # NaN propagates, as in the kernel
+        step = (amax / qmax).astype(np.float32)
+        c = np.rint((q / step[..., None]).astype(np.float32))
+    c = np.clip(c, -qmax, qmax)
+    c[np.isnan(c)] = 0
+    return c.astype(np.int32), step
+
+
+def integer_logits(q: np.ndarray, k_codes: np.ndarray, k_scales: np.ndarray, qk_scale_log2,
+                   bits: int = 16) -> np.ndarray:
+    """The integer path's logits (log2 domain, float32) of query rows ``q [..., D]`` against
+    codes ``k_codes [T, D]`` with row scales ``k_scales [T]``: ``[..., T]``, the kernel's bit
+    for bit (exact integer sums, then ``(float32(sum) * (step * qk_scale_log2)) * k_scale``)."""
+    codes, step = quantize_query(q, bits)
+    sums = codes.astype(np.int64) @ np.asarray(k_codes, dtype=np.int64).T
+    qsc = (step * np.float32(qk_scale_log2)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = (sums.astype(np.float32) * qsc[..., None]).astype(np.float32)
+        return (out * np.asarray(k_scales, dtype=np.float32)).astype(np.float32)
+
+
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int,
+            integer: "tuple | None" = None) -> np.ndarray:
+    """One sequence: ``q [q_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` → ``[q_len, Hq, D]``.
+    ``integer``: ``(k_codes, k_scales, bits)`` for the integer path's logits."""
     q_len, hq, _ = q.shape
     kv_len, hkv, _ = k.shape
     group = hq // hkv
     q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     out = np.zeros(q.shape, dtype=np.float64)
+    qk_scale_log2 = np.float32(scale * math.log2(math.e))
     for i in range(q_len):
         hi = kv_len - q_len + 1 + i
         lo = max(0, hi - window) if window > 0 else 0
         for h in range(hq):
             kh = h // group
-            logits = scale * (k64[lo:hi, kh] @ q64[i, h])
-            p = np.exp(logits - logits.max())
-            out[i, h] = (p @ v64[lo:hi, kh]) / p.sum()
+            if integer is None:
+                logits = scale * (k64[lo:hi, kh] @ q64[i, h])
+            else:
+                codes, ks, bits = integer
+                logits = integer_logits(q[i, h], codes[lo:hi, kh], ks[lo:hi, kh], qk_scale_log2,
+                                        bits).astype(np.float64) * math.log(2.0)
+            with np.errstate(invalid="ignore"):
+                p = np.exp(logits - logits.max())
+                out[i, h] = (p @ v64[lo:hi, kh]) / p.sum()
     return out
 
 
 def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_indptr, out=None, *,
                     k_scales=None, v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None,
                     window=0, max_q_len=None, max_kv_len=None, partition_size=None,
-                    workspace=None, queue=None, wait_for=None) -> np.ndarray:
+                    workspace=None, queue=None, wait_for=None, int8_dot=None,
+                    int8_dot_bits: int = 16) -> np.ndarray:
     """Reference paged decode attention (see the module docstring for the maths).
 
     Parameters
@@ -108,6 +180,9 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         Softmax scale, default ``1 / sqrt(head_dim)``.
     window : int
         Sliding window (0: none).
+    int8_dot : str, optional
+        ``"integer"`` (int8 KV only): the logits of the kernel's integer path, with query codes
+        of ``int8_dot_bits`` (16 or 8) bits; ``None`` / ``"float"``: float logits.
 
     The remaining keyword arguments mirror the kernel launcher and are ignored.
 
@@ -120,12 +195,20 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     head_dim = queries.shape[2]
     if scale is None:
         scale = 1.0 / np.sqrt(head_dim)
+    if int8_dot not in (None, "float", "integer"):
+        raise ValueError(f"int8_dot: expected None, 'float' or 'integer', got {int8_dot!r}")
+    integer = int8_dot == "integer"
+    if integer and kv_dtype != "int8":
+        raise ValueError(f"int8_dot: 'integer' needs kv_dtype int8, got {kv_dtype!r}")
     result = np.zeros(queries.shape, dtype=np.float32)
     for b in range(len(indptr) - 1):
         k = gather_sequence(k_pool, k_scales, indptr, indices, last_page_len, b, kv_dtype, int8_mode)
         v = gather_sequence(v_pool, v_scales, indptr, indices, last_page_len, b, kv_dtype, int8_mode)
         r0, r1 = int(q_indptr[b]), int(q_indptr[b + 1])
-        result[r0:r1] = _attend(queries[r0:r1], k, v, float(scale), int(window))
+        codes = None
+        if integer:
+            codes = gather_codes(k_pool, k_scales, indptr, indices, last_page_len, b) + (int8_dot_bits,)
+        result[r0:r1] = _attend(queries[r0:r1], k, v, float(scale), int(window), codes)
     if out is not None:
         out[...] = result
         return out
@@ -135,7 +218,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
 def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out=None, *, k_scales=None,
                          v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None, window=0,
                          max_q_len=None, max_kv_len=None, partition_size=None, workspace=None,
-                         queue=None, wait_for=None) -> np.ndarray:
+                         queue=None, wait_for=None, int8_dot=None, int8_dot_bits: int = 16) -> np.ndarray:
     """Reference attention over a contiguous cache (one page of ``capacity`` tokens per sequence).
 
     Parameters
@@ -161,4 +244,5 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out=None,
     indices = np.arange(batch, dtype=np.int32)
     return paged_attention(queries, k_cache, v_cache, indptr, indices, np.asarray(kv_lens), q_indptr,
                            out, k_scales=k_scales, v_scales=v_scales, kv_dtype=kv_dtype,
-                           int8_mode=int8_mode, scale=scale, window=window)
+                           int8_mode=int8_mode, scale=scale, window=window, int8_dot=int8_dot,
+                           int8_dot_bits=int8_dot_bits)

@@ -54,6 +54,11 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
             assert ex["utilization_ceiling"] == pytest.approx(ex["memory_seconds"] / floor)
             if r["kv_dtype"] != "fp32":
                 assert ex["speedup_vs_fp32_ceiling"] == pytest.approx(ex["speedup_vs_fp32"] * r["seconds"] / floor)
+    # int8: a row per path (float and integer logits), each against fp32; "auto" picks one of them
+    int8 = [r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "int8"]
+    assert sorted(r["extra"]["int8_dot"] for r in int8) == ["float", "integer"]
+    assert sum(r["extra"]["int8_dot_auto"] for r in int8) == 1
+    assert "int8 integer" in printed and "int8 float" in printed
     fp32 = next(r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "fp32")
     for r in doc["records"]:
         if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"]:
@@ -73,9 +78,12 @@ def test_decode_case_in_cache_reads_only_its_first_blocks(device, dtype_name):
     assert twin.pools is case.pools and twin.out is not case.out
     twin.run().wait()
     (k, ks), (v, vs) = case.pools
+    # the path the bench's case runs (int8: integer logits where they measured faster)
+    int8_dot = bench.attention_ops.int8_dot_for(device.device, head_dim=bench.QUICK.head_dim, kv_dtype=dtype_name,
+                                                context=device.context)
     want = reference(case.queries.get(), k.get(), v.get(), case.indptr.get(), pages, case.last_page_len.get(),
                      case.q_indptr.get(), k_scales=None if ks is None else ks.get(),
-                     v_scales=None if vs is None else vs.get(), kv_dtype=dtype_name)
+                     v_scales=None if vs is None else vs.get(), kv_dtype=dtype_name, int8_dot=int8_dot)
     got = twin.out.get()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     case.run().wait()   # the case itself still reads its own table

@@ -3,7 +3,8 @@
 Every case encodes random K/V with ``encode_kv``, uploads the stored bytes, and compares the
 kernel with the reference run on the same stored bytes (so every dtype must match to ~1e-5
 relative); a separate test checks each KV dtype's accuracy against the fp32 output
-(docs: targets.md).
+(docs: targets.md). int8 runs its float path here (``int8_dot="float"``); the integer path is
+tested in test_int8_integer_decode.py.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def upload(queue, case):
 
 
 def run_paged(device, case, **kw):
+    # the float path unless a test asks: these are the same-codes tests of float arithmetic (the
+    # int8 integer path has its own, tests/device/test_int8_integer_decode.py)
+    kw.setdefault("int8_dot", "float")
     q = device.queue
     d = upload(q, case)
     out = cla.empty(q, case["queries"].shape, np.float32)
@@ -235,7 +239,7 @@ def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
     kv_lens = cla.to_device(q, lens)
     ops.contiguous_attention(dd["queries"], dd["k_pool"], dd["v_pool"], kv_lens, dd["q_indptr"], out,
                              k_scales=dd["k_scales"], v_scales=dd["v_scales"], kv_dtype=kv_dtype,
-                             window=50, max_q_len=max(q_lens), max_kv_len=int(lens.max())).wait()
+                             window=50, max_q_len=max(q_lens), max_kv_len=int(lens.max()), int8_dot="float").wait()
     got = out.get()
     want = ref.contiguous_attention(case["queries"], case["k_pool"], case["v_pool"], lens,
                                     case["q_indptr"], k_scales=case["k_scales"],

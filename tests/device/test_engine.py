@@ -61,14 +61,28 @@ def _cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _same_codes_bound(cache) -> float:
+    """1e-5 of the output for float logits; int8 on the integer path (the engine's default where
+    it measured faster: kvcl.ops.decode_attention int8_dot) rounds the query to 16-bit steps of
+    max|q| / 32767, which moves the output up to ~5e-5 off the float reference on the same codes:
+    1e-4 there (its exact twin and the fp32-KV bounds are tests/device/test_int8_integer_decode.py)."""
+    from kvcl.ops.decode_attention import int8_dot_for
+    dev = cache.device
+    if cache.dtype.name == "int8" and int8_dot_for(dev.device, head_dim=cache.head_dim,
+                                                   context=dev.context) == "integer":
+        return 1e-4
+    return 1e-5
+
+
 def _check_against_stored(cache, layer, seq_ids, counts, queries, out, window=0):
     """The kernel equals the reference run on exactly the stored (dequantised) K/V."""
     row = 0
+    bound = _same_codes_bound(cache)
     for s, n in zip(seq_ids, counts):
         k, v = cache.read(layer, s)
         ref = reference_attend(queries[row:row + n], k, v, 1 / np.sqrt(cache.head_dim), window)
         err = np.abs(out[row:row + n] - ref).max()
-        assert err <= 1e-5 * np.abs(ref).max() + 1e-7, (s, err)
+        assert err <= bound * np.abs(ref).max() + 1e-7, (s, err)
         row += n
 
 
