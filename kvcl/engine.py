@@ -19,7 +19,6 @@ import pyopencl.array as cla
 
 from .dtypes import INT8_MODE_AWAY, KvDtype, kv_dtype
 from .errors import (
-    DeviceMemoryError,
     DtypeError,
     InvalidArgument,
     NonFiniteError,
@@ -29,6 +28,7 @@ from .ops import blocks as block_ops
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import quantize as quantize_ops
+from .ops import write_checks as checks
 from .ops._launch import element_base
 from .paging import PagedBookkeeping, StepPlan
 from .runtime import Device, resolve_device
@@ -37,9 +37,6 @@ from .validate import check_array, check_float, check_int, is_device_array
 
 if TYPE_CHECKING:  # pragma: no cover
     from .stepcalls import StepCalls
-
-_ROPE_MODES = ("none", "half", "interleaved")
-
 
 class PagedKVCache:
     """A paged, optionally quantized KV cache for every layer of a decoder, on one device.
@@ -98,16 +95,13 @@ class PagedKVCache:
         self._last_plan: dict[int, int] = {}  # seq id -> serial of the step that last planned it
         self._check_memory()
         queue = self.device.queue
-        try:
-            self._k = [self._zeros(self._pool_shape, self.dtype.storage) for _ in range(self.num_layers)]
-            self._v = [self._zeros(self._pool_shape, self.dtype.storage) for _ in range(self.num_layers)]
-            if self.dtype.has_scale:
-                self._ks = [self._zeros(self._scale_shape, np.float32) for _ in range(self.num_layers)]
-                self._vs = [self._zeros(self._scale_shape, np.float32) for _ in range(self.num_layers)]
-            else:
-                self._ks = self._vs = [None] * self.num_layers
-        except cl.MemoryError as exc:  # pragma: no cover - depends on the device
-            raise DeviceMemoryError("the KV pools", self.memory_bytes(), self.device.info.global_mem_bytes) from exc
+        self._k = self._new_pools(self._pool_shape, self.dtype.storage, "K pool")
+        self._v = self._new_pools(self._pool_shape, self.dtype.storage, "V pool")
+        if self.dtype.has_scale:
+            self._ks = self._new_pools(self._scale_shape, np.float32, "K scales")
+            self._vs = self._new_pools(self._scale_shape, np.float32, "V scales")
+        else:
+            self._ks = self._vs = [None] * self.num_layers
         self._status = cla.zeros(queue, 1, np.int32)
         self._status_unread = False            # a write was queued since the status was last read
         self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
@@ -128,19 +122,16 @@ class PagedKVCache:
     def _scale_shape(self) -> tuple[int, int, int]:
         return (self.num_blocks, self.num_kv_heads, self.block_size)
 
-    def _zeros(self, shape, dtype) -> cla.Array:
-        arr = cla.empty(self.device.queue, shape, dtype)
-        arr.fill(0)
-        return arr
-
     def _check_memory(self) -> None:
-        info = self.device.info
-        total = self.memory_bytes()
+        """Refuse pools the device cannot hold before allocating any (:meth:`kvcl.Device.check_alloc`)."""
         pool = int(np.prod(self._pool_shape)) * self.dtype.bytes_per_elem
-        if pool > info.max_alloc_bytes:
-            raise DeviceMemoryError(f"one layer's K pool ({self.num_blocks} blocks)", pool, info.max_alloc_bytes)
-        if total > info.global_mem_bytes:
-            raise DeviceMemoryError(f"the KV pools ({self.num_layers} layers x K,V)", total, info.global_mem_bytes)
+        self.device.check_alloc(f"one layer's K pool ({self.num_blocks} blocks)", pool)
+        self.device.check_alloc(f"the KV pools ({self.num_layers} layers x K,V)", pool, total=self.memory_bytes())
+
+    def _new_pools(self, shape, dtype, name: str) -> list:
+        """One zeroed device array per layer (checked by :meth:`_check_memory` first)."""
+        return [self.device.alloc(shape, dtype, what=f"layer {layer}'s {name}", zero=True)
+                for layer in range(self.num_layers)]
 
     def _use(self, queue: cl.CommandQueue) -> cl.CommandQueue:
         """``queue``, once the other queue's work is done: the device's queue and its inline
@@ -451,35 +442,15 @@ class PagedKVCache:
         is in the ``scratch`` buffer)."""
         layer = self._check_layer(layer)
         step = self._check_step(step)
-        num_q_heads = check_int("num_q_heads", num_q_heads, low=1)
-        if num_q_heads % self.num_kv_heads:
-            raise InvalidArgument(f"num_q_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, got {num_q_heads}")
-        if rope not in _ROPE_MODES:
-            raise InvalidArgument(f"rope: expected one of {', '.join(_ROPE_MODES)}, got {rope!r}")
+        num_q_heads = checks.check_q_heads(num_q_heads, self.num_kv_heads)
+        rope = checks.check_rope(rope)
         eps = check_float("eps", eps)
-        width = (num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-        check_array("qkv", qkv, shape=(step.num_tokens, width), dtype=np.float32,
-                    context=self.device.context, finite=True)
-        max_pos = step.plan.max_kv_len
-        tables = {}
-        for name, t in (("cos", cos), ("sin", sin)):
-            if rope == "none":
-                tables[name] = None
-                continue
-            if t is None:
-                raise InvalidArgument(f"{name}: required for rope={rope!r}")
-            check_array(name, t, shape=(None, self.head_dim // 2), dtype=np.float32,
-                        context=self.device.context, finite=True)
-            if t.shape[0] < max_pos:
-                raise ShapeError(f"{name}: expected at least {max_pos} rows (the longest sequence "
-                                 f"in this step), got {t.shape[0]}")
-            tables[name] = t
-        weights = {}
-        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-            if w is not None:
-                check_array(name, w, shape=(self.head_dim,), dtype=np.float32,
-                            context=self.device.context, finite=True)
-            weights[name] = w
+        context = self.device.context
+        width = checks.qkv_width(num_q_heads, self.num_kv_heads, self.head_dim)
+        check_array("qkv", qkv, shape=(step.num_tokens, width), dtype=np.float32, context=context, finite=True)
+        tables = checks.check_rope_tables(cos, sin, rope=rope, head_dim=self.head_dim, context=context,
+                                          rows=step.plan.max_kv_len, why="the longest sequence in this step")
+        weights = checks.check_norm_weights(q_norm_weight, k_norm_weight, head_dim=self.head_dim, context=context)
         host_out = not is_device_array(qkv)
         shape = (step.num_tokens, num_q_heads, self.head_dim)
         if step.num_tokens == 0:

@@ -50,15 +50,28 @@ class OutOfBlocks(KvclError, MemoryError):
 
 
 class DeviceMemoryError(KvclError, MemoryError):
-    """An allocation is larger than the device can hold."""
+    """An allocation is larger than the device can hold.
 
-    def __init__(self, what: str, requested: int, available: int):
+    Raised by :meth:`kvcl.Device.check_alloc` before anything is allocated (and by
+    :meth:`kvcl.Device.alloc` if the device then fails to allocate). ``what`` names the buffer
+    or the argument that sized it; ``requested`` and ``available`` are bytes; ``limit`` says
+    which of the device's limits was passed: :attr:`ONE_BUFFER` (``CL_DEVICE_MAX_MEM_ALLOC_SIZE``)
+    or :attr:`GLOBAL` (``CL_DEVICE_GLOBAL_MEM_SIZE``).
+    """
+
+    #: the largest single buffer (``CL_DEVICE_MAX_MEM_ALLOC_SIZE``)
+    ONE_BUFFER = "at most in one buffer (max_mem_alloc_size)"
+    #: all buffers together (``CL_DEVICE_GLOBAL_MEM_SIZE``)
+    GLOBAL = "of global memory (global_mem_size)"
+    #: the device refused an allocation that passed both checks (memory in use elsewhere)
+    FAILED = "of global memory (global_mem_size), and allocating it failed"
+
+    def __init__(self, what: str, requested: int, available: int, limit: str = GLOBAL):
+        self.what = what
         self.requested = requested
         self.available = available
-        super().__init__(
-            f"{what} needs {requested:,} bytes but the device has {available:,} bytes "
-            "of global memory (max single allocation or total); use fewer blocks or a smaller KV dtype"
-        )
+        self.limit = limit
+        super().__init__(f"{what} needs {requested:,} bytes but the device has {available:,} bytes {limit}")
 
 
 class DeviceMismatchError(KvclError, ValueError):

@@ -106,9 +106,11 @@ class KVCache:
         self._used = [0] * self._num_layers
         if reserve:
             floats = reserve * self.entry_size()
+            self._device.check_alloc(f"max_seq_len={reserve}: K and V of {self._num_layers} layers",
+                                     floats * _ITEM, total=2 * self._num_layers * floats * _ITEM)
             for layer in range(self._num_layers):
-                self._k[layer] = self._alloc(floats)
-                self._v[layer] = self._alloc(floats)
+                self._k[layer] = self._alloc(floats, f"max_seq_len={reserve}: layer {layer}'s K")
+                self._v[layer] = self._alloc(floats, f"max_seq_len={reserve}: layer {layer}'s V")
                 self._cap[layer] = floats
 
     # ---- construction (the Rust associated functions) -------------------------------------
@@ -170,6 +172,8 @@ class KVCache:
         ------
         kvcl.OutOfRangeError, kvcl.ShapeError, kvcl.DtypeError, kvcl.DeviceMismatchError
             Before anything is written.
+        kvcl.DeviceMemoryError
+            The layer would have to grow past what the device holds; nothing is changed.
 
         Examples
         --------
@@ -279,13 +283,17 @@ class KVCache:
     def _check_layer(self, layer: Any) -> int:
         return check_int("layer", layer, low=0, high=self._num_layers)
 
-    def _alloc(self, floats: int) -> cl.Buffer:
-        return cl.Buffer(self._device.context, cl.mem_flags.READ_WRITE, floats * _ITEM)
+    def _alloc(self, floats: int, what: str) -> cl.Buffer:
+        return self._device.alloc((floats,), _FLOAT, what=what).base_data
 
     def _grow(self, layer: int, floats: int) -> None:
-        """Reallocate K and V of ``layer`` to ``floats`` and copy the used part on the device."""
+        """Reallocate K and V of ``layer`` to ``floats`` and copy the used part on the device.
+        Both are checked (one buffer each; all layers' K and V together) before either is made."""
         queue = self._device.queue
-        new_k, new_v = self._alloc(floats), self._alloc(floats)  # both before swapping either
+        what = f"append: layer {layer}'s K and V grown to {floats:,} floats each"
+        others = sum(cap for i, cap in enumerate(self._cap) if i != layer)
+        self._device.check_alloc(what, floats * _ITEM, total=2 * (others + floats) * _ITEM)
+        new_k, new_v = self._alloc(floats, what), self._alloc(floats, what)  # both before swapping either
         used = self._used[layer] * _ITEM
         if used:
             cl.enqueue_copy(queue, new_k, self._k[layer], byte_count=used)

@@ -25,6 +25,7 @@ are the host's memory), and the cache engine sends steps too small to pay for th
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -32,9 +33,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pyopencl as cl
+import pyopencl.array as cla
 
-from .errors import CompileError, NoDeviceError
+from .errors import CompileError, DeviceMemoryError, NoDeviceError
 
 # Ask PoCL for its in-thread ``basic`` device beside the default ``pthread`` one (see the module
 # docstring). PoCL reads this once, when the first platform query loads it.
@@ -302,6 +305,53 @@ class Device:
     @cached_property
     def info(self) -> DeviceInfo:
         return describe(self.device)
+
+    # ---- allocation: every size-checked device buffer of kvcl goes through these two ------------
+
+    def check_alloc(self, what: str, nbytes: int, *, total: "int | None" = None) -> None:
+        """Refuse, before anything is allocated, what the device cannot hold.
+
+        Parameters
+        ----------
+        what : str
+            The buffer(s), or the argument that sized them, as the message should name them.
+        nbytes : int
+            Bytes of the largest single buffer: at most the device's ``max_mem_alloc_size``.
+        total : int, optional
+            Bytes of all the buffers together (default ``nbytes``): at most its ``global_mem_size``.
+
+        Raises
+        ------
+        kvcl.DeviceMemoryError
+            Naming ``what``, the bytes requested and the limit passed.
+        """
+        info = self.info    # both limits read once per Device (describe() queries the driver)
+        if nbytes > info.max_alloc_bytes:
+            raise DeviceMemoryError(what, int(nbytes), info.max_alloc_bytes, DeviceMemoryError.ONE_BUFFER)
+        total = nbytes if total is None else total
+        if total > info.global_mem_bytes:
+            raise DeviceMemoryError(what, int(total), info.global_mem_bytes, DeviceMemoryError.GLOBAL)
+
+    def alloc(self, shape, dtype, *, what: str, zero: bool = False) -> cla.Array:
+        """A device array of ``shape`` and ``dtype`` on :attr:`queue`, after :meth:`check_alloc`.
+
+        ``zero``: filled with zero bytes (queued on :attr:`queue`); else uninitialised. An
+        allocation the device refuses anyway raises :class:`kvcl.DeviceMemoryError` too.
+
+        Examples
+        --------
+        >>> pool = dev.alloc((64, 2, 16, 128), np.float32, what="the K pool", zero=True)  # doctest: +SKIP
+        """
+        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        self.check_alloc(what, nbytes)
+        try:
+            arr = cla.empty(self.queue, shape, dtype)
+            if zero and nbytes:
+                arr.fill(0)
+        except cl.MemoryError as exc:  # pragma: no cover - depends on the device and its load
+            raise DeviceMemoryError(what, nbytes, self.info.global_mem_bytes, DeviceMemoryError.FAILED) from exc
+        return arr
 
     def kernel(self, source: str, name: str, defines: dict | None = None) -> cl.Kernel:
         """A kernel object from ``kernels/<source>`` built with ``defines`` (memoized)."""

@@ -25,6 +25,7 @@ from .dtypes import INT8_MODE_AWAY
 from .errors import InvalidArgument, ShapeError
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
+from .ops import write_checks as checks
 from .ops._launch import enqueue
 from .validate import check_array, check_float, check_int, is_device_array
 
@@ -59,33 +60,19 @@ class StepCalls:
     def __init__(self, cache: Any, step: Any, *, num_q_heads: int, rope: str = "none", cos: Any = None,
                  sin: Any = None, q_norm_weight: Any = None, k_norm_weight: Any = None, eps: float = 1e-6,
                  window: int = 0, scale: "float | None" = None):
-        from .engine import _ROPE_MODES
         with cache._lock:
             self.cache = cache
-            hq = check_int("num_q_heads", num_q_heads, low=1)
-            if hq % cache.num_kv_heads:
-                raise InvalidArgument(f"num_q_heads: expected a multiple of num_kv_heads={cache.num_kv_heads}, "
-                                      f"got {num_q_heads}")
-            if rope not in _ROPE_MODES:
-                raise InvalidArgument(f"rope: expected one of {', '.join(_ROPE_MODES)}, got {rope!r}")
+            hq = checks.check_q_heads(num_q_heads, cache.num_kv_heads)
+            rope = checks.check_rope(rope)
             self.window = check_int("window", window, low=0)
             self.scale = None if scale is None else check_float("scale", scale)
             self.eps = check_float("eps", eps)
             self.num_q_heads, self.rope = hq, rope
             d = cache.head_dim
             context = cache.device.context
-            self._tables = {}
-            for name, table in (("cos", cos), ("sin", sin)):
-                if rope == "none" or table is None:
-                    self._tables[name] = None
-                    continue
-                check_array(name, table, shape=(None, d // 2), dtype=np.float32, context=context, finite=True)
-                self._tables[name] = table
-            self._weights = {}
-            for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-                if w is not None:
-                    check_array(name, w, shape=(d,), dtype=np.float32, context=context, finite=True)
-                self._weights[name] = w
+            # the rows the tables need are checked per step (_bind)
+            self._tables = checks.check_rope_tables(cos, sin, rope=rope, head_dim=d, context=context)
+            self._weights = checks.check_norm_weights(q_norm_weight, k_norm_weight, head_dim=d, context=context)
             self._buffers = {name: None if x is None else cache._input(name, x, whole=True)[0]
                              for name, x in (*self._tables.items(), *self._weights.items())}
             self._context = context
@@ -102,10 +89,7 @@ class StepCalls:
     def _bind(self, step: Any) -> None:
         cache = self.cache
         step = cache._check_step(step)
-        for name, table in self._tables.items():
-            if table is not None and table.shape[0] < step.plan.max_kv_len:
-                raise ShapeError(f"{name}: expected at least {step.plan.max_kv_len} rows (the longest "
-                                 f"sequence in this step), got {table.shape[0]}")
+        checks.check_table_rows(self._tables, step.plan.max_kv_len, "the longest sequence in this step")
         d, hkv, hq, t = cache.head_dim, cache.num_kv_heads, self.num_q_heads, step.num_tokens
         self.step, self._epoch = step, cache._epoch
         self.qkv_shape = (t, (hq + 2 * hkv) * d)

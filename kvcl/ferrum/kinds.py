@@ -15,24 +15,20 @@ import math
 from typing import Any
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cla
 
 from ..dtypes import INT8_MODE_AWAY, INT8_MODE_EVEN, kv_dtype
 from ..errors import (
-    DeviceMemoryError,
     DtypeError,
     InvalidArgument,
-    KvclError,
-    NonFiniteError,
     OutOfRangeError,
     ShapeError,
 )
 from ..ops import decode_attention as attention_ops
-from ..ops import paged_write as write_ops
+from ..ops import write_checks as checks
 from ..runtime import resolve_device
 from ..validate import check_array, check_float, check_int, is_device_array
-from . import _io
+from . import _fused, _io
 from .layer import AttnConfig, KvCache, KvCacheQuant, KvDtypeUnsupported
 
 __all__ = ["QK_MODES", "KvBf16", "KvDtypeKind", "KvFp8", "KvFp16", "KvInt8", "KvLayer"]
@@ -89,18 +85,6 @@ class KvLayer(KvDtypeKind):
             raise InvalidArgument(f"head_dim: kvcl's kernels need a multiple of 4, got {d}")
         return bs, h, d
 
-    @staticmethod
-    def _zeros(device, shape, dtype, what: str) -> cla.Array:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if nbytes > device.info.max_alloc_bytes:
-            raise DeviceMemoryError(what, nbytes, device.info.max_alloc_bytes)
-        try:
-            arr = cla.empty(device.queue, shape, dtype)
-            arr.fill(0)
-        except cl.MemoryError as exc:  # pragma: no cover - depends on the device
-            raise DeviceMemoryError(what, nbytes, device.info.global_mem_bytes) from exc
-        return arr
-
     @classmethod
     def _paged_meta(cls, device, max_blocks: int):
         ids = np.arange(max_blocks, dtype=np.uint32)
@@ -149,10 +133,10 @@ class KvLayer(KvDtypeKind):
                       "block_size": bs, "device": dev}
         if cls._OWN_POOLS:
             shape = (max_blocks, h, bs, d)
-            k = cls._zeros(dev, shape, storage.storage, "the INT8 K pool")
-            v = cls._zeros(dev, shape, storage.storage, "the INT8 V pool")
-            ks = cls._zeros(dev, shape[:3], np.uint16, "the INT8 K scales")
-            vs = cls._zeros(dev, shape[:3], np.uint16, "the INT8 V scales")
+            k = dev.alloc(shape, storage.storage, what="the INT8 K pool", zero=True)
+            v = dev.alloc(shape, storage.storage, what="the INT8 V pool", zero=True)
+            ks = dev.alloc(shape[:3], np.uint16, what="the INT8 K scales", zero=True)
+            vs = dev.alloc(shape[:3], np.uint16, what="the INT8 V scales", zero=True)
             table, lens, host = cls._paged_meta(dev, max_blocks)
             return KvCacheQuant(k=k, v=v, k_scales=ks, v_scales=vs, block_table=table,
                                 context_lens=lens, paged_block_indices=host, **common)
@@ -199,8 +183,8 @@ class KvLayer(KvDtypeKind):
                                      "(ferrum panics here); use alloc_paged")
         cap, h, d = cls._shape_args("capacity", capacity, num_kv_heads, head_dim)
         dev = resolve_device(device)
-        k = cls._zeros(dev, (h, cap, d), storage.storage, "the contiguous K cache")
-        v = cls._zeros(dev, (h, cap, d), storage.storage, "the contiguous V cache")
+        k = dev.alloc((h, cap, d), storage.storage, what="the contiguous K cache", zero=True)
+        v = dev.alloc((h, cap, d), storage.storage, what="the contiguous V cache", zero=True)
         return KvCache(kind=cls, k=k, v=v, capacity=cap, num_kv_heads=h, head_dim=d, block_size=0,
                        block_table=None, context_lens=None, paged_block_indices=[], device=dev)
 
@@ -224,8 +208,8 @@ class KvLayer(KvDtypeKind):
         bs, h, d = cls._shape_args("block_size", block_size, num_kv_heads, head_dim)
         dev = resolve_device(device)
         shape = (n, h, bs, d)
-        return (cls._zeros(dev, shape, storage.storage, "the shared K pool"),
-                cls._zeros(dev, shape, storage.storage, "the shared V pool"))
+        return (dev.alloc(shape, storage.storage, what="the shared K pool", zero=True),
+                dev.alloc(shape, storage.storage, what="the shared V pool", zero=True))
 
     # ---- accessors (the variant-agnostic trait functions) ---------------------------------
 
@@ -331,10 +315,7 @@ class KvLayer(KvDtypeKind):
                                   ("head_dim", head_dim, layer.head_dim)):
             if check_int(name, value) != want:
                 raise ShapeError(f"{name}: the layer has {want}, got {value}")
-        if hq % layer.num_kv_heads:
-            raise InvalidArgument(f"num_q_heads: expected a multiple of num_kv_heads "
-                                  f"{layer.num_kv_heads}, got {hq}")
-        return hq
+        return checks.check_q_heads(hq, layer.num_kv_heads)
 
     @classmethod
     def _pools(cls, layer, pool_k, pool_v):
@@ -352,62 +333,6 @@ class KvLayer(KvDtypeKind):
         return pk, pv, None, None
 
     # ---- write ------------------------------------------------------------------------------
-
-    @classmethod
-    def _write(cls, layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, num_q_heads,
-               pos_offset, eps, qk_mode, *, slot_start, pools, block_size, table):
-        """Validate the rest, upload, launch the fused write, raise on a device-side error."""
-        D, hkv = layer.head_dim, layer.num_kv_heads
-        hq = num_q_heads
-        width = (hq + 2 * hkv) * D
-        norm, rope = QK_MODES[qk_mode]
-        like_device = is_device_array(qkv)
-        qkv_dev = _io.as_input("qkv", qkv, (tokens, width), layer)
-        q_dev, q_target = _io.as_output("q_out", q_out, (tokens, hq, D), layer,
-                                        like_device=like_device)
-        end_pos = pos_offset + tokens
-        tables = {"cos": None, "sin": None}
-        if rope != "none":
-            for name, t in (("cos", cos), ("sin", sin)):
-                if t is None:
-                    raise InvalidArgument(f"{name}: required for qk_mode {qk_mode}")
-                check_array(name, t, ndim=2, dtype=np.float32, context=layer.device.context)
-                if t.shape[1] != D // 2 or t.shape[0] < end_pos:
-                    raise ShapeError(f"{name}: expected at least {end_pos} rows of head_dim/2 = "
-                                     f"{D // 2} (positions up to {end_pos - 1}), got shape "
-                                     f"{tuple(t.shape)}")
-            tables = {n: _io.as_input(n, t, tuple(t.shape), layer) for n, t in
-                      (("cos", cos), ("sin", sin))}
-        weights = {"q": None, "k": None}
-        if norm:
-            for key, name, w in (("q", "q_norm_w", q_norm_w), ("k", "k_norm_w", k_norm_w)):
-                if w is None:
-                    raise InvalidArgument(f"{name}: required for qk_mode 1 (RMS qk-norm)")
-                weights[key] = _io.as_input(name, w, (D,), layer)
-        k_pool, v_pool, k_scales, v_scales = pools
-        # nothing has been written yet; every argument is valid from here on
-        positions = np.arange(pos_offset, end_pos, dtype=np.int64)
-        rows = positions if slot_start is None else np.arange(slot_start, slot_start + tokens)
-        if table is None:  # contiguous: the cache is one block of `capacity` slots
-            slots = rows
-        else:
-            first = (rows[0] // block_size) if tokens else 0
-            slots = table[rows // block_size - first] * block_size + rows % block_size
-        slot_dev, pos_dev = _io.upload_ints(layer, slots, positions)
-        status = cla.zeros(layer.device.queue, 1, np.int32)
-        write_ops.paged_write_qkv(
-            qkv_dev, slot_dev, pos_dev, k_pool, v_pool, q_dev, num_q_heads=hq, num_kv_heads=hkv,
-            head_dim=D, block_size=block_size, kv_dtype=cls._STORAGE, int8_mode=cls._INT8_MODE,
-            k_scales=k_scales, v_scales=v_scales, cos=tables["cos"], sin=tables["sin"],
-            q_norm_weight=weights["q"], k_norm_weight=weights["k"], eps=eps, rope=rope,
-            status=status, queue=layer.device.queue)
-        code = int(status.get()[0])
-        if code & write_ops.STATUS_NONFINITE:
-            raise NonFiniteError("qkv: a K or V row was NaN/Inf after norm and RoPE; that row was "
-                                 "not written (its slot kept its previous contents)")
-        if code:  # pragma: no cover - positions and slots were validated above
-            raise KvclError(f"paged write: unexpected device status {code}")
-        return _io.finish_output(q_dev, q_target, q_out)
 
     @classmethod
     def _write_args(cls, layer, tokens, num_q_heads, num_kv_heads, head_dim, pos_offset, eps,
@@ -495,9 +420,9 @@ class KvLayer(KvDtypeKind):
         bs = layer.block_size
         table = _io.read_block_table(layer, pos_offset // bs, (pos_offset + tokens - 1) // bs,
                                      int(pools[0].shape[0]))
-        return cls._write(layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, hq,
-                          pos_offset, eps, qk_mode, slot_start=None, pools=pools, block_size=bs,
-                          table=table)
+        return _fused.write(cls, layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, hq,
+                            pos_offset, eps, qk_mode, norm_rope=QK_MODES[qk_mode], slot_start=None,
+                            pools=pools, block_size=bs, table=table)
 
     @classmethod
     def contig_write(cls, layer: KvCache, qkv: Any, q_norm_w: Any, k_norm_w: Any, cos: Any,
@@ -534,9 +459,9 @@ class KvLayer(KvDtypeKind):
             return q_out if q_out is not None else np.zeros((0, hq, layer.head_dim), np.float32)
         shape = (1, layer.num_kv_heads, layer.capacity, layer.head_dim)
         pools = (layer.k.reshape(shape), layer.v.reshape(shape), None, None)
-        return cls._write(layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, hq,
-                          pos_offset, eps, qk_mode, slot_start=layer.len, pools=pools,
-                          block_size=layer.capacity, table=None)
+        return _fused.write(cls, layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, hq,
+                            pos_offset, eps, qk_mode, norm_rope=QK_MODES[qk_mode],
+                            slot_start=layer.len, pools=pools, block_size=layer.capacity, table=None)
 
     # ---- decode attention -------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Device plumbing shared by the oxibonsai mirrors.
 
-Allocation with a size check (a clear :class:`kvcl.DeviceMemoryError` instead of an allocator
-failure), host-side conversion of the slices the Rust API takes, and byte-range copies between
-host and device buffers. Every value-changing computation stays in :mod:`kvcl.ops`.
+Host-side conversion of the slices the Rust API takes, uploads, and byte-range copies between
+host and device buffers; allocation with a size check is :meth:`kvcl.Device.alloc`. Every
+value-changing computation stays in :mod:`kvcl.ops`.
 """
 
 from __future__ import annotations
@@ -13,24 +13,9 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
-from ..errors import DeviceMemoryError, DtypeError, ShapeError
+from ..errors import DtypeError, ShapeError
 from ..runtime import Device
 from ..validate import check_array, check_int, is_device_array
-
-
-def check_fits(device: Device, what: str, total_bytes: int, largest_bytes: int) -> None:
-    """Refuse an allocation the device cannot hold, before trying it."""
-    max_alloc = int(device.device.max_mem_alloc_size)
-    if largest_bytes > max_alloc:
-        raise DeviceMemoryError(f"{what} (one buffer)", largest_bytes, max_alloc)
-    global_mem = int(device.device.global_mem_size)
-    if total_bytes > global_mem:
-        raise DeviceMemoryError(what, total_bytes, global_mem)
-
-
-def zeros(device: Device, shape: tuple, dtype) -> cla.Array:
-    """A zero-filled device array on ``device``'s queue."""
-    return cla.zeros(device.queue, tuple(int(s) for s in shape), dtype)
 
 
 def upload(device: Device, host: np.ndarray) -> cla.Array:

@@ -136,13 +136,14 @@ class Fp8KvLayer:
         self._device = resolve_device(device)
         data_bytes = self._capacity * self._num_kv_heads * self._head_dim
         largest = max(data_bytes, self._capacity * self._num_kv_heads * 4)  # data or scales
-        _device.check_fits(self._device, "Fp8KvLayer", self.memory_bytes(), largest)
+        self._device.check_alloc("Fp8KvLayer", largest, total=self.memory_bytes())
         data_shape = (self._capacity, self._num_kv_heads, self._head_dim)
         scale_shape = (self._capacity, self._num_kv_heads)
-        self._keys = _device.zeros(self._device, data_shape, np.uint8)
-        self._key_scales = _device.zeros(self._device, scale_shape, np.float32)
-        self._values = _device.zeros(self._device, data_shape, np.uint8)
-        self._value_scales = _device.zeros(self._device, scale_shape, np.float32)
+        alloc = self._device.alloc
+        self._keys = alloc(data_shape, np.uint8, what="Fp8KvLayer keys", zero=True)
+        self._key_scales = alloc(scale_shape, np.float32, what="Fp8KvLayer key scales", zero=True)
+        self._values = alloc(data_shape, np.uint8, what="Fp8KvLayer values", zero=True)
+        self._value_scales = alloc(scale_shape, np.float32, what="Fp8KvLayer value scales", zero=True)
         self._len = 0
 
     @classmethod
@@ -227,7 +228,7 @@ class Fp8KvLayer:
         h, d = self._num_kv_heads, self._head_dim
         if h * d == 0:
             return np.zeros(h * d, np.float32)
-        out = _device.zeros(self._device, (h, d), np.float32)
+        out = self._device.alloc((h, d), np.float32, what="the dequantized row", zero=True)
         dequantize_rows(data, out, scales=scales, kv_dtype=self._format.kv_dtype, fp8_row_scale=True,
                         row_offset=pos * h, num_rows=h)
         return out.get().reshape(-1)

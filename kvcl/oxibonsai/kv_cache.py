@@ -152,10 +152,13 @@ class KvCache:
         self._max_seq_len = check_int("max_seq_len", max_seq_len, low=0)
         self._device = resolve_device(device)
         layer_bytes = self._num_kv_heads * self._max_seq_len * self._head_dim * _FLOAT_BYTES
-        _device.check_fits(self._device, "KvCache", self.memory_bytes(), layer_bytes)
+        self._device.check_alloc("KvCache", layer_bytes, total=self.memory_bytes())
         shape = (self._num_kv_heads, self._max_seq_len, self._head_dim)
-        self._keys = [_device.zeros(self._device, shape, np.float32) for _ in range(self._num_layers)]
-        self._values = [_device.zeros(self._device, shape, np.float32) for _ in range(self._num_layers)]
+        alloc = self._device.alloc
+        self._keys = [alloc(shape, np.float32, what=f"KvCache layer {i} keys", zero=True)
+                      for i in range(self._num_layers)]
+        self._values = [alloc(shape, np.float32, what=f"KvCache layer {i} values", zero=True)
+                        for i in range(self._num_layers)]
         self._seq_len = 0
 
     @classmethod
@@ -327,9 +330,9 @@ class KvCache:
         size = int(np.prod(shape, dtype=np.int64))
         if size == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        _device.check_fits(self._device, "extract_block output", 2 * size * _FLOAT_BYTES, size * _FLOAT_BYTES)
-        out_keys = _device.zeros(self._device, shape, np.float32)
-        out_values = _device.zeros(self._device, shape, np.float32)
+        self._device.check_alloc("extract_block output", size * _FLOAT_BYTES, total=2 * size * _FLOAT_BYTES)
+        out_keys = self._device.alloc(shape, np.float32, what="extract_block output keys", zero=True)
+        out_values = self._device.alloc(shape, np.float32, what="extract_block output values", zero=True)
         extract_positions(self._keys[layer], start_pos, block_size, out_keys)
         extract_positions(self._values[layer], start_pos, block_size, out_values)
         return out_keys.get().reshape(-1), out_values.get().reshape(-1)

@@ -160,8 +160,8 @@ def quantize_row_i8(row, *, device: Device | str | None = None) -> tuple[np.ndar
     if x.size == 0:
         return np.zeros(0, np.int8), FLT_EPSILON
     dev = resolve_device(device)
-    q = _device.zeros(dev, (1, x.size), np.int8)
-    scale = _device.zeros(dev, (1,), np.float32)
+    q = dev.alloc((1, x.size), np.int8, what="the quantized vector", zero=True)
+    scale = dev.alloc((1,), np.float32, what="the vector's scale", zero=True)
     quantize_rows(_device.upload(dev, x.reshape(1, -1)), q, scales=scale, kv_dtype="int8",
                   int8_mode=INT8_MODE_AWAY)
     return q.get().reshape(-1), float(scale.get()[0])
@@ -171,7 +171,7 @@ def _dequantize_on_device(q: np.ndarray, scale: float, device) -> np.ndarray:
     if q.size == 0:
         return np.zeros(0, np.float32)
     dev = resolve_device(device)
-    out = _device.zeros(dev, (1, q.size), np.float32)
+    out = dev.alloc((1, q.size), np.float32, what="the dequantized vector", zero=True)
     dequantize_rows(_device.upload(dev, q.reshape(1, -1)), out,
                     scales=_device.upload(dev, np.array([scale], np.float32)),
                     kv_dtype="int8", int8_mode=INT8_MODE_AWAY)
@@ -295,13 +295,14 @@ class QuantizedKvLayer:
         self._device = resolve_device(device)
         data_bytes = self._capacity * self._num_kv_heads * self._head_dim
         largest = max(data_bytes, self._capacity * self._num_kv_heads * 4)  # data or scales
-        _device.check_fits(self._device, "QuantizedKvLayer", self.memory_bytes(), largest)
+        self._device.check_alloc("QuantizedKvLayer", largest, total=self.memory_bytes())
         data_shape = (self._capacity, self._num_kv_heads, self._head_dim)
         scale_shape = (self._capacity, self._num_kv_heads)
-        self._keys = _device.zeros(self._device, data_shape, np.int8)
-        self._key_scales = _device.zeros(self._device, scale_shape, np.float32)
-        self._values = _device.zeros(self._device, data_shape, np.int8)
-        self._value_scales = _device.zeros(self._device, scale_shape, np.float32)
+        alloc = self._device.alloc
+        self._keys = alloc(data_shape, np.int8, what="QuantizedKvLayer keys", zero=True)
+        self._key_scales = alloc(scale_shape, np.float32, what="QuantizedKvLayer key scales", zero=True)
+        self._values = alloc(data_shape, np.int8, what="QuantizedKvLayer values", zero=True)
+        self._value_scales = alloc(scale_shape, np.float32, what="QuantizedKvLayer value scales", zero=True)
         self._len = 0
 
     @classmethod
@@ -388,7 +389,7 @@ class QuantizedKvLayer:
     def _dequantize(self, data, scales, first_row: int, num_rows: int) -> np.ndarray:
         if num_rows * self._head_dim == 0:
             return np.zeros(num_rows * self._head_dim, np.float32)
-        out = _device.zeros(self._device, (num_rows, self._head_dim), np.float32)
+        out = self._device.alloc((num_rows, self._head_dim), np.float32, what="the dequantized rows", zero=True)
         dequantize_rows(data, out, scales=scales, kv_dtype="int8", int8_mode=INT8_MODE_AWAY,
                         row_offset=first_row, num_rows=num_rows)
         return out.get().reshape(-1)
@@ -532,9 +533,9 @@ class QuantizedKvCache:
         self._num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=0)
         self._head_dim = check_int("head_dim", head_dim, low=0)
         self._device = resolve_device(device)
-        _device.check_fits(self._device, "QuantizedKvCache",
-                           self._num_layers * _layer_memory_bytes(capacity, num_kv_heads, head_dim),
-                           max(capacity * num_kv_heads * head_dim, capacity * num_kv_heads * 4))
+        self._device.check_alloc("QuantizedKvCache",
+                                 max(capacity * num_kv_heads * head_dim, capacity * num_kv_heads * 4),
+                                 total=self._num_layers * _layer_memory_bytes(capacity, num_kv_heads, head_dim))
         self._layers = [QuantizedKvLayer(capacity, num_kv_heads, head_dim, device=self._device)
                         for _ in range(self._num_layers)]
 

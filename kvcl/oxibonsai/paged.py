@@ -22,8 +22,8 @@ class _Page:
     __slots__ = ("keys", "used", "values")
 
     def __init__(self, device: Device, page_size: int, head_dim: int):
-        self.keys = _device.zeros(device, (page_size, head_dim), np.float32)
-        self.values = _device.zeros(device, (page_size, head_dim), np.float32)
+        self.keys = device.alloc((page_size, head_dim), np.float32, what="PagedKvCache page keys", zero=True)
+        self.values = device.alloc((page_size, head_dim), np.float32, what="PagedKvCache page values", zero=True)
         self.used = 0  # 1 + the highest offset written in this page
 
 
@@ -118,7 +118,7 @@ class PagedKvCache:
         missing = page_idx + 1 - len(head_pages)
         if missing > 0:
             page_bytes = self._page_size * self._head_dim * _FLOAT_BYTES
-            _device.check_fits(self._device, "PagedKvCache pages", 2 * missing * page_bytes, page_bytes)
+            self._device.check_alloc("PagedKvCache pages", page_bytes, total=2 * missing * page_bytes)
             new_pages = [_Page(self._device, self._page_size, self._head_dim) for _ in range(missing)]
             head_pages.extend(new_pages)  # only once every page is allocated
         page = head_pages[page_idx]

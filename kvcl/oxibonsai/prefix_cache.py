@@ -113,10 +113,11 @@ class CacheBlock:
         self._per_layer = per_layer
         self._device = resolve_device(device)
         size = self._num_layers * per_layer
-        _device.check_fits(self._device, "CacheBlock", 2 * size * _FLOAT_BYTES, size * _FLOAT_BYTES)
+        self._device.check_alloc("CacheBlock", size * _FLOAT_BYTES, total=2 * size * _FLOAT_BYTES)
         shape = (self._num_layers, per_layer)
-        self._keys = _device.zeros(self._device, shape, np.float32) if size else None
-        self._values = _device.zeros(self._device, shape, np.float32) if size else None
+        alloc = self._device.alloc
+        self._keys = alloc(shape, np.float32, what="CacheBlock keys", zero=True) if size else None
+        self._values = alloc(shape, np.float32, what="CacheBlock values", zero=True) if size else None
         self._token_ids: tuple = ()
         self._last_used = 0
         self._ref_count = 0
@@ -378,7 +379,7 @@ class PrefixCache:
             return src.copy() if size else None
         arr = _device.as_float32(name, x)
         check_array(name, arr, shape=shape)
-        _device.check_fits(self._device, "CacheBlock", 2 * size * _FLOAT_BYTES, size * _FLOAT_BYTES)
+        self._device.check_alloc(f"CacheBlock {name}", size * _FLOAT_BYTES, total=2 * size * _FLOAT_BYTES)
         return _device.upload(self._device, arr) if size else None
 
     def _victims_needed(self) -> None:

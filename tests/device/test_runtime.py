@@ -100,3 +100,41 @@ def test_usability_names_what_is_missing(device, monkeypatch):
     monkeypatch.setattr(runtime, "usability", lambda d: ["OpenCL 1.1 < 1.2 (kvcl builds with -cl-std=CL1.2)"])
     with pytest.raises(kvcl.NoDeviceError, match="cannot run kvcl: OpenCL 1.1 < 1.2"):
         kvcl.Device(device=device.device)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "fp8_e4m3"])
+def test_the_engines_kernels_build_without_compiler_warnings(device, dtype, monkeypatch):
+    """A cold build of every program an engine step uses (write, attend, prefill and decode,
+    split-K at a long context) leaves no warning in the device compiler's log. kvcl hides
+    successful-build chatter from users (KVCL_SHOW_BUILD_LOG shows it), so a warning that a
+    kernel change introduced would otherwise go unseen.
+
+    Cold: kvcl's memo is emptied for the test, and a define no kernel reads makes the build
+    options new, so no driver cache (PoCL keys its cache on the preprocessed source and the
+    options, and keeps the log of the build that filled it) answers with an old log."""
+    import uuid
+
+    from kvcl.engine import PagedKVCache
+    monkeypatch.setattr(runtime, "_programs", {})
+    monkeypatch.setattr(runtime, "_kernels", {})
+    nonce = uuid.uuid4().hex[:12]
+    real_options = runtime.build_options
+    monkeypatch.setattr(runtime, "build_options",
+                        lambda defines: real_options(defines) + [f"-DKVCL_COLD_BUILD_{nonce}=1"])
+    cache = PagedKVCache(1, 2, 64, num_blocks=80, block_size=16, dtype=dtype, device=device)
+    rng = np.random.default_rng(0)
+    seq = cache.add_sequence()
+    for n in (40, 1, 1000, 1):   # prefill, decode, a long chunk, decode past 1000 tokens
+        step = cache.plan([seq], [n])
+        k, v = (rng.standard_normal((n, 2, 64)).astype(np.float32) for _ in range(2))
+        cache.write(0, step, k, v)
+        cache.attend(0, step, rng.standard_normal((n, 8, 64)).astype(np.float32))
+    built = runtime._programs
+    assert {key[2] for key in built} >= {"decode_attention.cl"}, sorted(built)
+    noisy = {}
+    for key, program in built.items():
+        for dev in program.devices:
+            log = program.get_build_info(dev, cl.program_build_info.LOG)
+            if "warning" in log.lower():
+                noisy[(key[2], key[3])] = log.strip()[:400]
+    assert not noisy, noisy

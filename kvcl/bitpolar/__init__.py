@@ -29,20 +29,16 @@ Examples
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-import pyopencl as cl
-import pyopencl.array as cla
 
-from .errors import (DeviceMemoryError, DtypeError, InvalidArgument, KvclError, NonFiniteError,
-                     OutOfRangeError, ShapeError)
-from .ops import turboquant as ops
-from .reference import turboquant as ref
-from .runtime import Device, resolve_device
-from .validate import is_device_array
+from ..errors import DtypeError, InvalidArgument, KvclError, NonFiniteError, OutOfRangeError, ShapeError
+from ..reference import turboquant as ref
+from ..runtime import Device
+from ..validate import is_device_array
+from ._codes import DeviceCodes
 
 __all__ = [
     "KvCacheConfig", "KvCacheCompressor", "MultiHeadKvCache", "TurboCodes",
@@ -58,7 +54,6 @@ MAX_HEAD_DIM = 4096
 #: Largest ``projections`` (bitpolar's, the compact format's u16).
 MAX_PROJECTIONS = 65535
 _U64 = 2**64
-_INITIAL_TOKENS = 16
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -315,7 +310,7 @@ def _per_head(name: str, rows: Any) -> list:
                          f"got {type(rows).__name__}") from None
 
 
-# ---- device state shared by both mirrors ---------------------------------------------------------
+# ---- codes read back (the device side is kvcl.bitpolar._codes) ------------------------------------
 
 class TurboCodes(NamedTuple):
     """Stored codes read back from the device (bitpolar's ``TurboCode``, as arrays).
@@ -334,110 +329,6 @@ class TurboCodes(NamedTuple):
     radii: np.ndarray
     signs: np.ndarray
     norms: np.ndarray
-
-
-class _DeviceCodes:
-    """The codes of ``num_heads`` heads on one device, and the launches that make and use them."""
-
-    def __init__(self, num_heads: int, config: KvCacheConfig, device: Any):
-        self.config = config
-        self.num_heads = num_heads
-        self.device: Device = resolve_device(device)
-        d, m, heads = config.head_dim, config.projections, num_heads
-        self._check_memory("rotation matrices [num_heads, d, d]", heads * d * d * 4)
-        self._check_memory("projection matrices [num_heads, m, d]", heads * m * d * 4)
-        seeds = [(config.seed + h) % _U64 for h in range(heads)]
-        queue = self.queue
-        self.rotations = cla.to_device(queue, np.stack([ref.rotation_matrix(d, s) for s in seeds]))
-        self.projections = cla.to_device(
-            queue, np.stack([ref.projection_matrix(d, m, s) for s in seeds]))
-        self.angle_table = cla.to_device(queue, ref.angle_table(config.bits))
-        self._rotated = cla.empty(queue, (2 * heads, d), np.float32)   # encode scratch
-        self._residual = cla.empty(queue, (2 * heads, d), np.float32)
-        self.lock = threading.RLock()
-        self.length = 0
-        self.capacity = 0
-        self.codes = self.radii = self.signs = self.norms = None
-
-    @property
-    def queue(self) -> cl.CommandQueue:
-        return self.device.queue
-
-    def _check_memory(self, what: str, nbytes: int) -> None:
-        limit = self.device.device.max_mem_alloc_size
-        if nbytes > limit:
-            raise DeviceMemoryError(what, nbytes, limit)
-
-    def _reserve(self, tokens: int) -> None:
-        """Grow the code buffers (doubling) to hold ``tokens``; the contents are kept."""
-        if tokens <= self.capacity:
-            return
-        capacity = max(tokens, 2 * self.capacity, _INITIAL_TOKENS)
-        c, lead = self.config, (capacity, 2, self.num_heads)
-        pairs = c.head_dim // 2
-        self._check_memory("angle codes", capacity * 2 * self.num_heads * pairs * 2)
-        fresh = (cla.empty(self.queue, lead + (pairs,), ref.code_dtype(c.bits)),
-                 cla.empty(self.queue, lead + (pairs,), np.float32),
-                 cla.empty(self.queue, lead + (ref.sign_bytes(c.projections),), np.uint8),
-                 cla.empty(self.queue, lead, np.float32))
-        if self.capacity:
-            for new, old in zip(fresh, (self.codes, self.radii, self.signs, self.norms)):
-                cl.enqueue_copy(self.queue, new.base_data, old.base_data, byte_count=old.nbytes)
-        self.codes, self.radii, self.signs, self.norms = fresh
-        self.capacity = capacity
-
-    def push(self, rows: np.ndarray) -> None:
-        """Append one token: ``rows`` float32 [2, num_heads, head_dim] (keys, then values)."""
-        heads = self.num_heads
-        self._reserve(self.length + 1)
-        x = cla.to_device(self.queue, rows.reshape(2 * heads, self.config.head_dim))
-        offset = self.length * 2 * heads
-        ops.matvec_rows(x, self.rotations, self._rotated, num_heads=heads)
-        ops.polar_encode(self._rotated, self.angle_table, self.codes, self.radii, self._residual,
-                         row_offset=offset)
-        ops.qjl_sketch(self._residual, self.projections, self.signs, self.norms, num_heads=heads,
-                       row_offset=offset)
-        self.length += 1
-
-    def scores(self, queries: np.ndarray) -> np.ndarray:
-        """float32 [num_heads, length] for queries float32 [num_heads, head_dim]."""
-        heads, n = self.num_heads, self.length
-        if n == 0:
-            return np.zeros((heads, 0), np.float32)
-        queue, c = self.queue, self.config
-        q = cla.to_device(queue, queries)
-        rotated = cla.empty(queue, (heads, c.head_dim), np.float32)
-        projected = cla.empty(queue, (heads, c.projections), np.float32)
-        out = cla.empty(queue, (heads, n), np.float32)
-        ops.matvec_rows(q, self.rotations, rotated, num_heads=heads)
-        ops.matvec_rows(rotated, self.projections, projected, num_heads=heads)
-        ops.attention_scores(self.codes, self.radii, self.signs, self.norms, self.angle_table,
-                             rotated, projected, out, num_tokens=n)
-        return out.get()
-
-    def decode(self, kind: int) -> np.ndarray:
-        """``Rᵀ·polar_decode`` of every stored key (kind 0) or value (1): [length, num_heads, d]."""
-        heads, n, d = self.num_heads, self.length, self.config.head_dim
-        if n == 0:
-            return np.zeros((0, heads, d), np.float32)
-        polar = cla.empty(self.queue, (n, heads, d), np.float32)
-        out = cla.empty(self.queue, (n * heads, d), np.float32)
-        ops.polar_decode(self.codes, self.radii, self.angle_table, polar, kind=kind, num_tokens=n)
-        ops.matvec_rows(polar.reshape(n * heads, d), self.rotations, out, num_heads=heads,
-                        transpose=True)
-        return out.get().reshape(n, heads, d)
-
-    def read(self, kind: int) -> TurboCodes:
-        """The stored codes of kind 0 (keys) or 1 (values), each [length, num_heads, ...]."""
-        n, c, heads = self.length, self.config, self.num_heads
-        if n == 0:
-            pairs = c.head_dim // 2
-            return TurboCodes(np.zeros((0, heads, pairs), ref.code_dtype(c.bits)),
-                              np.zeros((0, heads, pairs), np.float32),
-                              np.zeros((0, heads, ref.sign_bytes(c.projections)), np.uint8),
-                              np.zeros((0, heads), np.float32))
-        return TurboCodes(*(arr[:n].get()[:, kind] for arr in
-                            (self.codes, self.radii, self.signs, self.norms)))
 
 
 def _code_bytes(config: KvCacheConfig) -> int:
@@ -518,7 +409,7 @@ class KvCacheCompressor:
     """
 
     def __init__(self, config: KvCacheConfig, *, device: Any = None):
-        self._codes = _DeviceCodes(1, _check_config(config), device)
+        self._codes = DeviceCodes(1, _check_config(config), device)
 
     @classmethod
     def new(cls, config: KvCacheConfig, *, device: Any = None) -> "KvCacheCompressor":
@@ -695,7 +586,7 @@ class MultiHeadKvCache:
             raise InvalidArgument(f"num_heads: expected a non-negative int, got {num_heads}")
         if num_heads == 0:
             raise EmptyInput("num_heads must be > 0")
-        self._codes = _DeviceCodes(num_heads, _check_config(config), device)
+        self._codes = DeviceCodes(num_heads, _check_config(config), device)
 
     @classmethod
     def new(cls, num_heads: int, config: KvCacheConfig, *, device: Any = None) -> "MultiHeadKvCache":
