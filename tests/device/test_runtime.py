@@ -1,6 +1,5 @@
 """The device runtime: selection rules, memoized builds, and build failures with their log."""
 
-import os
 import shutil
 
 import numpy as np

@@ -157,6 +157,7 @@ def test_shared_system_prompt_shares_blocks():
     first = s.generate([system + [30, 31]], max_new_tokens=3)
     rid = s.add_request(system + [40], max_new_tokens=3)
     outs = list(s.run())
+    assert {o.request_id for o in outs} == {rid}
     assert outs[0].cached_tokens == 16           # the system prompt's blocks were reused
     assert [t for o in outs for t in o.new_token_ids] == alone(system + [40], 3)
     assert first == [alone(system + [30, 31], 3)]

@@ -9,7 +9,7 @@ identical before and after. The suite summary prints the totals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pyopencl.array as cla
