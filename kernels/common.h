@@ -1,7 +1,12 @@
 // kvcl/kernels/common.h — the KV storage formats shared by every kernel family.
 //
 // Build-time selection (pass with -D, see kvcl/dtypes.py for the same table in Python):
-//   KV_DTYPE   0 fp32 | 1 fp16 | 2 int8 | 3 fp8_e4m3 | 4 fp8_e5m2
+//   KV_DTYPE   0 fp32 | 1 fp16 | 2 int8 | 3 fp8_e4m3 | 4 fp8_e5m2 | 5 int4
+//   int4: two codes per byte (KV_PER_ELEM 2): a row of head_dim values is head_dim / 2 bytes,
+//         byte j = (q[2j] + 8) | (q[2j+1] + 8) << 4 with q = clamp(round-half-away(x / scale),
+//         -7, 7), scale = max(absmax / 7, FLT_EPSILON) per (token, kv head) row as float
+//         (INT8_MODE 0 only). kv_load / kv_store address values, not bytes; a store writes the
+//         whole byte of an even/odd pair (kv_store2), so one work-item owns both of its values.
 //   INT8_MODE  0: scale = max(absmax/127, FLT_EPSILON) as float, q = round-half-away(x/scale)
 //                 (kvcl's engine and oxibonsai's QuantizedKvLayer)
 //              1: scale = max(absmax, 1e-8)/127 stored as half, q = round-half-even(x/scale)
@@ -18,6 +23,7 @@
 #define KV_INT8 2
 #define KV_FP8_E4M3 3
 #define KV_FP8_E5M2 4
+#define KV_INT4 5
 
 #ifndef KV_DTYPE
 #define KV_DTYPE KV_FP32
@@ -37,7 +43,16 @@ typedef char kv_t;
 typedef uchar kv_t;
 #endif
 
-#define KV_HAS_SCALE (KV_DTYPE == KV_INT8)
+#define KV_HAS_SCALE (KV_DTYPE == KV_INT8 || KV_DTYPE == KV_INT4)
+// KV values per pool element: a row of HEAD_DIM values is HEAD_DIM / KV_PER_ELEM elements of kv_t
+#if KV_DTYPE == KV_INT4
+#define KV_PER_ELEM 2
+#if INT8_MODE != 0
+#error "int4 has one scale convention: build it with INT8_MODE 0"
+#endif
+#else
+#define KV_PER_ELEM 1
+#endif
 
 #if INT8_MODE == 1
 typedef half scale_t;
@@ -108,11 +123,29 @@ inline char int8_encode(float x, float scale) {
     return (char)clamp(r, -127.0f, 127.0f);
 }
 
+// ---- int4 -------------------------------------------------------------------------------------
+
+inline float int4_scale(float absmax) { return fmax(absmax / 7.0f, FLT_EPSILON); }
+
+// the row scale of the selected scaled format (int8 or int4) from the row's absmax
+inline float row_scale(float absmax) {
+#if KV_DTYPE == KV_INT4
+    return int4_scale(absmax);
+#else
+    return int8_scale(absmax);
+#endif
+}
+
+// the nibble of x: its code q in [-7, 7] plus 8 (offset binary: 1..15)
+inline uint int4_encode(float x, float scale) {
+    return (uint)(int)clamp(round(x / scale), -7.0f, 7.0f) + 8u;
+}
+
 // ---- element access for the selected KV_DTYPE ------------------------------------------------
 // kv_load(p, i): the stored element as float, WITHOUT the row scale (callers fold the scale into
 // the logit or the probability; see decode_attention.cl).
 // kv_store(x, p, i, scale): encode x (a real value) into element i; for int8 `scale` is the row's
-// float scale, ignored otherwise.
+// float scale, ignored otherwise. Not for int4 (two values per byte): kv_store2 below.
 
 inline float kv_load(__global const kv_t *p, size_t i) {
 #if KV_DTYPE == KV_FP32
@@ -123,11 +156,14 @@ inline float kv_load(__global const kv_t *p, size_t i) {
     return (float)p[i];
 #elif KV_DTYPE == KV_FP8_E4M3
     return fp8_e4m3_decode(p[i]);
+#elif KV_DTYPE == KV_INT4
+    return (float)((int)((p[i >> 1] >> ((i & 1) * 4)) & 0xFu) - 8);
 #else
     return fp8_e5m2_decode(p[i]);
 #endif
 }
 
+#if KV_DTYPE != KV_INT4   // int4 stores two values per byte: kv_store2 only
 inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
 #if KV_DTYPE == KV_FP32
     p[i] = x;
@@ -139,6 +175,18 @@ inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
     p[i] = fp8_e4m3_encode(x);
 #else
     p[i] = fp8_e5m2_encode(x);
+#endif
+}
+#endif  // KV_DTYPE != KV_INT4
+
+// kv_store2(x0, x1, p, j, scale): encode values 2j and 2j+1 of a row (x0, x1) into its storage;
+// for one-value formats two kv_store calls, for int4 the byte j they share.
+inline void kv_store2(float x0, float x1, __global kv_t *p, size_t j, float scale) {
+#if KV_DTYPE == KV_INT4
+    p[j] = (uchar)(int4_encode(x0, scale) | (int4_encode(x1, scale) << 4));
+#else
+    kv_store(x0, p, 2 * j, scale);
+    kv_store(x1, p, 2 * j + 1, scale);
 #endif
 }
 

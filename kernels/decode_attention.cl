@@ -31,13 +31,15 @@
 // Numerics: the softmax scale and log2(e) are folded into q once, so logits live in the log2
 // domain and every exponential is exp2 (kvcl_exp2 / kvcl_exp2_nonpos of common.h: inline, no
 // library call); the running max m, the sum l and the accumulator are fp32.
-// int8: the K row scale multiplies the logit, the V row scale multiplies the probability
-// (after it was added to l) — no dequantised copy of K or V exists anywhere.
+// int8 and int4: the K row scale multiplies the logit, the V row scale multiplies the probability
+// (after it was added to l) — no dequantised copy of K or V exists anywhere. int4 rows are
+// HEAD_DIM / 2 bytes (KV_ROW pool elements), unpacked VEC values at a time (int4v_decode).
 #include "common.h"
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
 #endif
+#define KV_ROW (HEAD_DIM / KV_PER_ELEM)   // pool elements per (token, kv head) row
 #ifndef BLOCK_SIZE
 #error "BLOCK_SIZE must be defined"
 #endif
@@ -79,7 +81,7 @@
 #define SV 1
 #endif
 #define CT8 (CT / 8)                   // float8 logits per row and chunk
-#define ROW_BYTES (HEAD_DIM * (int)sizeof(kv_t))
+#define ROW_BYTES (KV_ROW * (int)sizeof(kv_t))
 #define PD (BLOCK_SIZE < 16 ? BLOCK_SIZE : 16)  // prefetch distance of K rows, in tokens
 #if WG != 1 || (CT % 8) != 0 || (NV % SV) != 0
 #error "inconsistent WG / CT / SV for the serial variant"
@@ -280,6 +282,28 @@ inline bool row_has_nan(__global const kv_t *p) {
 #define E4M3_FAST 0
 #endif
 
+#if KV_DTYPE == KV_INT4
+// Values i * VEC .. i * VEC + VEC - 1 of an int4 row (VEC / 2 bytes, low nibble first) as the
+// codes in [-7, 7], without the row scale: the bytes read as one word, broadcast, each lane
+// shifted to its nibble (value 2j + 1 is bits 8j + 4 .. 8j + 7), masked, converted, minus 8.
+// Against unpacking the low and the high nibbles as two half vectors and interleaving them
+// (shuffles): see docs/performance.md.
+inline floatV int4v_decode(__global const kv_t *p, int i) {
+#if VEC == 4
+    const uint w = ((__global const ushort *)p)[i];
+    const uint4 u = ((uint4)(w) >> (uint4)(0, 4, 8, 12)) & 0xFu;
+#elif VEC == 8
+    const uint w = ((__global const uint *)p)[i];
+    const uint8 u = ((uint8)(w) >> (uint8)(0, 4, 8, 12, 16, 20, 24, 28)) & 0xFu;
+#else
+    const uint2 w = ((__global const uint2 *)p)[i];
+    const uint8 sh = (uint8)(0, 4, 8, 12, 16, 20, 24, 28);
+    const uint16 u = (uint16)(((uint8)(w.x) >> sh) & 0xFu, ((uint8)(w.y) >> sh) & 0xFu);
+#endif
+    return CVT(AS_INTV(u), floatV) - 8.0f;
+}
+#endif
+
 // Vector i (VEC elements) of a stored row starting at p, as float, without the int8 row scale.
 inline floatV kv_loadv(__global const kv_t *p, int i) {
 #if KV_DTYPE == KV_FP32
@@ -290,6 +314,8 @@ inline floatV kv_loadv(__global const kv_t *p, int i) {
     return half_bits_to_float(CVT(((__global const ushortV *)p)[i], uintV));
 #elif KV_DTYPE == KV_INT8
     return CVT(((__global const charV *)p)[i], floatV);
+#elif KV_DTYPE == KV_INT4
+    return int4v_decode(p, i);
 #elif KV_DTYPE == KV_FP8_E5M2 && defined(F16C_8)
     // e5m2 is the high byte of an fp16
     return ph8_to_float8(CVT(((__global const uchar8 *)p)[i], ushort8) << (ushort)8);
@@ -648,17 +674,17 @@ void paged_decode_attention(
         #pragma unroll 1
         for (int t = 0; t < n; ++t) {
             const int row = rows[t] + kh;
-            __global const kv_t *kp = k_pool + (size_t)row * HEAD_DIM;
+            __global const kv_t *kp = k_pool + (size_t)row * KV_ROW;
 #if CPU_BUILTINS
             {   // phase C reads this V row slice by slice (line j of every row, then line j + 1):
                 // start all its cache lines now; and (PREFETCH_K) the K row this slot reads next:
                 // the next head's (the same block, BLOCK_SIZE rows on), or the first head's in
                 // the next chunk
-                __global const char *vb = (__global const char *)(v_pool + (size_t)row * HEAD_DIM);
+                __global const char *vb = (__global const char *)(v_pool + (size_t)row * KV_ROW);
 #if PREFETCH_K
                 const int nx = h + 1 < HG ? row + BLOCK_SIZE : ahead[t] + kvh * BLOCK_SIZE;
                 const int nxt = nx < 0 ? 0 : nx;   // max() is a library call on PoCL 3.0
-                __global const char *kb = (__global const char *)(k_pool + (size_t)nxt * HEAD_DIM);
+                __global const char *kb = (__global const char *)(k_pool + (size_t)nxt * KV_ROW);
 #endif
                 #pragma unroll
                 for (int o = 0; o < ROW_BYTES; o += 64) {
@@ -705,7 +731,7 @@ void paged_decode_attention(
             vsc[t] = scale_load(v_scales, row);
 #elif E4M3_FAST
             const float ks = row_has_nan(kp) ? NAN : 0x1p8f;
-            vnan[t] = row_has_nan(v_pool + (size_t)row * HEAD_DIM);
+            vnan[t] = row_has_nan(v_pool + (size_t)row * KV_ROW);
 #else
             const float ks = 1.0f;
 #endif
@@ -797,7 +823,7 @@ void paged_decode_attention(
             }
             #pragma unroll 1
             for (int t = 0; t < n; ++t) {
-                __global const kv_t *vp = v_pool + (size_t)(rows[t] + kh) * HEAD_DIM;
+                __global const kv_t *vp = v_pool + (size_t)(rows[t] + kh) * KV_ROW;
                 floatV vv[SV];
 #if E4M3_FAST
                 #pragma unroll
@@ -896,7 +922,7 @@ void paged_decode_attention(
                     if (valid) {
                         const int blk = indices[p0 + page];
                         const int row = (blk * num_kv_heads + kvh) * BLOCK_SIZE + off;
-                        __global const kv_t *kp = k_pool + (size_t)row * HEAD_DIM;
+                        __global const kv_t *kp = k_pool + (size_t)row * KV_ROW;
 #if INT8_DOT
                         intV s[ROWS];              // exact int32 partial sums
                         #pragma unroll
@@ -998,7 +1024,7 @@ void paged_decode_attention(
                     for (int j = jp; j < CHUNK; j += NJ) {
                         const int row = row_loc[j];
                         if (row >= 0) {
-                            __global const kv_t *vp = v_pool + (size_t)row * HEAD_DIM;
+                            __global const kv_t *vp = v_pool + (size_t)row * KV_ROW;
                             floatV vv[CV];
                             #pragma unroll
                             for (int c = 0; c < CV; ++c) vv[c] = kv_loadv(vp, dv * CV + c);

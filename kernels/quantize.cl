@@ -20,7 +20,8 @@
 // head_dim is a run-time argument: these are memory-bound one-pass kernels, and one program
 // per (dtype, mode) serves every head size.
 // Every `*_base` argument is an element offset into its buffer (a pyopencl array's byte offset
-// divided by the element size, plus the first row times head_dim), so views of a larger pool work.
+// divided by the element size, plus the first row times its elements: head_dim, int4 head_dim/2),
+// so views of a larger pool work. int4 (two values per byte) needs an even head_dim.
 // Requirements on the launch: local size (lanes, rows_per_group) with lanes a power of two,
 // scratch holding lanes * rows_per_group floats; global size (lanes, round_up(num_rows, rows_per_group)).
 // With a row scale, head_dim may be 0: the row's absmax is 0 and its scale is the floor.
@@ -47,7 +48,8 @@
 __kernel void quantize_rows(
     __global const float *x,      // [num_rows, head_dim] starting at element x_base
     const ulong x_base,
-    __global kv_t *out,           // [R, head_dim]; row r of x goes to elements out_base + r*head_dim ..
+    __global kv_t *out,           // [R, head_dim / KV_PER_ELEM]; row r of x goes to elements
+                                  // out_base + r * head_dim / KV_PER_ELEM .. (int4: bytes, two values each)
     const ulong out_base,
     __global scale_t *scales,     // [R] ROW_SCALED only (NULL otherwise); row r's scale at scales_base + r
     const ulong scales_base,
@@ -60,7 +62,7 @@ __kernel void quantize_rows(
     const uint row = get_global_id(1);
     const bool active = row < num_rows;   // padded rows still reach every barrier
     __global const float *src = x + x_base + (size_t)row * head_dim;
-    const size_t dst = out_base + (size_t)row * head_dim;
+    const size_t dst = out_base + (size_t)row * (head_dim / KV_PER_ELEM);
 
 #if ROW_SCALED
     __local float *partial = scratch + get_local_id(1) * lanes;
@@ -76,7 +78,7 @@ __kernel void quantize_rows(
 #if FP8_ROW_SCALE
     const float scale = fmax(partial[0] / FP8_MAX, FLT_EPSILON);
 #else
-    const float scale = int8_scale(partial[0]);
+    const float scale = row_scale(partial[0]);
 #endif
     if (active && lane == 0) SCALE_STORE(scale, scales + scales_base, row);
 #else
@@ -86,6 +88,10 @@ __kernel void quantize_rows(
     // kv_store's fp8 encoders ignore its scale argument: the value is divided here.
     if (active)
         for (uint i = lane; i < head_dim; i += lanes) kv_store(src[i] / scale, out, dst + i, scale);
+#elif KV_DTYPE == KV_INT4
+    // one work-item per byte: values 2j and 2j + 1 (head_dim is even)
+    if (active)
+        for (uint j = lane; j < head_dim / 2; j += lanes) kv_store2(src[2 * j], src[2 * j + 1], out, dst + j, scale);
 #else
     if (active)
         for (uint i = lane; i < head_dim; i += lanes) kv_store(src[i], out, dst + i, scale);
@@ -93,7 +99,7 @@ __kernel void quantize_rows(
 }
 
 __kernel void dequantize_rows(
-    __global const kv_t *data,       // [R, head_dim]; the first decoded row starts at data_base
+    __global const kv_t *data,       // [R, head_dim / KV_PER_ELEM]; the first decoded row starts at element data_base
     const ulong data_base,
     __global const scale_t *scales,  // [R] ROW_SCALED only (NULL otherwise); first row's scale at scales_base
     const ulong scales_base,
@@ -104,7 +110,7 @@ __kernel void dequantize_rows(
 {
     const size_t i = get_global_id(0);
     if (i >= total) return;
-    float v = kv_load(data, data_base + i);
+    float v = kv_load(data + data_base, i);   // value i from the first row (int4: half a byte)
 #if ROW_SCALED
     v *= SCALE_LOAD(scales + scales_base, i / head_dim);
 #endif

@@ -16,7 +16,8 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 * ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
   shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype (int8
   twice: float logits and the integer path, ``int8_dot`` of :mod:`kvcl.ops.decode_attention`;
-  ``extra["int8_dot"]`` says which, ``extra["int8_dot_auto"]`` whether ``"auto"`` picks it); plus
+  ``extra["int8_dot"]`` says which, ``extra["int8_dot_auto"]`` whether ``"auto"`` picks it; and
+  int4, two values per byte, a format of the kernels that the engine does not take yet); plus
   long context (B=1, L=32768, split-K), many sequences (B=64, L=512) and the GPU target shape
   of targets.md P7 (B=16, L=4096, fp32 and fp16).
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
@@ -66,7 +67,7 @@ from typing import Callable
 import numpy as np
 import pyopencl.array as cla
 
-from .dtypes import KV_DTYPES, kv_dtype
+from .dtypes import KERNEL_DTYPES, kv_dtype
 from .errors import InvalidArgument
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
@@ -209,9 +210,10 @@ class DecodeShape:
 
 def decode_bytes(shape: DecodeShape, dtype_name: str) -> int:
     """Bytes a decode step must move: every cached K/V byte + page table + q + out."""
-    dt = kv_dtype(dtype_name)
+    dt = kv_dtype(dtype_name, kernels=True)
     scale_bytes = 4 if dt.has_scale else 0
-    kv = shape.batch * shape.kv_len * shape.num_kv_heads * (2 * shape.head_dim * dt.bytes_per_elem + 2 * scale_bytes)
+    row = dt.row_elems(shape.head_dim) * dt.bytes_per_elem   # int4: head_dim / 2 bytes
+    kv = shape.batch * shape.kv_len * shape.num_kv_heads * (2 * row + 2 * scale_bytes)
     pages = shape.batch * math.ceil(shape.kv_len / shape.block_size)
     table = 4 * (pages + 2 * shape.batch + 1 + shape.batch + 1)
     q_and_out = 2 * shape.batch * shape.num_q_heads * shape.head_dim * 4
@@ -224,19 +226,19 @@ class DecodeCase:
     default)."""
 
     def __init__(self, dev: Device, shape: DecodeShape, dtype_name: str, seed: int = 0, int8_dot=None):
-        self.dev, self.shape, self.dtype = dev, shape, kv_dtype(dtype_name)
+        self.dev, self.shape, self.dtype = dev, shape, kv_dtype(dtype_name, kernels=True)
         self.int8_dot = int8_dot
         rng = np.random.default_rng(seed)
         s = shape
         pages_per_seq = math.ceil(s.kv_len / s.block_size)
         num_blocks = s.batch * pages_per_seq
         queue = dev.queue
-        pool_shape = (num_blocks, s.num_kv_heads, s.block_size, s.head_dim)
+        value_shape = (s.num_kv_heads, s.block_size, s.head_dim)   # one block's values (int4: 2 a byte)
         self.pools = []
         for _ in range(2):
             # encode a modest random slab and tile it: generating GBs of normals is slow
             slab_blocks = min(num_blocks, 64)
-            data, scales = encode_kv(rng.standard_normal((slab_blocks,) + pool_shape[1:]).astype(np.float32), self.dtype)
+            data, scales = encode_kv(rng.standard_normal((slab_blocks,) + value_shape).astype(np.float32), self.dtype)
             reps = -(-num_blocks // slab_blocks)
             pool = cla.to_device(queue, np.ascontiguousarray(np.tile(data, (reps, 1, 1, 1))[:num_blocks]))
             sc = None
@@ -408,10 +410,11 @@ QUICK = DecodeShape(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, kv_len=
 
 def _decode_cases(shape: DecodeShape) -> list[tuple]:
     """paged_decode in every KV dtype; int8 twice: float logits and the integer path (the
-    launcher's ``int8_dot``), each sampled in turn with fp32."""
+    launcher's ``int8_dot``), each sampled in turn with fp32; int4 (a kernel format, not yet
+    the engine's) too."""
     cases = []
-    for name in KV_DTYPES:
-        if kv_dtype(name).has_scale:
+    for name in KERNEL_DTYPES:
+        if name == "int8":
             cases += [("paged_decode", "decode", (shape, name, dot)) for dot in ("float", "integer")]
         else:
             cases.append(("paged_decode", "decode", (shape, name)))

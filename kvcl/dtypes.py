@@ -13,7 +13,16 @@ int8       int8       float32     symmetric absmax per (token, kv head) row:
 fp8_e4m3   uint8      none        OCP E4M3 ("fn": no infinities), saturating at ±448,
                                   round to nearest even, subnormals kept
 fp8_e5m2   uint8      none        OCP E5M2, saturating at ±57344, round to nearest even
+int4       uint8      float32     two codes per byte, symmetric absmax per (token, kv head) row:
+                                  ``scale = max(absmax / 7, FLT_EPSILON)``,
+                                  ``q = clamp(round_half_away(x / scale), -7, 7)``; byte ``j`` of
+                                  a row holds ``q[2j] + 8`` (low nibble) and ``q[2j+1] + 8``
 =========  =========  ==========  ============================================================
+
+``KV_DTYPES`` are the formats of the cache engine, the bridge and the mirrors. ``int4`` is in
+:data:`KERNEL_DTYPES` only, for now: the quantize kernels and decode attention take it
+(:mod:`kvcl.ops.quantize`, :mod:`kvcl.ops.decode_attention`); the fused write, the engine and
+the bridge do not yet.
 """
 
 from __future__ import annotations
@@ -31,14 +40,20 @@ class KvDtype:
     code: int  # the KV_DTYPE define seen by the kernels (kernels/common.h)
     storage: np.dtype  # element type of the pool buffers
     has_scale: bool  # one float32 scale per (token, kv head) row
+    codes_per_elem: int = 1  # KV values per storage element (int4: two per byte)
 
     @property
     def bytes_per_elem(self) -> int:
+        """Bytes of one storage element (int4: a byte holds two values)."""
         return self.storage.itemsize
+
+    def row_elems(self, head_dim: int) -> int:
+        """Storage elements of one (token, kv head) row: the last axis of a pool."""
+        return head_dim // self.codes_per_elem
 
     def row_bytes(self, head_dim: int) -> int:
         """Bytes one (token, kv head) row of K (or V) occupies, scale included."""
-        return head_dim * self.bytes_per_elem + (4 if self.has_scale else 0)
+        return self.row_elems(head_dim) * self.bytes_per_elem + (4 if self.has_scale else 0)
 
 
 FP32 = KvDtype("fp32", 0, np.dtype(np.float32), False)
@@ -46,21 +61,34 @@ FP16 = KvDtype("fp16", 1, np.dtype(np.uint16), False)
 INT8 = KvDtype("int8", 2, np.dtype(np.int8), True)
 FP8_E4M3 = KvDtype("fp8_e4m3", 3, np.dtype(np.uint8), False)
 FP8_E5M2 = KvDtype("fp8_e5m2", 4, np.dtype(np.uint8), False)
+INT4 = KvDtype("int4", 5, np.dtype(np.uint8), True, codes_per_elem=2)
 
 KV_DTYPES: dict[str, KvDtype] = {d.name: d for d in (FP32, FP16, INT8, FP8_E4M3, FP8_E5M2)}
+#: every format a kernel family takes: KV_DTYPES and int4 (quantize and decode attention only)
+KERNEL_DTYPES: dict[str, KvDtype] = {**KV_DTYPES, INT4.name: INT4}
 
 # int8 rounding/scale conventions (the INT8_MODE define):
 INT8_MODE_AWAY = 0  # engine + oxibonsai 002: f32 scale, floor FLT_EPSILON, round half away from zero
 INT8_MODE_EVEN = 1  # ferrum 004: max(absmax, 1e-8)/127 stored as fp16, round half to even
 
 
-def kv_dtype(name: "str | KvDtype") -> KvDtype:
-    """Look a KV dtype up by name, with an error that lists the valid names."""
+def kv_dtype(name: "str | KvDtype", *, kernels: bool = False) -> KvDtype:
+    """Look a KV dtype up by name, with an error that lists the valid names.
+
+    ``kernels``: look in :data:`KERNEL_DTYPES` (the formats of the kernel launchers that take
+    int4 too) instead of :data:`KV_DTYPES`.
+    """
+    table = KERNEL_DTYPES if kernels else KV_DTYPES
     if isinstance(name, KvDtype):
+        if name.name not in table:
+            raise InvalidArgument(f"dtype: expected one of {', '.join(table)}, got {name.name!r}"
+                                  + ("" if kernels else " (int4: the quantize and decode kernels only, so far)"))
         return name
     try:
-        return KV_DTYPES[str(name).lower()]
+        return table[str(name).lower()]
     except KeyError:
+        hint = "" if kernels or str(name).lower() not in KERNEL_DTYPES else \
+            " (int4: the quantize and decode kernels only, so far)"
         raise InvalidArgument(
-            f"dtype: expected one of {', '.join(KV_DTYPES)}, got {name!r}"
+            f"dtype: expected one of {', '.join(table)}, got {name!r}{hint}"
         ) from None

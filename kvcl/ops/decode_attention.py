@@ -200,7 +200,7 @@ def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> s
     """``"integer"`` or ``"float"``: the logits int8 KV gets (see :func:`int8_dot_for`)."""
     explicit = int8_dot is not None   # the module default applies to int8 KV only
     int8_dot = _check_int8_dot(int8_dot)
-    if not kvd.has_scale:          # int8 is the only format with integer codes
+    if kvd.name != "int8":         # the integer path reads int8 codes only
         if int8_dot == "integer" and explicit:
             raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8, got {kvd.name}")
         return "float"
@@ -224,7 +224,7 @@ def int8_dot_for(device: cl.Device, *, head_dim: int = 128, kv_dtype="int8", int
     head, integer multiply-adds on the codes) or ``"float"``, for ``int8_dot`` (None: the module
     default, ``"auto"``); ``"float"`` for the other KV dtypes."""
     context = context or cl.Context([device])
-    return _int8_dot_for(device, _variant_for(device, variant), _kv_dtype(kv_dtype), head_dim, int8_dot, context)
+    return _int8_dot_for(device, _variant_for(device, variant), _kv_dtype(kv_dtype, kernels=True), head_dim, int8_dot, context)
 
 
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
@@ -275,7 +275,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
         # kv heads per work-group: a block's rows of neighbouring heads are adjacent in the pool,
         # so HG heads read HG x BLOCK_SIZE rows in one run instead of one head's BLOCK_SIZE rows
         hg = _divisor_at_most(num_kv_heads, max(1, min(_SERIAL_MAX_HG, _SERIAL_STATE_FLOATS // (rows * head_dim))))
-        run = block_size * head_dim * kvd.bytes_per_elem   # bytes of one head's rows in a block
+        run = block_size * kvd.row_elems(head_dim) * kvd.bytes_per_elem   # bytes of one head's rows in a block
         defines = dict(base, SERIAL=1, WG=1, ROWS=rows, CT=_SERIAL_CHUNK, SV=sv, CPU_BUILTINS=builtins, HG=hg,
                        PREFETCH_K=int(run <= _SERIAL_K_PREFETCH_RUN))
         get_kernel(context, SOURCE, "paged_decode_attention", defines, dev)
@@ -341,7 +341,7 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     serial variant; a multiple of ``block_size`` when that is at most the cap) enough to fill
     it; at most 256 for 1- and 2-byte formats on GPUs.
     """
-    kvd = _kv_dtype(kv_dtype)
+    kvd = _kv_dtype(kv_dtype, kernels=True)
     device = device or context.devices[0]
     key = (context.int_ptr, device.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
            max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant, int8_dot)
@@ -396,7 +396,7 @@ def _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q
 
 def _check_kv_dtype(name):
     try:
-        return _kv_dtype(name)
+        return _kv_dtype(name, kernels=True)
     except InvalidArgument as exc:
         raise InvalidArgument(f"kv_dtype: {exc}") from None
 
@@ -416,12 +416,12 @@ def _check_scales(kvd, int8_mode, k_scales, v_scales, shape, context):
     if not kvd.has_scale:
         for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
             if s is not None:
-                raise InvalidArgument(f"{name}: only int8 KV has scales; got an array for {kvd.name}")
+                raise InvalidArgument(f"{name}: only int8 and int4 KV have scales; got an array for {kvd.name}")
         return
     want = np.float32 if int8_mode == INT8_MODE_AWAY else np.uint16
     for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
         if s is None:
-            raise InvalidArgument(f"{name}: required for int8 KV, shape {shape}")
+            raise InvalidArgument(f"{name}: required for {kvd.name} KV, shape {shape}")
         _dev(name, s, shape=shape, dtype=want, context=context)
 
 
@@ -438,6 +438,8 @@ def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, h
     if out.data == queries.data:
         raise InvalidArgument("out: must not alias queries")
     check_int("int8_mode", int8_mode, low=INT8_MODE_AWAY, high=INT8_MODE_EVEN + 1)
+    if kvd.codes_per_elem > 1 and int8_mode != INT8_MODE_AWAY:
+        raise InvalidArgument(f"int8_mode: {kvd.name} has one scale convention (0), got {int8_mode}")
     if scale is not None:
         check_float("scale", scale)
     check_int("window", window, low=0)
@@ -446,7 +448,7 @@ def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, h
     if partition_size is not None:
         check_int("partition_size", partition_size, low=1)
     if _check_int8_dot(int8_dot) == "integer" and int8_dot is not None:   # refused before any build
-        if not kvd.has_scale:
+        if kvd.name != "int8":
             raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8, got {kvd.name}")
         if head_dim > _INT8_DOT_MAX_HEAD_DIM:
             raise InvalidArgument(f"int8_dot: 'integer' supports head_dim <= {_INT8_DOT_MAX_HEAD_DIM} "
@@ -559,7 +561,8 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         ``[total_q, num_q_heads, head_dim]`` float32; ``head_dim`` a multiple of 4.
     k_pool, v_pool : pyopencl.array.Array
         ``[num_blocks, num_kv_heads, block_size, head_dim]`` in the storage dtype of
-        ``kv_dtype`` (fp32 float32, fp16 uint16 bits, int8 int8, fp8 uint8).
+        ``kv_dtype`` (fp32 float32, fp16 uint16 bits, int8 int8, fp8 uint8; int4 uint8 with a
+        last axis of ``head_dim / 2``: two values per byte, see :mod:`kvcl.dtypes`).
     indptr : pyopencl.array.Array
         ``[B + 1]`` int32: the pages of sequence ``b`` are ``indices[indptr[b]:indptr[b + 1]]``.
     indices : pyopencl.array.Array
@@ -571,8 +574,8 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     out : pyopencl.array.Array
         ``[total_q, num_q_heads, head_dim]`` float32, written.
     k_scales, v_scales : pyopencl.array.Array, optional
-        ``[num_blocks, num_kv_heads, block_size]`` int8 row scales: float32
-        (``int8_mode=0``) or fp16 bits as uint16 (``int8_mode=1``). Required for int8 only.
+        ``[num_blocks, num_kv_heads, block_size]`` row scales of int8 (float32 for
+        ``int8_mode=0``, fp16 bits as uint16 for 1) and int4 (float32). Required for those only.
     kv_dtype : str
         ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
     int8_mode : int
@@ -617,7 +620,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     _dev("queries", queries, ndim=3, dtype=np.float32)
     context = queries.context
     head_dim = queries.shape[2]
-    _dev("k_pool", k_pool, shape=(None, None, None, head_dim), dtype=kvd.storage, context=context)
+    _dev("k_pool", k_pool, shape=(None, None, None, kvd.row_elems(head_dim)), dtype=kvd.storage, context=context)
     _dev("v_pool", v_pool, shape=tuple(k_pool.shape), dtype=kvd.storage, context=context)
     num_blocks, num_kv_heads, block_size, _ = k_pool.shape
     _dev("indptr", indptr, ndim=1, dtype=np.int32, context=context)
@@ -670,13 +673,13 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out, *, k
     out : pyopencl.array.Array
         ``[total_q, num_q_heads, head_dim]`` float32, written.
     k_scales, v_scales : pyopencl.array.Array, optional
-        ``[B, num_kv_heads, capacity]`` (int8 only; float32 or fp16 bits per ``int8_mode``).
+        ``[B, num_kv_heads, capacity]`` (int8 and int4 only; float32 or fp16 bits per ``int8_mode``).
     """
     kvd = _check_kv_dtype(kv_dtype)
     _dev("queries", queries, ndim=3, dtype=np.float32)
     context = queries.context
     head_dim = queries.shape[2]
-    _dev("k_cache", k_cache, shape=(None, None, None, head_dim), dtype=kvd.storage, context=context)
+    _dev("k_cache", k_cache, shape=(None, None, None, kvd.row_elems(head_dim)), dtype=kvd.storage, context=context)
     _dev("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=kvd.storage, context=context)
     batch, num_kv_heads, capacity, _ = k_cache.shape
     _dev("kv_lens", kv_lens, shape=(batch,), dtype=np.int32, context=context)

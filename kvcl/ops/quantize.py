@@ -4,7 +4,8 @@ The numerics are those of ``kernels/common.h`` (see :mod:`kvcl.dtypes`); the num
 with the same names are in :mod:`kvcl.reference.quantize` and match the stored bytes exactly.
 Storage arrays may have any number of dimensions: their last axis is ``head_dim`` and the rest
 is flattened into rows, so a pool ``[num_blocks, num_kv_heads, block_size, head_dim]`` is
-``R = num_blocks * num_kv_heads * block_size`` rows.
+``R = num_blocks * num_kv_heads * block_size`` rows. int4 (two values per byte) stores a row in
+``head_dim / 2`` bytes: its last axis is ``head_dim / 2`` (:meth:`kvcl.KvDtype.row_elems`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,26 @@ def _check_fp8_row_scale(fp8_row_scale, dt) -> bool:
     if fp8_row_scale and not dt.name.startswith("fp8_"):
         raise InvalidArgument(f"fp8_row_scale: only for kv_dtype fp8_e4m3 or fp8_e5m2, got {dt.name}")
     return bool(fp8_row_scale)
-def _as_rows(name: str, arr, head_dim: int | None = None) -> tuple[int, int]:
-    """(rows, head_dim) of an array whose last axis is head_dim."""
-    if len(arr.shape) < 1 or (head_dim is not None and arr.shape[-1] != head_dim):
-        want = f"(..., {head_dim})" if head_dim is not None else "(..., head_dim)"
+
+
+def _as_rows(name: str, arr, head_dim: int | None = None, per_elem: int = 1) -> tuple[int, int]:
+    """(rows, head_dim) of an array whose last axis is head_dim / per_elem (int4 storage: 2)."""
+    if len(arr.shape) < 1 or (head_dim is not None and arr.shape[-1] * per_elem != head_dim):
+        want = (f"(..., {head_dim // per_elem})" if head_dim is not None else
+                "(..., head_dim)" if per_elem == 1 else "(..., head_dim / 2)")
         raise ShapeError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
-    d = int(arr.shape[-1])
+    d = int(arr.shape[-1]) * per_elem
     return int(np.prod(arr.shape[:-1], dtype=np.int64)), d
+
+
+def _check_int4(dt, int8_mode: int, head_dim: int, name: str) -> None:
+    """int4: the one scale convention (int8_mode 0) and an even head_dim."""
+    if dt.codes_per_elem == 1:
+        return
+    if int8_mode != _dtypes.INT8_MODE_AWAY:
+        raise InvalidArgument(f"int8_mode: int4 has one scale convention (0), got {int8_mode}")
+    if head_dim % 2:
+        raise ShapeError(f"{name}: int4 packs two values per byte; head_dim must be even, got {head_dim}")
 
 
 def _scale_dtypes(dt, int8_mode: int) -> tuple:
@@ -110,17 +124,19 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
     out : pyopencl.array.Array, the storage dtype of ``kv_dtype``, shape [..., head_dim]
         Treated as ``[R, head_dim]`` (leading axes flattened); rows
         ``[out_row_offset, out_row_offset + N)`` are written, the others are untouched.
-        Storage dtypes: fp32 float32, fp16 uint16 (binary16 bits), int8 int8, fp8 uint8.
+        Storage dtypes: fp32 float32, fp16 uint16 (binary16 bits), int8 int8, fp8 uint8, int4
+        uint8 with a last axis of ``head_dim / 2`` (two values per byte).
     scales : pyopencl.array.Array, shape ``out.shape[:-1]`` or [R], optional
-        int8 (required then): one scale per row, float32 for ``int8_mode=0``, float16 or
+        int8 and int4 (required then): one scale per row, float32 for ``int8_mode=0``, float16 or
         its uint16 bits for ``int8_mode=1``. fp8 with ``fp8_row_scale=True`` (required then):
         float32. Written at the same rows as ``out``; refused for the other cases.
     kv_dtype : str or KvDtype
-        ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+        ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"int4"``
+        (``scale = max(absmax/7, FLT_EPSILON)``, codes in [-7, 7], see :mod:`kvcl.dtypes`).
     int8_mode : int
         0: ``scale = max(absmax/127, FLT_EPSILON)`` (float32), round half away from zero
         (kvcl's engine, oxibonsai). 1: ``scale = max(absmax, 1e-8)/127`` stored as fp16,
-        round half to even (ferrum). Ignored for the other dtypes.
+        round half to even (ferrum). Ignored for the scale-free dtypes; int4 takes 0 only.
     out_row_offset : int
         First row of ``out`` (and ``scales``) to write.
     fp8_row_scale : bool
@@ -154,15 +170,16 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
     >>> data.get(), s.get()                                        # doctest: +SKIP
     (array([[ 127, -127,    0]], dtype=int8), array([1.], dtype=float32))
     """
-    dt = _dtypes.kv_dtype(kv_dtype)
+    dt = _dtypes.kv_dtype(kv_dtype, kernels=True)
     int8_mode = check_int("int8_mode", int8_mode, low=0, high=2)
     fp8_row_scale = _check_fp8_row_scale(fp8_row_scale, dt)
     queue = resolve_queue(queue, out=out, x=x)
     context = queue.context
     device_array("x", x, ndim=2, dtype=np.float32, context=context)
     num_rows, head_dim = int(x.shape[0]), int(x.shape[1])
+    _check_int4(dt, int8_mode, head_dim, "x")
     device_array("out", out, dtype=dt.storage, context=context)
-    total_rows, _ = _as_rows("out", out, head_dim)
+    total_rows, _ = _as_rows("out", out, head_dim, dt.codes_per_elem)
     scales = _check_scales(scales, dt, int8_mode, out, total_rows, context, fp8_row_scale)
     if num_rows > total_rows:
         raise ShapeError(f"x: {num_rows} rows do not fit in out's {total_rows} rows")
@@ -179,7 +196,7 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
     if scales is not None:
         scale_buf, scale_base = scales.base_data, element_base(scales) + out_row_offset
     args = (x.base_data, np.uint64(element_base(x)),
-            out.base_data, np.uint64(element_base(out) + out_row_offset * head_dim),
+            out.base_data, np.uint64(element_base(out) + out_row_offset * dt.row_elems(head_dim)),
             scale_buf, np.uint64(scale_base),
             np.uint32(num_rows), np.uint32(head_dim),
             cl.LocalMemory(4 * lanes * rows_per_group))
@@ -195,10 +212,10 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     Parameters
     ----------
     data : pyopencl.array.Array, the storage dtype of ``kv_dtype``, shape [..., head_dim]
-        Treated as ``[R, head_dim]``; rows ``[row_offset, row_offset + num_rows)`` are decoded.
+        (int4: [..., head_dim / 2] bytes). Treated as ``[R, head_dim]``; rows ``[row_offset, row_offset + num_rows)`` are decoded.
     out : pyopencl.array.Array, float32, shape [num_rows, head_dim] (or any shape of that many rows)
     scales : pyopencl.array.Array, shape ``data.shape[:-1]`` or [R], optional
-        int8 (required then): float32 for ``int8_mode=0``, float16 / uint16 bits for 1.
+        int8 and int4 (required then): float32 for ``int8_mode=0``, float16 / uint16 bits for 1 (int8).
         fp8 with ``fp8_row_scale=True`` (required then): float32.
     kv_dtype : str or KvDtype
     int8_mode : int
@@ -224,13 +241,14 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     >>> out.get()                                                             # doctest: +SKIP
     array([[ 127., -127.,    0.]], dtype=float32)
     """
-    dt = _dtypes.kv_dtype(kv_dtype)
+    dt = _dtypes.kv_dtype(kv_dtype, kernels=True)
     int8_mode = check_int("int8_mode", int8_mode, low=0, high=2)
     fp8_row_scale = _check_fp8_row_scale(fp8_row_scale, dt)
     queue = resolve_queue(queue, out=out, data=data)
     context = queue.context
     device_array("data", data, dtype=dt.storage, context=context)
-    total_rows, head_dim = _as_rows("data", data)
+    total_rows, head_dim = _as_rows("data", data, per_elem=dt.codes_per_elem)
+    _check_int4(dt, int8_mode, head_dim, "data")
     scales = _check_scales(scales, dt, int8_mode, data, total_rows, context, fp8_row_scale)
     row_offset = check_int("row_offset", row_offset, low=0, high=total_rows + 1)
     if num_rows is None:
@@ -250,7 +268,7 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     if scales is not None:
         scale_buf, scale_base = scales.base_data, element_base(scales) + row_offset
     local = 64
-    args = (data.base_data, np.uint64(element_base(data) + row_offset * head_dim),
+    args = (data.base_data, np.uint64(element_base(data) + row_offset * dt.row_elems(head_dim)),
             scale_buf, np.uint64(scale_base),
             out.base_data, np.uint64(element_base(out)),
             np.uint32(head_dim), np.uint64(total))

@@ -75,7 +75,7 @@ def gather_sequence(pool: np.ndarray, scales: np.ndarray | None, indptr: np.ndar
     data = pool[pages]                                   # [npages, Hkv, BS, D]
     sc = scales[pages] if scales is not None else None   # [npages, Hkv, BS]
     rows = decode_kv(data, sc, kv_dtype)                 # float32, same shape as data
-    rows = rows.transpose(0, 2, 1, 3).reshape(len(pages) * block_size, pool.shape[1], pool.shape[3])
+    rows = rows.transpose(0, 2, 1, 3).reshape(len(pages) * block_size, pool.shape[1], rows.shape[3])
     return rows[:kv_len]
 
 
@@ -163,7 +163,8 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     queries : numpy.ndarray
         ``[total_q, num_q_heads, head_dim]`` float32.
     k_pool, v_pool : numpy.ndarray
-        ``[num_blocks, num_kv_heads, block_size, head_dim]`` in the storage dtype.
+        ``[num_blocks, num_kv_heads, block_size, head_dim]`` in the storage dtype (int4: a last
+        axis of ``head_dim / 2`` bytes).
     indptr : numpy.ndarray
         ``[B + 1]`` int32 page-table row pointers.
     indices : numpy.ndarray
@@ -175,7 +176,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     out : numpy.ndarray, optional
         ``[total_q, num_q_heads, head_dim]`` float32, written if given.
     k_scales, v_scales : numpy.ndarray, optional
-        ``[num_blocks, num_kv_heads, block_size]`` (int8 only).
+        ``[num_blocks, num_kv_heads, block_size]`` (int8 and int4 only).
     scale : float, optional
         Softmax scale, default ``1 / sqrt(head_dim)``.
     window : int
@@ -232,7 +233,7 @@ def contiguous_attention(queries, k_cache, v_cache, kv_lens, q_indptr, out=None,
     q_indptr : numpy.ndarray
         ``[B + 1]`` int32.
     k_scales, v_scales : numpy.ndarray, optional
-        ``[B, num_kv_heads, capacity]`` (int8 only).
+        ``[B, num_kv_heads, capacity]`` (int8 and int4 only).
 
     Returns
     -------

@@ -151,15 +151,56 @@ def dequantize_int8_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (np.asarray(q, dtype=np.float32) * scale.astype(np.float32)[..., None]).astype(np.float32)
 
 
+# ---- int4 ---------------------------------------------------------------------------------------
+
+def int4_scale(absmax: np.ndarray) -> np.ndarray:
+    """``max(absmax / 7, FLT_EPSILON)`` in float32, the scale of each int4 row."""
+    absmax = np.asarray(absmax, dtype=np.float32)
+    return np.maximum(absmax / np.float32(7.0), FLT_EPSILON).astype(np.float32)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Codes in [-7, 7] (last axis even) to bytes: ``(q[2j] + 8) | (q[2j+1] + 8) << 4``."""
+    n = (np.asarray(q, dtype=np.int16) + 8).astype(np.uint8)
+    return (n[..., 0::2] | (n[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(b: np.ndarray) -> np.ndarray:
+    """Bytes back to codes (int8, last axis doubled): the inverse of :func:`pack_int4`."""
+    b = np.asarray(b, dtype=np.uint8)
+    q = np.empty(b.shape[:-1] + (2 * b.shape[-1],), dtype=np.int8)
+    q[..., 0::2] = (b & 0xF).astype(np.int8) - 8
+    q[..., 1::2] = (b >> 4).astype(np.int8) - 8
+    return q
+
+
+def quantize_int4_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric absmax int4 per row (last axis, even): ``(packed uint8 [..., d/2], scale float32)``."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] % 2:
+        raise ValueError(f"int4 packs two values per byte; head_dim must be even, got {x.shape[-1]}")
+    scale = int4_scale(np.max(np.abs(x), axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32))
+    with np.errstate(invalid="ignore"):
+        r = round_half_away((x / scale[..., None]).astype(np.float32))
+    return pack_int4(np.clip(r, -7, 7)), scale
+
+
+def dequantize_int4_rows(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``code * scale`` per row (float32, last axis ``2 * b.shape[-1]``)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    return (unpack_int4(b).astype(np.float32) * scale[..., None]).astype(np.float32)
+
+
 # ---- any KV dtype -------------------------------------------------------------------------------
 
 def encode_kv(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MODE_AWAY
               ) -> tuple[np.ndarray, "np.ndarray | None"]:
     """Encode rows ``x[..., head_dim]`` (float32) into the storage of ``dtype``.
 
-    Returns ``(data, scales)``; ``scales`` is ``None`` for formats without a row scale.
+    Returns ``(data, scales)``; ``scales`` is ``None`` for formats without a row scale. int4's
+    data has a last axis of ``head_dim / 2`` bytes.
     """
-    dt = kv_dtype(dtype)
+    dt = kv_dtype(dtype, kernels=True)
     x = np.asarray(x, dtype=np.float32)
     if dt.name == "fp32":
         return x.copy(), None
@@ -167,18 +208,22 @@ def encode_kv(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MO
         return fp16_encode(x), None
     if dt.name == "int8":
         return quantize_int8_rows(x, int8_mode)
+    if dt.name == "int4":
+        return quantize_int4_rows(x)
     return fp8_encode(x, dt.name.split("_")[1]), None
 
 
 def decode_kv(data: np.ndarray, scales: "np.ndarray | None", dtype: "str | KvDtype") -> np.ndarray:
-    """Stored rows back to float32 (scales applied for int8)."""
-    dt = kv_dtype(dtype)
+    """Stored rows back to float32 (scales applied for int8 and int4)."""
+    dt = kv_dtype(dtype, kernels=True)
     if dt.name == "fp32":
         return np.asarray(data, dtype=np.float32).copy()
     if dt.name == "fp16":
         return fp16_decode(data)
     if dt.name == "int8":
         return dequantize_int8_rows(data, scales)
+    if dt.name == "int4":
+        return dequantize_int4_rows(data, scales)
     return fp8_decode(data, dt.name.split("_")[1])
 
 
@@ -235,9 +280,8 @@ def quantize_rows(x: np.ndarray, out: np.ndarray, *, scales: "np.ndarray | None"
         data, row_scales = quantize_fp8_rows_scaled(x, fmt)
     else:
         data, row_scales = encode_kv(x, kv_dtype, int8_mode=int8_mode)
-    head_dim = x.shape[-1]
     new_out = np.array(out, copy=True)
-    rows = new_out.reshape(-1, head_dim)
+    rows = new_out.reshape(-1, data.shape[-1])
     rows[out_row_offset:out_row_offset + len(x)] = data
     new_scales = None
     if scales is not None:

@@ -150,7 +150,7 @@ def test_every_stored_code_decodes_exactly(device, kv_dtype, variant):
 
 
 @pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("fp16", 0), ("int8", 0), ("int8", 1),
-                                                ("fp8_e4m3", 0), ("fp8_e5m2", 0)])
+                                                ("fp8_e4m3", 0), ("fp8_e5m2", 0), ("int4", 0)])
 def test_every_dtype_matches_reference(device, rng, kv_dtype, int8_mode):
     case = make_case(rng, lens=LENS, kv_dtype=kv_dtype, int8_mode=int8_mode)
     assert_close(run_paged(device, case), run_reference(case))
@@ -168,7 +168,7 @@ def test_shapes_match_reference(device, rng, block_size, group, head_dim):
 
 
 @pytest.mark.parametrize("window", [0, 7, 20])
-@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
 def test_prefill_causal_and_window(device, rng, window, kv_dtype):
     case = make_case(rng, lens=(1, 15, 17, 54, 97), q_lens=(1, 15, 5, 17, 9), kv_dtype=kv_dtype)
     assert_close(run_paged(device, case, window=window), run_reference(case, window=window))
@@ -223,7 +223,7 @@ def test_preallocated_workspace_reused(device, rng):
 
 # ---- contiguous == paged ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("capacity,kv_dtype", [(100, "fp32"), (300, "int8")])
+@pytest.mark.parametrize("capacity,kv_dtype", [(100, "fp32"), (300, "int8"), (200, "int4")])
 def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
     batch, hkv, group, d = 3, 2, 4, 64
     lens = np.array([1, 97, capacity], dtype=np.int32)[:batch]
@@ -253,7 +253,9 @@ def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
 _VARIANT_SHAPES = [(16, 4, 128, "fp32"), (16, 4, 128, "fp16"), (16, 4, 128, "int8"), (16, 4, 128, "fp8_e4m3"),
                    (16, 4, 128, "fp8_e5m2"), (1, 8, 64, "fp32"), (5, 2, 36, "fp32"), (7, 1, 20, "int8"),
                    # rows per tile not a multiple of 4 (the serial logit step sums 4 rows at a time)
-                   (16, 5, 64, "fp32"), (16, 3, 64, "int8")]
+                   (16, 5, 64, "fp32"), (16, 3, 64, "int8"),
+                   # int4: two values per byte, unpacked 4 / 8 / 16 at a time
+                   (16, 4, 128, "int4"), (5, 2, 36, "int4"), (7, 1, 20, "int4"), (16, 3, 64, "int4")]
 
 
 @pytest.mark.parametrize("variant", ops.VARIANTS)
@@ -420,6 +422,7 @@ except ImportError:  # pragma: no cover - hypothesis is a dev extra
 
 # a few kernel builds, many page tables / lengths / windows / partitions over them
 _CONFIGS = [("fp32", 16, 4, 128), ("int8", 16, 4, 128), ("fp16", 16, 4, 128), ("fp8_e5m2", 16, 4, 128),
+            ("int4", 16, 4, 128),
             ("fp32", 1, 8, 128), ("fp32", 5, 2, 36)]
 
 

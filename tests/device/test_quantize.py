@@ -13,7 +13,7 @@ from kvcl.reference import quantize as ref
 
 # (kv dtype, int8 mode): every storage format, int8 in both rounding conventions
 CASES = [("fp32", 0), ("fp16", 0), ("int8", INT8_MODE_AWAY), ("int8", INT8_MODE_EVEN),
-         ("fp8_e4m3", 0), ("fp8_e5m2", 0)]
+         ("fp8_e4m3", 0), ("fp8_e5m2", 0), ("int4", 0)]
 CASE_IDS = [f"{name}-mode{mode}" if name == "int8" else name for name, mode in CASES]
 
 
@@ -41,10 +41,10 @@ def hard_rows(rng, head_dim: int) -> np.ndarray:
 
 def run_quantize(queue, x, name, mode, *, total_rows, offset, leading=None):
     """Quantize on the device into sentinel-filled storage; return (data, scales) as numpy."""
-    dt = kvcl.kv_dtype(name)
+    dt = kvcl.kv_dtype(name, kernels=True)
     head_dim = x.shape[1]
     shape = leading or (total_rows,)
-    sentinel = np.full(shape + (head_dim * dt.storage.itemsize,), 0x5A, np.uint8).view(dt.storage)
+    sentinel = np.full(shape + (dt.row_elems(head_dim) * dt.storage.itemsize,), 0x5A, np.uint8).view(dt.storage)
     # out is a view at an offset inside a bigger buffer, to exercise the base offsets
     big = cla.to_device(queue, np.stack([sentinel, sentinel]))
     out = big[1]
@@ -83,12 +83,12 @@ def test_stored_bytes_equal_reference(device, rng, name, mode, head_dim):
 
 @pytest.mark.parametrize("name,mode", CASES, ids=CASE_IDS)
 def test_decode_is_exact(device, rng, name, mode):
-    dt = kvcl.kv_dtype(name)
+    dt = kvcl.kv_dtype(name, kernels=True)
     q = device.queue
     x = hard_rows(rng, 64)
     with np.errstate(all="ignore"):
         stored, stored_scales = ref.encode_kv(x, name, int8_mode=mode)
-    data = cla.to_device(q, stored.reshape(2, -1, 64))  # any leading shape: rows are flattened
+    data = cla.to_device(q, stored.reshape(2, -1, dt.row_elems(64)))  # any leading shape: rows are flattened
     scales = None if stored_scales is None else cla.to_device(q, stored_scales.reshape(2, -1))
     out = cla.empty(q, (7, 64), np.float32)
     dequantize_rows(data, out, scales=scales, kv_dtype=dt, int8_mode=mode, row_offset=5, num_rows=7).wait()
@@ -112,9 +112,9 @@ def test_002_source_row(device):
 @pytest.mark.parametrize("name,mode", CASES, ids=CASE_IDS)
 def test_zero_rows_dequantize_to_exactly_zero(device, name, mode):
     q = device.queue
-    dt = kvcl.kv_dtype(name)
+    dt = kvcl.kv_dtype(name, kernels=True)
     x = cla.zeros(q, (3, 128), np.float32)
-    data = cla.empty(q, (3, 128), dt.storage)
+    data = cla.empty(q, (3, dt.row_elems(128)), dt.storage)
     scales = cla.empty(q, (3,), scale_dtype(mode)) if dt.has_scale else None
     quantize_rows(x, data, scales=scales, kv_dtype=name, int8_mode=mode).wait()
     out = cla.empty(q, (3, 128), np.float32)
@@ -155,6 +155,8 @@ def test_pool_layout_with_scales_per_token_head(device, rng):
        extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
 def test_property_random_shapes_match_reference(device, num_rows, head_dim, case, extra, seed):
     name, mode = case
+    dt = kvcl.kv_dtype(name, kernels=True)
+    head_dim += head_dim % dt.codes_per_elem   # int4: an even head_dim
     r = np.random.default_rng(seed)
     x = (r.standard_normal((num_rows, head_dim)) * np.exp2(r.uniform(-20, 20, (num_rows, 1)))).astype(np.float32)
     offset = int(r.integers(0, extra + 1))
@@ -165,7 +167,6 @@ def test_property_random_shapes_match_reference(device, num_rows, head_dim, case
     if want_scales is not None:
         assert_same_bytes(scales, want_scales, "scales")
     out = cla.empty(device.queue, (num_rows, head_dim), np.float32)
-    dt = kvcl.kv_dtype(name)
     dequantize_rows(cla.to_device(device.queue, data), out, kv_dtype=name, int8_mode=mode,
                     scales=None if scales is None else cla.to_device(device.queue, scales),
                     row_offset=offset, num_rows=num_rows).wait()
@@ -387,3 +388,58 @@ def test_fp8_row_scale_bad_input_is_refused_before_anything_is_written(device):
         quantize_rows(x, data, scales=np.ones(4, np.float32), kv_dtype="fp8_e4m3", fp8_row_scale=True)
     q.finish()
     unchanged()
+
+
+# ---- int4: the packing, its refusals, and where it is not taken yet -----------------------------
+
+def test_int4_packs_two_codes_per_byte_low_nibble_first(device):
+    q = device.queue
+    x = cla.to_device(q, np.array([[7, -7, 3.5, -3.5, 0, 1, -1, 2.4]], np.float32))  # absmax 7: scale 1
+    data, scales = cla.empty(q, (1, 4), np.uint8), cla.empty(q, (1,), np.float32)
+    quantize_rows(x, data, scales=scales, kv_dtype="int4").wait()
+    codes = [7, -7, 4, -4, 0, 1, -1, 2]                   # round half away from zero
+    assert scales.get().tolist() == [1.0]
+    assert data.get().tolist() == [[(codes[2 * j] + 8) | (codes[2 * j + 1] + 8) << 4 for j in range(4)]]
+    out = cla.empty(q, (1, 8), np.float32)
+    dequantize_rows(data, out, scales=scales, kv_dtype="int4").wait()
+    assert out.get().tolist() == [[float(c) for c in codes]]
+
+
+def test_int4_ramp_error_is_at_most_half_a_step(device):
+    q = device.queue
+    ramp = np.stack([np.linspace(-1, 1, 128) * (h + 1) * 3.7 for h in range(8)]).astype(np.float32)
+    data, scales = cla.empty(q, (8, 64), np.uint8), cla.empty(q, (8,), np.float32)
+    quantize_rows(cla.to_device(q, ramp), data, scales=scales, kv_dtype="int4").wait()
+    out = cla.empty(q, (8, 128), np.float32)
+    dequantize_rows(data, out, scales=scales, kv_dtype="int4").wait()
+    step = np.abs(ramp).max(axis=1) / 7
+    assert np.all(np.abs(out.get() - ramp).max(axis=1) <= step / 2 * (1 + 1e-6))
+
+
+def test_int4_refusals_name_the_argument_and_write_nothing(device):
+    q = device.queue
+    data = cla.to_device(q, np.full((2, 4), 9, np.uint8))
+    scales = cla.to_device(q, np.full(2, 2.0, np.float32))
+
+    def unchanged():
+        assert data.get().tolist() == [[9] * 4] * 2 and scales.get().tolist() == [2.0] * 2
+
+    with pytest.raises(kvcl.ShapeError, match="x: int4 packs two values per byte; head_dim must be even, got 7"):
+        quantize_rows(cla.to_device(q, np.ones((2, 7), np.float32)), data, scales=scales, kv_dtype="int4")
+    with pytest.raises(kvcl.ShapeError, match=r"out: expected shape \(\.\.\., 4\), got \(2, 8\)"):
+        quantize_rows(cla.to_device(q, np.ones((2, 8), np.float32)), cla.empty(q, (2, 8), np.uint8),
+                      scales=scales, kv_dtype="int4")
+    with pytest.raises(kvcl.InvalidArgument, match=r"int8_mode: int4 has one scale convention \(0\), got 1"):
+        quantize_rows(cla.to_device(q, np.ones((2, 8), np.float32)), data, scales=scales, kv_dtype="int4",
+                      int8_mode=1)
+    with pytest.raises(kvcl.InvalidArgument, match="scales: int4 stores one scale per row"):
+        quantize_rows(cla.to_device(q, np.ones((2, 8), np.float32)), data, kv_dtype="int4")
+    unchanged()
+
+
+def test_int4_is_a_kernel_format_only_for_now(device):
+    """The engine and the bridge refuse int4 with a message that says where it is supported."""
+    from kvcl.engine import PagedKVCache
+    with pytest.raises(kvcl.InvalidArgument, match=r"got 'int4' \(int4: the quantize and decode kernels only"):
+        PagedKVCache(1, 1, 8, num_blocks=2, block_size=4, dtype="int4", device=device)
+    assert "int4" not in kvcl.KV_DTYPES and kvcl.kv_dtype("int4", kernels=True).row_bytes(128) == 68
