@@ -79,6 +79,15 @@
 #define ROPE_INTERLEAVED 2
 
 #define HALF_DIM (HEAD_DIM / 2)
+#define KV_ROW (HEAD_DIM / KV_PER_ELEM)  // pool elements of one (token, kv head) row
+// int4 packs elements 2i and 2i+1 into byte i: a work-item holding the interleaved pair (2p, 2p+1)
+// owns byte p; half-split pairs (p, p + HEAD_DIM/2) lie in two bytes shared with other pairs, so
+// the row is staged in local memory and each work-item then packs its bytes from there.
+#if KV_DTYPE == KV_INT4 && ROPE != ROPE_INTERLEAVED
+#define INT4_STAGE 1
+#else
+#define INT4_STAGE 0
+#endif
 #define NPAIR ((HALF_DIM + LX - 1) / LX)  // pairs per work-item
 #if HALF_DIM % LX == 0
 #define IN_ROW(p) 1
@@ -254,6 +263,10 @@ void paged_write(
     __local float *red = red_all + get_local_id(1) * LX;
     __local float *res = res_all + get_local_id(1);
 #endif
+#if INT4_STAGE
+    __local float stage_all[ROWS * HEAD_DIM];  // the row after norm and RoPE (int4 packing)
+    __local float *stage = stage_all + get_local_id(1) * HEAD_DIM;
+#endif
 
     // ---- RMS norm (Q and/or K rows) ----------------------------------------------------------
 #if Q_NORM || K_NORM
@@ -306,6 +319,16 @@ void paged_write(
 #if LX > 1
     m = row_max(red, res, lx, m);
 #endif
+#if INT4_STAGE
+    for (int j = 0; j < NPAIR; ++j) {
+        const int p = lx + j * LX;
+        if (IN_ROW(p)) {
+            stage[LO(p)] = a[j];
+            stage[HI(p)] = b[j];
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+#endif
 
     if (!active) return;  // after the last barrier
 
@@ -330,7 +353,7 @@ void paged_write(
     __global kv_t *pool = kind == ROW_K ? k_pool : v_pool;
     float scale = 1.0f;
 #if KV_HAS_SCALE
-    scale = int8_scale(m);
+    scale = row_scale(m);
     if (lx == 0) {
         __global scale_t *sc = kind == ROW_K ? k_scales : v_scales;
         SCALE_STORE(scale, sc, row);
@@ -339,8 +362,14 @@ void paged_write(
     for (int j = 0; j < NPAIR; ++j) {
         const int p = lx + j * LX;
         if (IN_ROW(p)) {
-            kv_store(a[j], pool, row * HEAD_DIM + LO(p), scale);
-            kv_store(b[j], pool, row * HEAD_DIM + HI(p), scale);
+#if INT4_STAGE  // byte p: elements 2p, 2p+1 (HEAD_DIM/2 bytes, as many as pairs)
+            kv_store2(stage[2 * p], stage[2 * p + 1], pool, row * KV_ROW + p, scale);
+#elif KV_DTYPE == KV_INT4  // interleaved pairs: (a, b) are elements 2p, 2p+1
+            kv_store2(a[j], b[j], pool, row * KV_ROW + p, scale);
+#else
+            kv_store(a[j], pool, row * KV_ROW + LO(p), scale);
+            kv_store(b[j], pool, row * KV_ROW + HI(p), scale);
+#endif
         }
     }
 }
@@ -453,13 +482,19 @@ inline uint rv_hmax(const rv_u *pv) {
     return v2.x > v2.y ? v2.x : v2.y;
 }
 
-#if KV_DTYPE == KV_INT8
-// The int8 code of every element of x / scale, bit for bit what int8_encode (common.h) gives:
+#if KV_HAS_SCALE
+// The int8 (int4) code of every element of x / scale, bit for bit what int8_encode (common.h) gives:
 // for |r| < 2^23, i = trunc(r) is exact and so is f = r - i (|f| < 1), hence
 //   round-half-away(r) = i + (f >= 0.5) - (f <= -0.5)
 //   rint(r)            = i + (f > 0.5 || f == 0.5 && i odd) - (f < -0.5 || f == -0.5 && i odd)
-// Here |r| <= absmax / scale <= 127·(1 + 2^-22), so i is in range; the clamp keeps +-127.
-inline rv_c rv_int8_encode(const rv_f *x, float scale) {
+// Here |r| <= absmax / scale <= QMAX·(1 + 2^-22), so i is in range; the clamp keeps +-QMAX
+// (127 for int8, 7 for int4, whose INT8_MODE is always 0).
+#if KV_DTYPE == KV_INT4
+#define QMAX 7
+#else
+#define QMAX 127
+#endif
+inline rv_i rv_code_encode(const rv_f *x, float scale) {
     const rv_f r = *x / scale;                  // correctly rounded (build option), as in numpy
     rv_i i = RV_CONVERT(r, rv_i);              // trunc
     const rv_f f = r - RV_CONVERT(i, rv_f);    // exact
@@ -469,10 +504,27 @@ inline rv_c rv_int8_encode(const rv_f *x, float scale) {
 #else
     i = i - (f >= 0.5f) + (f <= -0.5f);        // comparisons give -1 (true) / 0 per element
 #endif
-    i = i > 127 ? (rv_i)(127) : i;
-    i = i < -127 ? (rv_i)(-127) : i;
-    return RV_CONVERT(i, rv_c);
+    i = i > QMAX ? (rv_i)(QMAX) : i;
+    i = i < -QMAX ? (rv_i)(-QMAX) : i;
+    return i;
 }
+#endif
+
+#if KV_DTYPE == KV_INT4
+// Vector x[j] of RV elements as its RV/2 int4 bytes: (q[2i] + 8) | (q[2i+1] + 8) << 4.
+#if RV == 2
+typedef uchar rv_b;
+#define RV_PACK(c) ((uchar)(((c).even + 8) | (((c).odd + 8) << 4)))
+#else
+#if RV == 4
+typedef uchar2 rv_b;
+#elif RV == 8
+typedef uchar4 rv_b;
+#else
+typedef uchar8 rv_b;
+#endif
+#define RV_PACK(c) RV_CONVERT(((c).even + 8) | (((c).odd + 8) << 4), rv_b)
+#endif
 #endif
 
 __kernel __attribute__((reqd_work_group_size(1, ROWS, 1)))
@@ -569,11 +621,32 @@ void paged_write_rows(
     SCALE_STORE(scale, kind == ROW_K ? k_scales : v_scales, row);
 #if RV == 8 && RV_N % 2 == 0  // 16-byte stores (one vmovntdq, not two 8-byte movnti)
     __global char16 *dst = (__global char16 *)(pool + row * HEAD_DIM);
-    for (int j = 0; j < RV_N; j += 2)
-        RV_STORE((char16)(rv_int8_encode(&x[j], scale), rv_int8_encode(&x[j + 1], scale)), dst + j / 2);
+    for (int j = 0; j < RV_N; j += 2) {
+        const rv_i c0 = rv_code_encode(&x[j], scale), c1 = rv_code_encode(&x[j + 1], scale);
+        RV_STORE((char16)(RV_CONVERT(c0, rv_c), RV_CONVERT(c1, rv_c)), dst + j / 2);
+    }
 #else
     __global rv_c *dst = (__global rv_c *)(pool + row * HEAD_DIM);
-    for (int j = 0; j < RV_N; ++j) RV_STORE(rv_int8_encode(&x[j], scale), dst + j);
+    for (int j = 0; j < RV_N; ++j) {
+        const rv_i c = rv_code_encode(&x[j], scale);
+        RV_STORE(RV_CONVERT(c, rv_c), dst + j);
+    }
+#endif
+#elif KV_DTYPE == KV_INT4
+    const float scale = int4_scale(as_float(mbits));
+    SCALE_STORE(scale, kind == ROW_K ? k_scales : v_scales, row);
+#if RV == 16 && RV_N % 2 == 0  // 16-byte stores, as int8 above
+    __global uchar16 *dst = (__global uchar16 *)(pool + row * KV_ROW);
+    for (int j = 0; j < RV_N; j += 2) {
+        const rv_i c0 = rv_code_encode(&x[j], scale), c1 = rv_code_encode(&x[j + 1], scale);
+        RV_STORE((uchar16)(RV_PACK(c0), RV_PACK(c1)), dst + j / 2);
+    }
+#else
+    __global rv_b *dst = (__global rv_b *)(pool + row * KV_ROW);
+    for (int j = 0; j < RV_N; ++j) {
+        const rv_i c = rv_code_encode(&x[j], scale);
+        RV_STORE(RV_PACK(c), dst + j);
+    }
 #endif
 #else
     for (int j = 0; j < RV_N; ++j) {

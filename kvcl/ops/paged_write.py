@@ -25,7 +25,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cl_array
 
-from ..dtypes import INT8_MODE_AWAY, INT8_MODE_EVEN, kv_dtype as _kv_dtype
+from ..dtypes import INT4 as _INT4, INT8_MODE_AWAY, INT8_MODE_EVEN, kv_dtype as _kv_dtype
 from ..errors import DeviceMismatchError, InvalidArgument
 from ..reference.paged_write import (ROPE_MODES, STATUS_BAD_POSITION, STATUS_BAD_SLOT,
                                      STATUS_NONFINITE)
@@ -47,14 +47,16 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
 
-def launch_config(device: cl.Device, head_dim: int, num_rows: int) -> tuple[int, int]:
+def launch_config(device: cl.Device, head_dim: int, num_rows: int, stage: bool = False) -> tuple[int, int]:
     """``(LX, ROWS)``: work-items per row and rows per work-group, from the device's limits.
 
     GPUs get LX = up to 32 work-items per row (one or two rotation pairs each) and about 256
     work-items per group; CPUs (PoCL, where work-items of a group become one vectorised loop and
     every barrier costs a loop split) get LX = 1 and a group of up to 16 whole rows (only where
     the row kernel of :func:`row_vec` cannot be used).
-    Both are capped by ``max_work_group_size``, ``max_work_item_sizes`` and ``local_mem_size``.
+    Both are capped by ``max_work_group_size``, ``max_work_item_sizes`` and ``local_mem_size``
+    (``stage``: each row also stages its ``head_dim`` floats there, int4 with non-interleaved
+    pairs).
     """
     max_wg = int(device.max_work_group_size)
     sizes = [int(s) for s in device.max_work_item_sizes]
@@ -66,8 +68,10 @@ def launch_config(device: cl.Device, head_dim: int, num_rows: int) -> tuple[int,
         lx, target = min(32, _pow2_floor(half)), 256
     lx = max(1, min(lx, _pow2_floor(min(max_wg, sizes[0]))))
     rows = max(1, min(target // lx, num_rows, max_wg // lx, sizes[1]))
-    # local memory: one float per work-item for the reductions; keep well under the limit
-    while rows > 1 and rows * lx * 4 > local_mem // 4:
+    # local memory: one float per work-item for the reductions (+ the staged row); keep well
+    # under the limit
+    per_row = lx + (head_dim if stage else 0)
+    while rows > 1 and rows * per_row * 4 > local_mem // 4:
         rows //= 2
     return lx, rows
 
@@ -127,7 +131,8 @@ def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int
     if _force_config is not None:
         lx, rows, tree = _force_config
     else:
-        lx, rows = launch_config(device, head_dim, num_rows)
+        stage = defines["KV_DTYPE"] == _INT4.code and rope != "interleaved"
+        lx, rows = launch_config(device, head_dim, num_rows, stage)
         # CPUs: one barrier and a serial sum beat a halving loop of barriers (TREE_REDUCE)
         tree = 0 if work_items_are_threads(device) else 1
     while True:
@@ -154,7 +159,7 @@ def _check_whole(name: str, x) -> None:
 
 def _check_pools(k_pool, v_pool, k_scales, v_scales, *, dt, int8_mode, num_kv_heads, head_dim,
                  block_size, context):
-    device_array("k_pool", k_pool, shape=(None, num_kv_heads, block_size, head_dim),
+    device_array("k_pool", k_pool, shape=(None, num_kv_heads, block_size, dt.row_elems(head_dim)),
                 dtype=dt.storage, context=context)
     device_array("v_pool", v_pool, shape=tuple(k_pool.shape), dtype=dt.storage, context=context)
     _check_whole("k_pool", k_pool)
@@ -169,7 +174,7 @@ def _check_pools(k_pool, v_pool, k_scales, v_scales, *, dt, int8_mode, num_kv_he
     else:
         for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
             if sc is not None:
-                raise InvalidArgument(f"{name}: only used with kv_dtype 'int8', got kv_dtype {dt.name!r}")
+                raise InvalidArgument(f"{name}: only used with kv_dtype 'int8' or 'int4', got kv_dtype {dt.name!r}")
     num_slots = int(k_pool.shape[0]) * block_size
     if num_slots > _INT_MAX or k_pool.size > 2**62:
         raise InvalidArgument(f"k_pool: {num_slots} slots do not fit the kernel's int32 slot index")
@@ -184,10 +189,13 @@ def _check_status(status, context):
 
 def _resolve_kv_dtype(kv_dtype, int8_mode):
     try:
-        dt = _kv_dtype(kv_dtype)
+        dt = _kv_dtype(kv_dtype, kernels=True)
     except InvalidArgument as exc:
         raise InvalidArgument(f"kv_dtype: {str(exc).split(': ', 1)[1]}") from None
     int8_mode = check_int("int8_mode", int8_mode, low=INT8_MODE_AWAY, high=INT8_MODE_EVEN + 1)
+    if dt is _INT4 and int8_mode != INT8_MODE_AWAY:
+        raise InvalidArgument(f"int8_mode: int4 has one scale convention (mode {INT8_MODE_AWAY}: "
+                              f"float32 absmax/7, round half away), got {int8_mode}")
     return dt, int8_mode
 
 
@@ -237,17 +245,19 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
         The row of ``cos`` / ``sin`` used for each token (not read with ``rope="none"``).
     k_pool, v_pool : Array, shape ``[num_blocks, num_kv_heads, block_size, head_dim]``
         Storage of ``kv_dtype``: float32 (fp32), uint16 fp16 bits (fp16), int8 (int8),
-        uint8 (fp8_e4m3, fp8_e5m2).
+        uint8 (fp8_e4m3, fp8_e5m2; int4 with a last axis of ``head_dim / 2`` bytes, two codes
+        each).
     q_out : Array float32, shape ``[T, num_q_heads, head_dim]``
         Receives Q after norm and RoPE.
     num_q_heads, num_kv_heads, head_dim, block_size : int
         ``head_dim`` must be even.
-    kv_dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"}
+    kv_dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"}
     int8_mode : {0, 1}
         0: float32 scales ``max(absmax/127, FLT_EPSILON)``, round half away from zero (kvcl);
         1: fp16 scales ``max(absmax, 1e-8)/127``, round half to even (ferrum's KvInt8).
+        int4: 0 only (``max(absmax/7, FLT_EPSILON)``, codes clamped to ±7).
     k_scales, v_scales : Array, shape ``[num_blocks, num_kv_heads, block_size]``
-        int8 only (required then): float32 for ``int8_mode`` 0, uint16 fp16 bits for 1.
+        int8 and int4 only (required then): float32 for ``int8_mode`` 0, uint16 fp16 bits for 1.
         One scale per (token, kv head) row, from the row's absmax after norm and RoPE.
     cos, sin : Array float32, shape ``[max_position, head_dim // 2]``
         Required unless ``rope="none"``.
@@ -382,10 +392,10 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
     k_pool, v_pool : Array, shape ``[num_blocks, num_kv_heads, block_size, head_dim]``
         Storage dtype of ``kv_dtype`` (see :func:`paged_write_qkv`).
     block_size : int
-    kv_dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"}
+    kv_dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"}
     int8_mode : {0, 1}
     k_scales, v_scales : Array, shape ``[num_blocks, num_kv_heads, block_size]``
-        int8 only: float32 (``int8_mode`` 0) or uint16 fp16 bits (``int8_mode`` 1).
+        int8 and int4 only: float32 (``int8_mode`` 0) or uint16 fp16 bits (``int8_mode`` 1).
     status : Array int32, shape ``[1]``, optional
         Error bits (1: non-finite row not written; 2: slot out of range); scratch if None.
     queue : pyopencl.CommandQueue, optional

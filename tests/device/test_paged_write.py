@@ -24,7 +24,8 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st
 
 # (kv_dtype, int8_mode)
-DTYPES = [("fp32", 0), ("fp16", 0), ("int8", 0), ("int8", 1), ("fp8_e4m3", 0), ("fp8_e5m2", 0)]
+DTYPES = [("fp32", 0), ("fp16", 0), ("int8", 0), ("int8", 1), ("fp8_e4m3", 0), ("fp8_e5m2", 0),
+          ("int4", 0)]
 DTYPE_IDS = [f"{d}-m{m}" if d == "int8" else d for d, m in DTYPES]
 
 # (mantissa bits, smallest subnormal step) of the float formats
@@ -39,7 +40,7 @@ def make_case(rng, *, T, num_q_heads, num_kv_heads, head_dim, block_size, kv_dty
               rope="half", q_norm=False, k_norm=False, num_blocks=None, neg_slots=0,
               max_position=128, scale=1.0):
     D = head_dim
-    dt = kvcl.kv_dtype(kv_dtype)
+    dt = kvcl.kv_dtype(kv_dtype, kernels=True)
     if num_blocks is None:
         num_blocks = max(2, -(-T // block_size) + 2)  # spare blocks: some slots stay unwritten
     num_slots = num_blocks * block_size
@@ -48,9 +49,9 @@ def make_case(rng, *, T, num_q_heads, num_kv_heads, head_dim, block_size, kv_dty
     if neg_slots:
         slots[rng.choice(T, size=min(neg_slots, T), replace=False)] = -1
     qkv = (rng.standard_normal((T, (num_q_heads + 2 * num_kv_heads) * D)) * scale).astype(np.float32)
-    pool_shape = (num_blocks, num_kv_heads, block_size, D)
+    pool_shape = (num_blocks, num_kv_heads, block_size, dt.row_elems(D))
     # old contents: random bytes, so "untouched" is visible
-    k_pool = rng.integers(0, 256, size=pool_shape[:-1] + (D * dt.bytes_per_elem,), dtype=np.uint8)
+    k_pool = rng.integers(0, 256, size=pool_shape[:-1] + (dt.row_elems(D) * dt.bytes_per_elem,), dtype=np.uint8)
     k_pool = k_pool.view(dt.storage).reshape(pool_shape)
     v_pool = rng.integers(0, 256, size=k_pool.nbytes, dtype=np.uint8).view(dt.storage).reshape(pool_shape)
     k_scales = v_scales = None
@@ -157,6 +158,11 @@ def assert_matches(case, got, want, *, exact):
             # one quantisation step (+ the effect of an fp16 scale rounding the other way)
             tol = np.maximum(sg, sw) * 1.0001 + 127 * np.abs(sg - sw)
             _record(name + " (in steps)", (err / np.maximum(sw, 1e-30)).max())
+        elif dt == "int4":
+            sg, sw = gs[..., None].astype(np.float64), ws[..., None].astype(np.float64)
+            assert np.all(np.abs(sg - sw) <= 1e-5 * sw), f"{scales}: scales differ"
+            tol = np.maximum(sg, sw) * 1.0001 + 7 * np.abs(sg - sw)
+            _record(name + " (in steps)", (err / np.maximum(sw, 1e-30)).max())
         else:
             man, sub = _ULP[dt]
             tol = np.maximum(np.abs(gd), np.abs(wd)) * 2.0**-man + sub + 1e-5 * rowmax
@@ -215,7 +221,8 @@ def test_launch_shapes(device, monkeypatch, config):
     monkeypatch.setattr(pw, "_force_config", config)
     rng = np.random.default_rng(11)
     for kv_dtype, int8_mode, D, rope in (("int8", 0, 128, "half"), ("fp16", 0, 40, "interleaved"),
-                                         ("int8", 1, 64, "none")):
+                                         ("int8", 1, 64, "none"), ("int4", 0, 128, "half"),
+                                         ("int4", 0, 40, "interleaved"), ("int4", 0, 36, "none")):
         case = make_case(rng, T=19, num_q_heads=4, num_kv_heads=2, head_dim=D, block_size=16,
                          kv_dtype=kv_dtype, int8_mode=int8_mode, rope=rope, q_norm=True,
                          k_norm=True, neg_slots=3)
@@ -267,25 +274,27 @@ def test_cpu_devices_use_the_row_kernel(device):
     assert pw.row_vec(device.device, 6, "half", 6 * 8) == 0
 
 
-def _tricky_int8_rows(rng, head_dim):
-    """Rows whose x / scale land on, and one ulp either side of, every rounding boundary."""
+def _tricky_rows(rng, head_dim, qmax=127):
+    """Rows whose x / scale land on, and one ulp either side of, every rounding boundary of a
+    symmetric ``qmax`` code (127: int8, 7: int4)."""
     rows = []
-    k = np.arange(-127, 127, dtype=np.float32)
+    k = np.arange(-qmax, qmax, dtype=np.float32)
+    top = np.nextafter(np.float32(qmax), np.float32(0))
     vals = np.concatenate([k + 0.5, k, np.float32([0.49999997, -0.49999997, 0.5, -0.5, 1e-30,
-                                                   -1e-30, 0.0, -0.0, 126.99999, -126.99999])])
+                                                   -1e-30, 0.0, -0.0, top, -top])])
     vals = np.concatenate([vals, np.nextafter(vals, np.float32(np.inf)),
                            np.nextafter(vals, np.float32(-np.inf))]).astype(np.float32)
-    vals = vals[np.abs(vals) <= 127]
+    vals = vals[np.abs(vals) <= qmax]
     rng.shuffle(vals)
     body = head_dim - 1
     chunks = [vals[i:i + body] for i in range(0, len(vals), body)]
-    for i, c in enumerate(chunks):  # absmax 127 · 2^e: scale exactly 2^e (both int8 modes)
+    for i, c in enumerate(chunks):  # absmax qmax · 2^e: scale exactly 2^e (both int8 modes)
         c = np.pad(c, (0, body - len(c)))
         e = np.float32(2.0 ** (i % 7 - 3))
-        rows.append(np.concatenate([[np.float32(127) * (1 if i % 2 else -1)], c]) * e)
+        rows.append(np.concatenate([[np.float32(qmax) * (1 if i % 2 else -1)], c]) * e)
     for _ in range(8):  # random scales: x = (k + 0.5 ± a little) · scale
         scale = np.float32(rng.uniform(1e-3, 10))
-        r = rng.integers(-127, 127, head_dim) + np.float32(0.5)
+        r = rng.integers(-qmax, qmax, head_dim) + np.float32(0.5)
         r += rng.choice([0, 1, -1], head_dim) * np.float32(2.0**-18)
         rows.append((r.astype(np.float32) * scale).astype(np.float32))
     rows.append(np.zeros(head_dim, np.float32))                       # scale floor, all zeros
@@ -295,16 +304,16 @@ def _tricky_int8_rows(rng, head_dim):
 
 
 @pytest.mark.parametrize("kernel", ["auto", "rows2", "rows8", "rows16", "workgroup"])
-@pytest.mark.parametrize("int8_mode", [0, 1])
-def test_int8_rounding_boundaries_exact(device, monkeypatch, int8_mode, kernel):
-    """int8 bytes and scales equal the reference bit for bit on every rounding boundary."""
+@pytest.mark.parametrize("kv_dtype,int8_mode", [("int8", 0), ("int8", 1), ("int4", 0)])
+def test_rounding_boundaries_exact(device, monkeypatch, kv_dtype, int8_mode, kernel):
+    """int8 / int4 bytes and scales equal the reference bit for bit on every rounding boundary."""
     if kernel.startswith("rows"):
         monkeypatch.setattr(pw, "_force_row_vec", int(kernel[4:]))
     elif kernel == "workgroup":
         monkeypatch.setattr(pw, "_force_config", (1, 4, 1))
     rng = np.random.default_rng(17 + int8_mode)
     D = 64
-    rows = _tricky_int8_rows(rng, D)
+    rows = _tricky_rows(rng, D, 127 if kv_dtype == "int8" else 7)
     Hkv = 2
     T = -(-len(rows) // Hkv)
     rows = np.concatenate([rows, np.zeros((T * Hkv - len(rows), D), np.float32)])
@@ -314,22 +323,24 @@ def test_int8_rounding_boundaries_exact(device, monkeypatch, int8_mode, kernel):
     nb = -(-T // bs) + 1
     slots = rng.permutation(nb * bs)[:T].astype(np.int32)
     q = device.queue
-    pools = [np.zeros((nb, Hkv, bs, D), np.int8) for _ in range(2)]
+    dt = kvcl.kv_dtype(kv_dtype, kernels=True)
+    pools = [np.zeros((nb, Hkv, bs, dt.row_elems(D)), dt.storage) for _ in range(2)]
     sdt = np.uint16 if int8_mode else np.float32
     scales = [np.zeros((nb, Hkv, bs), sdt) for _ in range(2)]
     d = [cl_array.to_device(q, a) for a in pools + scales]
     status = cl_array.zeros(q, 1, np.int32)
     pw.paged_write_kv(cl_array.to_device(q, keys), cl_array.to_device(q, values),
-                      cl_array.to_device(q, slots), d[0], d[1], block_size=bs, kv_dtype="int8",
+                      cl_array.to_device(q, slots), d[0], d[1], block_size=bs, kv_dtype=kv_dtype,
                       int8_mode=int8_mode, k_scales=d[2], v_scales=d[3], status=status).wait()
-    want = ref.paged_write_kv(keys, values, slots, *pools, block_size=bs, kv_dtype="int8",
+    want = ref.paged_write_kv(keys, values, slots, *pools, block_size=bs, kv_dtype=kv_dtype,
                               int8_mode=int8_mode, k_scales=scales[0], v_scales=scales[1])
     for name, g, w in zip(("k_pool", "v_pool", "k_scales", "v_scales"), d, want):
         np.testing.assert_array_equal(g.get(), w, err_msg=name)
     assert status.get()[0] == 0
 
 
-@pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("int8", 0), ("int8", 1), ("fp16", 0)])
+@pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("int8", 0), ("int8", 1), ("fp16", 0),
+                                               ("int4", 0)])
 def test_unaligned_sources_exact(device, kv_dtype, int8_mode):
     """Views at odd element offsets (no vector width fits): still exact, via the fallback."""
     rng = np.random.default_rng(23)
@@ -398,7 +409,8 @@ def test_paged_write_kv_exact(device, kv_dtype, int8_mode):
 
 # ---- non-finite rows, bad slots and positions ----------------------------------------------------
 
-@pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("int8", 0), ("int8", 1), ("fp8_e4m3", 0)])
+@pytest.mark.parametrize("kv_dtype,int8_mode", [("fp32", 0), ("int8", 0), ("int8", 1), ("fp8_e4m3", 0),
+                                               ("int4", 0)])
 def test_nonfinite_row_not_written(device, kv_dtype, int8_mode):
     rng = np.random.default_rng(3)
     T, Hq, Hkv, D = 9, 4, 2, 64
@@ -504,7 +516,14 @@ def _call(a):
     (lambda a, q: a.update(cos=None), kvcl.InvalidArgument, "cos"),
     (lambda a, q: a.update(sin=cl_array.zeros(q, (16, 3), np.float32)), kvcl.ShapeError, "sin"),
     (lambda a, q: a.update(q_norm_weight=cl_array.zeros(q, 7, np.float32)), kvcl.ShapeError, "q_norm_weight"),
-    (lambda a, q: a.update(kv_dtype="int4"), kvcl.InvalidArgument, "kv_dtype"),
+    (lambda a, q: a.update(kv_dtype="int3"), kvcl.InvalidArgument, "kv_dtype"),
+    (lambda a, q: a.update(kv_dtype="int4", k_pool=cl_array.zeros(q, (2, 2, 4, 4), np.int8)),
+     kvcl.DtypeError, "k_pool"),
+    # int4 pools hold head_dim / 2 bytes a row, not head_dim
+    (lambda a, q: a.update(kv_dtype="int4", k_pool=cl_array.zeros(q, (2, 2, 4, 8), np.uint8),
+                           v_pool=cl_array.zeros(q, (2, 2, 4, 8), np.uint8)), kvcl.ShapeError, "k_pool"),
+    (lambda a, q: a.update(kv_dtype="int4", int8_mode=1, k_pool=cl_array.zeros(q, (2, 2, 4, 4), np.uint8),
+                           v_pool=cl_array.zeros(q, (2, 2, 4, 4), np.uint8)), kvcl.InvalidArgument, "int8_mode"),
     (lambda a, q: a.update(int8_mode=2), kvcl.OutOfRangeError, "int8_mode"),
     (lambda a, q: a.update(head_dim=7, qkv=cl_array.zeros(q, (3, 56), np.float32)), kvcl.InvalidArgument, "head_dim"),
     (lambda a, q: a.update(block_size=0), kvcl.OutOfRangeError, "block_size"),
