@@ -494,7 +494,7 @@ inline uint rv_hmax(const rv_u *pv) {
 #else
 #define QMAX 127
 #endif
-inline rv_i rv_code_encode(const rv_f *x, float scale) {
+inline void rv_code_encode(const rv_f *x, float scale, rv_i *codes) {  // by pointer: see rv_hsum
     const rv_f r = *x / scale;                  // correctly rounded (build option), as in numpy
     rv_i i = RV_CONVERT(r, rv_i);              // trunc
     const rv_f f = r - RV_CONVERT(i, rv_f);    // exact
@@ -506,7 +506,7 @@ inline rv_i rv_code_encode(const rv_f *x, float scale) {
 #endif
     i = i > QMAX ? (rv_i)(QMAX) : i;
     i = i < -QMAX ? (rv_i)(-QMAX) : i;
-    return i;
+    *codes = i;
 }
 #endif
 
@@ -622,13 +622,16 @@ void paged_write_rows(
 #if RV == 8 && RV_N % 2 == 0  // 16-byte stores (one vmovntdq, not two 8-byte movnti)
     __global char16 *dst = (__global char16 *)(pool + row * HEAD_DIM);
     for (int j = 0; j < RV_N; j += 2) {
-        const rv_i c0 = rv_code_encode(&x[j], scale), c1 = rv_code_encode(&x[j + 1], scale);
+        rv_i c0, c1;
+        rv_code_encode(&x[j], scale, &c0);
+        rv_code_encode(&x[j + 1], scale, &c1);
         RV_STORE((char16)(RV_CONVERT(c0, rv_c), RV_CONVERT(c1, rv_c)), dst + j / 2);
     }
 #else
     __global rv_c *dst = (__global rv_c *)(pool + row * HEAD_DIM);
     for (int j = 0; j < RV_N; ++j) {
-        const rv_i c = rv_code_encode(&x[j], scale);
+        rv_i c;
+        rv_code_encode(&x[j], scale, &c);
         RV_STORE(RV_CONVERT(c, rv_c), dst + j);
     }
 #endif
@@ -638,13 +641,16 @@ void paged_write_rows(
 #if RV == 16 && RV_N % 2 == 0  // 16-byte stores, as int8 above
     __global uchar16 *dst = (__global uchar16 *)(pool + row * KV_ROW);
     for (int j = 0; j < RV_N; j += 2) {
-        const rv_i c0 = rv_code_encode(&x[j], scale), c1 = rv_code_encode(&x[j + 1], scale);
+        rv_i c0, c1;
+        rv_code_encode(&x[j], scale, &c0);
+        rv_code_encode(&x[j + 1], scale, &c1);
         RV_STORE((uchar16)(RV_PACK(c0), RV_PACK(c1)), dst + j / 2);
     }
 #else
     __global rv_b *dst = (__global rv_b *)(pool + row * KV_ROW);
     for (int j = 0; j < RV_N; ++j) {
-        const rv_i c = rv_code_encode(&x[j], scale);
+        rv_i c;
+        rv_code_encode(&x[j], scale, &c);
         RV_STORE(RV_PACK(c), dst + j);
     }
 #endif

@@ -67,7 +67,7 @@ from typing import Callable
 import numpy as np
 import pyopencl.array as cla
 
-from .dtypes import KERNEL_DTYPES, kv_dtype
+from .dtypes import KV_DTYPES, kv_dtype
 from .errors import InvalidArgument
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
@@ -210,7 +210,7 @@ class DecodeShape:
 
 def decode_bytes(shape: DecodeShape, dtype_name: str) -> int:
     """Bytes a decode step must move: every cached K/V byte + page table + q + out."""
-    dt = kv_dtype(dtype_name, kernels=True)
+    dt = kv_dtype(dtype_name)
     scale_bytes = 4 if dt.has_scale else 0
     row = dt.row_elems(shape.head_dim) * dt.bytes_per_elem   # int4: head_dim / 2 bytes
     kv = shape.batch * shape.kv_len * shape.num_kv_heads * (2 * row + 2 * scale_bytes)
@@ -226,7 +226,7 @@ class DecodeCase:
     default)."""
 
     def __init__(self, dev: Device, shape: DecodeShape, dtype_name: str, seed: int = 0, int8_dot=None):
-        self.dev, self.shape, self.dtype = dev, shape, kv_dtype(dtype_name, kernels=True)
+        self.dev, self.shape, self.dtype = dev, shape, kv_dtype(dtype_name)
         self.int8_dot = int8_dot
         rng = np.random.default_rng(seed)
         s = shape
@@ -413,7 +413,7 @@ def _decode_cases(shape: DecodeShape) -> list[tuple]:
     launcher's ``int8_dot``), each sampled in turn with fp32; int4 (a kernel format, not yet
     the engine's) too."""
     cases = []
-    for name in KERNEL_DTYPES:
+    for name in KV_DTYPES:
         if name == "int8":
             cases += [("paged_decode", "decode", (shape, name, dot)) for dot in ("float", "integer")]
         else:

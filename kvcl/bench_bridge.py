@@ -5,6 +5,7 @@ the table of where a bridge step's time goes (:mod:`kvcl.onnx.timing`); the perp
 from __future__ import annotations
 
 from .bench import Record
+from .dtypes import KV_DTYPES
 from .errors import InvalidArgument
 from .table import format_table
 
@@ -94,13 +95,12 @@ def format_bridge(records: list[Record]) -> str:
                             "device", "python/layer", "hook", "fixed/layer", "inline"], rows, align="llrrrrrrrrrrrl"))
 
 
-PERPLEXITY_KV_DTYPES = ("fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2")
+PERPLEXITY_KV_DTYPES = tuple(KV_DTYPES)
 
 
 def check_perplexity_options(kv_dtypes, chunk) -> "tuple[list[str], int]":
     """(KV dtypes with fp32 first, chunk) of the perplexity case, refused with the option named
     (the CLI checks them before any case runs)."""
-    from .dtypes import KV_DTYPES
     from .validate import check_int
     if isinstance(kv_dtypes, str) or not isinstance(kv_dtypes, (list, tuple)) or not kv_dtypes:
         raise InvalidArgument(f"perplexity_kv_dtypes: expected a non-empty list of KV dtypes, got {kv_dtypes!r}")

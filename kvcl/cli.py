@@ -99,6 +99,7 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .dtypes import KV_DTYPES
     parser = argparse.ArgumentParser(prog="kvcl", description="kvcl: a portable OpenCL KV-cache runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("devices", help="list OpenCL devices and their capabilities")
@@ -137,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perplexity", metavar="MODEL", default=None,
                    help="also the quality of each KV dtype: perplexity of an English text shipped with Python, "
                         "teacher forced through the bridge, vs fp32 KV and issue 19's bounds (fp16 +0.2%%, "
-                        "int8 +0.5%%); 'smollm2' or a model path/folder with tokenizer.json (skipped with a "
+                        "int8 +0.5%%, int4 +3%%); 'smollm2' or a model path/folder with tokenizer.json (skipped with a "
                         "message when smollm2 is not exported)")
     p.add_argument("--perplexity-kv-dtypes", metavar="DTYPE", nargs="+",
-                   default=["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"],
-                   help="KV dtypes of the perplexity case (default: all five; fp32 is always added)")
+                   default=list(KV_DTYPES),
+                   help="KV dtypes of the perplexity case (default: all six; fp32 is always added)")
     p.add_argument("--perplexity-chunk", metavar="N", type=int, default=128,
                    help="tokens per chunk of prefill in the perplexity case (default: 128)")
     p.set_defaults(func=_cmd_bench)

@@ -150,7 +150,7 @@ def run_demo(device=None, *, seq_lens=SEQ_LENS, repeats: int = 5, print_fn=print
         ["KV dtype", "max |err| / max |out|", "cosine", "bytes/token", "vs fp32", "cache for these seqs",
          "decode step ms"], rows, align="lrrrrrr"))
     print_fn("\nerror: attention output of the decode step vs a float64 numpy reference on the "
-             "unquantised K/V;\nbytes/token: K+V of one layer incl. int8 scales; decode step: one "
+             "unquantised K/V;\nbytes/token: K+V of one layer incl. int8 and int4 scales; decode step: one "
              "launch for all sequences (median, host arrays in and out).")
     if bridge:
         results["onnx_bridge"] = run_bridge_demo(dev, print_fn=print_fn)

@@ -19,10 +19,7 @@ int4       uint8      float32     two codes per byte, symmetric absmax per (toke
                                   a row holds ``q[2j] + 8`` (low nibble) and ``q[2j+1] + 8``
 =========  =========  ==========  ============================================================
 
-``KV_DTYPES`` are the formats of the cache engine, the bridge and the mirrors. ``int4`` is in
-:data:`KERNEL_DTYPES` only, for now: the quantize kernels and decode attention take it
-(:mod:`kvcl.ops.quantize`, :mod:`kvcl.ops.decode_attention`); the fused write, the engine and
-the bridge do not yet.
+``KV_DTYPES`` are the formats of the cache engine, the bridge and every kernel family.
 """
 
 from __future__ import annotations
@@ -63,32 +60,22 @@ FP8_E4M3 = KvDtype("fp8_e4m3", 3, np.dtype(np.uint8), False)
 FP8_E5M2 = KvDtype("fp8_e5m2", 4, np.dtype(np.uint8), False)
 INT4 = KvDtype("int4", 5, np.dtype(np.uint8), True, codes_per_elem=2)
 
-KV_DTYPES: dict[str, KvDtype] = {d.name: d for d in (FP32, FP16, INT8, FP8_E4M3, FP8_E5M2)}
-#: every format a kernel family takes: KV_DTYPES and int4 (quantize and decode attention only)
-KERNEL_DTYPES: dict[str, KvDtype] = {**KV_DTYPES, INT4.name: INT4}
+KV_DTYPES: dict[str, KvDtype] = {d.name: d for d in (FP32, FP16, INT8, FP8_E4M3, FP8_E5M2, INT4)}
 
 # int8 rounding/scale conventions (the INT8_MODE define):
 INT8_MODE_AWAY = 0  # engine + oxibonsai 002: f32 scale, floor FLT_EPSILON, round half away from zero
 INT8_MODE_EVEN = 1  # ferrum 004: max(absmax, 1e-8)/127 stored as fp16, round half to even
 
 
-def kv_dtype(name: "str | KvDtype", *, kernels: bool = False) -> KvDtype:
-    """Look a KV dtype up by name, with an error that lists the valid names.
-
-    ``kernels``: look in :data:`KERNEL_DTYPES` (the formats of the kernel launchers that take
-    int4 too) instead of :data:`KV_DTYPES`.
-    """
-    table = KERNEL_DTYPES if kernels else KV_DTYPES
+def kv_dtype(name: "str | KvDtype") -> KvDtype:
+    """Look a KV dtype up by name, with an error that lists the valid names."""
     if isinstance(name, KvDtype):
-        if name.name not in table:
-            raise InvalidArgument(f"dtype: expected one of {', '.join(table)}, got {name.name!r}"
-                                  + ("" if kernels else " (int4: the quantize and decode kernels only, so far)"))
+        if name.name not in KV_DTYPES:
+            raise InvalidArgument(f"dtype: expected one of {', '.join(KV_DTYPES)}, got {name.name!r}")
         return name
     try:
-        return table[str(name).lower()]
+        return KV_DTYPES[str(name).lower()]
     except KeyError:
-        hint = "" if kernels or str(name).lower() not in KERNEL_DTYPES else \
-            " (int4: the quantize and decode kernels only, so far)"
         raise InvalidArgument(
-            f"dtype: expected one of {', '.join(table)}, got {name!r}{hint}"
+            f"dtype: expected one of {', '.join(KV_DTYPES)}, got {name!r}"
         ) from None

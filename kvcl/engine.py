@@ -1,8 +1,8 @@
 """The cache engine: :class:`PagedKVCache`, kvcl's one paged KV cache.
 
 Per layer it owns two device pools ``[num_blocks, num_kv_heads, block_size, head_dim]``
-(K and V) in the chosen storage dtype, plus ``[num_blocks, num_kv_heads, block_size]`` float32
-scales for int8. Host bookkeeping (:mod:`kvcl.paging`) decides which slots each token uses;
+(K and V; int4: ``head_dim / 2`` bytes a row) in the chosen storage dtype, plus
+``[num_blocks, num_kv_heads, block_size]`` float32 scales for int8 and int4. Host bookkeeping (:mod:`kvcl.paging`) decides which slots each token uses;
 the kernels (:mod:`kvcl.ops`) write and attend. A step's metadata (slot mapping, page table)
 is uploaded once by :meth:`~kvcl.engine.PagedKVCache.plan` and reused by every layer.
 """
@@ -49,9 +49,10 @@ class PagedKVCache:
         Blocks per layer pool.
     block_size : int
         Token slots per block (default 16).
-    dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"}
+    dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"}
         Storage of K and V (see :mod:`kvcl.dtypes`). int8 keeps one float32 scale per
-        (token, kv head), ``max(absmax / 127, FLT_EPSILON)``, rounding half away from zero.
+        (token, kv head), ``max(absmax / 127, FLT_EPSILON)``, rounding half away from zero;
+        int4 packs two codes a byte with ``max(absmax / 7, FLT_EPSILON)`` scales.
     device : kvcl.Device or str, optional
         Default: :func:`kvcl.default_device`.
     enable_prefix_caching : bool
@@ -116,7 +117,7 @@ class PagedKVCache:
 
     @property
     def _pool_shape(self) -> tuple[int, int, int, int]:
-        return (self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+        return (self.num_blocks, self.num_kv_heads, self.block_size, self.dtype.row_elems(self.head_dim))
 
     @property
     def _scale_shape(self) -> tuple[int, int, int]:
@@ -579,7 +580,7 @@ class PagedKVCache:
             n = len(blocks)
             result = []
             for pool, scales in ((self._k[layer], self._ks[layer]), (self._v[layer], self._vs[layer])):
-                staged = cla.empty(queue, (n, self.num_kv_heads, self.block_size, self.head_dim), pool.dtype)
+                staged = cla.empty(queue, (n,) + self._pool_shape[1:], pool.dtype)
                 block_ops.extract_blocks(pool, ids, staged, queue=queue)
                 staged_scales = None
                 if scales is not None:
@@ -588,7 +589,7 @@ class PagedKVCache:
                 rows = n * self.num_kv_heads * self.block_size
                 decoded = cla.empty(queue, (rows, self.head_dim), np.float32)
                 quantize_ops.dequantize_rows(
-                    staged.reshape(rows, self.head_dim), decoded,
+                    staged.reshape(rows, self._pool_shape[3]), decoded,
                     scales=None if staged_scales is None else staged_scales.reshape(rows),
                     kv_dtype=self.dtype.name, int8_mode=INT8_MODE_AWAY, queue=queue)
                 host = decoded.get().reshape(n, self.num_kv_heads, self.block_size, self.head_dim)
@@ -601,10 +602,7 @@ class PagedKVCache:
     def memory_bytes(self) -> int:
         """Device bytes held by the K/V pools and scales of every layer."""
         elems = self.num_blocks * self.num_kv_heads * self.block_size
-        per_layer = 2 * elems * self.head_dim * self.dtype.bytes_per_elem
-        if self.dtype.has_scale:
-            per_layer += 2 * elems * 4
-        return self.num_layers * per_layer
+        return self.num_layers * 2 * elems * self.dtype.row_bytes(self.head_dim)
 
     def stats(self) -> dict:
         """Counters: blocks, sequences, tokens, prefix hits/misses/evictions, bytes."""

@@ -50,7 +50,7 @@ def load_cache(cls, path, device: Any = None):
         raise archive.ArchiveError(f"{path}: holds {meta.get('kind')!r}, not a {KIND}")
     cfg = meta["config"]
     dt = kv_dtype(cfg["dtype"])
-    pool_shape = [cfg["num_blocks"], cfg["num_kv_heads"], cfg["block_size"], cfg["head_dim"]]
+    pool_shape = [cfg["num_blocks"], cfg["num_kv_heads"], cfg["block_size"], dt.row_elems(cfg["head_dim"])]
     expected = {}
     for layer in range(cfg["num_layers"]):
         expected[f"k.{layer}"] = (dt.storage, pool_shape)

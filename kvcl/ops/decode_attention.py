@@ -224,7 +224,7 @@ def int8_dot_for(device: cl.Device, *, head_dim: int = 128, kv_dtype="int8", int
     head, integer multiply-adds on the codes) or ``"float"``, for ``int8_dot`` (None: the module
     default, ``"auto"``); ``"float"`` for the other KV dtypes."""
     context = context or cl.Context([device])
-    return _int8_dot_for(device, _variant_for(device, variant), _kv_dtype(kv_dtype, kernels=True), head_dim, int8_dot, context)
+    return _int8_dot_for(device, _variant_for(device, variant), _kv_dtype(kv_dtype), head_dim, int8_dot, context)
 
 
 def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
@@ -341,7 +341,7 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     serial variant; a multiple of ``block_size`` when that is at most the cap) enough to fill
     it; at most 256 for 1- and 2-byte formats on GPUs.
     """
-    kvd = _kv_dtype(kv_dtype, kernels=True)
+    kvd = _kv_dtype(kv_dtype)
     device = device or context.devices[0]
     key = (context.int_ptr, device.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
            max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant, int8_dot)
@@ -396,7 +396,7 @@ def _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q
 
 def _check_kv_dtype(name):
     try:
-        return _kv_dtype(name, kernels=True)
+        return _kv_dtype(name)
     except InvalidArgument as exc:
         raise InvalidArgument(f"kv_dtype: {exc}") from None
 

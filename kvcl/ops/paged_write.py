@@ -189,7 +189,7 @@ def _check_status(status, context):
 
 def _resolve_kv_dtype(kv_dtype, int8_mode):
     try:
-        dt = _kv_dtype(kv_dtype, kernels=True)
+        dt = _kv_dtype(kv_dtype)
     except InvalidArgument as exc:
         raise InvalidArgument(f"kv_dtype: {str(exc).split(': ', 1)[1]}") from None
     int8_mode = check_int("int8_mode", int8_mode, low=INT8_MODE_AWAY, high=INT8_MODE_EVEN + 1)

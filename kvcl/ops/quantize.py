@@ -170,7 +170,7 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
     >>> data.get(), s.get()                                        # doctest: +SKIP
     (array([[ 127, -127,    0]], dtype=int8), array([1.], dtype=float32))
     """
-    dt = _dtypes.kv_dtype(kv_dtype, kernels=True)
+    dt = _dtypes.kv_dtype(kv_dtype)
     int8_mode = check_int("int8_mode", int8_mode, low=0, high=2)
     fp8_row_scale = _check_fp8_row_scale(fp8_row_scale, dt)
     queue = resolve_queue(queue, out=out, x=x)
@@ -241,7 +241,7 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     >>> out.get()                                                             # doctest: +SKIP
     array([[ 127., -127.,    0.]], dtype=float32)
     """
-    dt = _dtypes.kv_dtype(kv_dtype, kernels=True)
+    dt = _dtypes.kv_dtype(kv_dtype)
     int8_mode = check_int("int8_mode", int8_mode, low=0, high=2)
     fp8_row_scale = _check_fp8_row_scale(fp8_row_scale, dt)
     queue = resolve_queue(queue, out=out, data=data)

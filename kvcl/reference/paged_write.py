@@ -219,4 +219,4 @@ def paged_write_kv(keys, values, slot_mapping, k_pool, v_pool, *, block_size, kv
 
 
 def kv_dtype_name(name) -> str:
-    return kv_dtype(name, kernels=True).name
+    return kv_dtype(name).name

@@ -200,7 +200,7 @@ def encode_kv(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MO
     Returns ``(data, scales)``; ``scales`` is ``None`` for formats without a row scale. int4's
     data has a last axis of ``head_dim / 2`` bytes.
     """
-    dt = kv_dtype(dtype, kernels=True)
+    dt = kv_dtype(dtype)
     x = np.asarray(x, dtype=np.float32)
     if dt.name == "fp32":
         return x.copy(), None
@@ -215,7 +215,7 @@ def encode_kv(x: np.ndarray, dtype: "str | KvDtype", *, int8_mode: int = INT8_MO
 
 def decode_kv(data: np.ndarray, scales: "np.ndarray | None", dtype: "str | KvDtype") -> np.ndarray:
     """Stored rows back to float32 (scales applied for int8 and int4)."""
-    dt = kv_dtype(dtype, kernels=True)
+    dt = kv_dtype(dtype)
     if dt.name == "fp32":
         return np.asarray(data, dtype=np.float32).copy()
     if dt.name == "fp16":

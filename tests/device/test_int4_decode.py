@@ -2,8 +2,7 @@
 
 The same-codes cases (every variant, split-K, prefill, contiguous) are in test_decode_attention.py
 with the other formats; here: every byte decodes to its two codes, the accuracy against fp32 KV
-measured on random and peaky inputs, and the refusals. int4 is a kernel format for now: the
-engine and the bridge do not take it (tests/device/test_quantize.py checks the refusal).
+measured on random and peaky inputs, and the refusals.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def make_case(rng, *, T, num_q_heads, num_kv_heads, head_dim, block_size, kv_dty
               rope="half", q_norm=False, k_norm=False, num_blocks=None, neg_slots=0,
               max_position=128, scale=1.0):
     D = head_dim
-    dt = kvcl.kv_dtype(kv_dtype, kernels=True)
+    dt = kvcl.kv_dtype(kv_dtype)
     if num_blocks is None:
         num_blocks = max(2, -(-T // block_size) + 2)  # spare blocks: some slots stay unwritten
     num_slots = num_blocks * block_size
@@ -323,7 +323,7 @@ def test_rounding_boundaries_exact(device, monkeypatch, kv_dtype, int8_mode, ker
     nb = -(-T // bs) + 1
     slots = rng.permutation(nb * bs)[:T].astype(np.int32)
     q = device.queue
-    dt = kvcl.kv_dtype(kv_dtype, kernels=True)
+    dt = kvcl.kv_dtype(kv_dtype)
     pools = [np.zeros((nb, Hkv, bs, dt.row_elems(D)), dt.storage) for _ in range(2)]
     sdt = np.uint16 if int8_mode else np.float32
     scales = [np.zeros((nb, Hkv, bs), sdt) for _ in range(2)]

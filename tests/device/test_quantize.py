@@ -41,7 +41,7 @@ def hard_rows(rng, head_dim: int) -> np.ndarray:
 
 def run_quantize(queue, x, name, mode, *, total_rows, offset, leading=None):
     """Quantize on the device into sentinel-filled storage; return (data, scales) as numpy."""
-    dt = kvcl.kv_dtype(name, kernels=True)
+    dt = kvcl.kv_dtype(name)
     head_dim = x.shape[1]
     shape = leading or (total_rows,)
     sentinel = np.full(shape + (dt.row_elems(head_dim) * dt.storage.itemsize,), 0x5A, np.uint8).view(dt.storage)
@@ -83,7 +83,7 @@ def test_stored_bytes_equal_reference(device, rng, name, mode, head_dim):
 
 @pytest.mark.parametrize("name,mode", CASES, ids=CASE_IDS)
 def test_decode_is_exact(device, rng, name, mode):
-    dt = kvcl.kv_dtype(name, kernels=True)
+    dt = kvcl.kv_dtype(name)
     q = device.queue
     x = hard_rows(rng, 64)
     with np.errstate(all="ignore"):
@@ -112,7 +112,7 @@ def test_002_source_row(device):
 @pytest.mark.parametrize("name,mode", CASES, ids=CASE_IDS)
 def test_zero_rows_dequantize_to_exactly_zero(device, name, mode):
     q = device.queue
-    dt = kvcl.kv_dtype(name, kernels=True)
+    dt = kvcl.kv_dtype(name)
     x = cla.zeros(q, (3, 128), np.float32)
     data = cla.empty(q, (3, dt.row_elems(128)), dt.storage)
     scales = cla.empty(q, (3,), scale_dtype(mode)) if dt.has_scale else None
@@ -155,7 +155,7 @@ def test_pool_layout_with_scales_per_token_head(device, rng):
        extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
 def test_property_random_shapes_match_reference(device, num_rows, head_dim, case, extra, seed):
     name, mode = case
-    dt = kvcl.kv_dtype(name, kernels=True)
+    dt = kvcl.kv_dtype(name)
     head_dim += head_dim % dt.codes_per_elem   # int4: an even head_dim
     r = np.random.default_rng(seed)
     x = (r.standard_normal((num_rows, head_dim)) * np.exp2(r.uniform(-20, 20, (num_rows, 1)))).astype(np.float32)
@@ -390,7 +390,7 @@ def test_fp8_row_scale_bad_input_is_refused_before_anything_is_written(device):
     unchanged()
 
 
-# ---- int4: the packing, its refusals, and where it is not taken yet -----------------------------
+# ---- int4: the packing and its refusals -----------------------------
 
 def test_int4_packs_two_codes_per_byte_low_nibble_first(device):
     q = device.queue
@@ -435,11 +435,3 @@ def test_int4_refusals_name_the_argument_and_write_nothing(device):
     with pytest.raises(kvcl.InvalidArgument, match="scales: int4 stores one scale per row"):
         quantize_rows(cla.to_device(q, np.ones((2, 8), np.float32)), data, kv_dtype="int4")
     unchanged()
-
-
-def test_int4_is_a_kernel_format_only_for_now(device):
-    """The engine and the bridge refuse int4 with a message that says where it is supported."""
-    from kvcl.engine import PagedKVCache
-    with pytest.raises(kvcl.InvalidArgument, match=r"got 'int4' \(int4: the quantize and decode kernels only"):
-        PagedKVCache(1, 1, 8, num_blocks=2, block_size=4, dtype="int4", device=device)
-    assert "int4" not in kvcl.KV_DTYPES and kvcl.kv_dtype("int4", kernels=True).row_bytes(128) == 68

@@ -101,7 +101,7 @@ def test_usability_names_what_is_missing(device, monkeypatch):
         kvcl.Device(device=device.device)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "fp8_e4m3", "int4"])
 def test_the_engines_kernels_build_without_compiler_warnings(device, dtype, monkeypatch):
     """A cold build of every program an engine step uses (write, attend, prefill and decode,
     split-K at a long context) leaves no warning in the device compiler's log. kvcl hides

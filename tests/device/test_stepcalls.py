@@ -14,11 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import kvcl
+
 from kvcl.engine import PagedKVCache, StaleStepError, inline_max_work
 from kvcl.errors import DtypeError, InvalidArgument, KvclError, NonFiniteError, ShapeError
 from kvcl.reference.decode_attention import _attend as reference_attend
 
-DTYPES = ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"]
+DTYPES = list(kvcl.KV_DTYPES)
 HKV, D, HQ, LAYERS = 2, 32, 4, 3
 
 

@@ -7,8 +7,8 @@ from kvcl.table import format_table, human_bytes
 
 
 def test_table_of_kv_dtypes():
-    assert list(KV_DTYPES) == ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"]
-    assert [d.code for d in KV_DTYPES.values()] == [0, 1, 2, 3, 4]
+    assert list(KV_DTYPES) == ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"]
+    assert [d.code for d in KV_DTYPES.values()] == [0, 1, 2, 3, 4, 5]
     assert kv_dtype("INT8").bytes_per_elem == 1 and kv_dtype("int8").has_scale
     assert kv_dtype("fp16").storage == np.uint16
     # one row of K: head_dim elements plus a float32 scale for int8
@@ -17,7 +17,7 @@ def test_table_of_kv_dtypes():
 
 
 def test_unknown_dtype_lists_the_valid_names():
-    with pytest.raises(kvcl.InvalidArgument, match="dtype: expected one of fp32, fp16, int8, fp8_e4m3, fp8_e5m2, got 'bf16'"):
+    with pytest.raises(kvcl.InvalidArgument, match="dtype: expected one of fp32, fp16, int8, fp8_e4m3, fp8_e5m2, int4, got 'bf16'"):
         kv_dtype("bf16")
 
 

@@ -34,7 +34,7 @@ def _run_all(sched, prompts, steps, join_after=None):
     return [got[i] for i in ids]
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"])
 def test_batched_requests_equal_each_alone(kv_dtype, onnx_device):
     from kvcl.onnx import Generator
     gen = Generator(fixture_path(ROUTE), kv_dtype=kv_dtype, device=onnx_device, max_tokens=512,
