@@ -31,9 +31,10 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
   perplexity of :func:`kvcl.onnx.perplexity.english_text` teacher forced through the bridge,
   against fp32 KV and the bounds of issue 19, with the original model fed past_key_values as
   the harness's check (a table of its own; :func:`kvcl.bench_bridge.perplexity_records`).
-* peers on the fp32 decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
-  with the KV cache bound in place (IOBinding), and the grouped numpy reference, each sampled
-  in turn with kvcl's fp32 decode of that shape; the speedup is the median of the rounds'
+* peers on the decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
+  with the KV cache bound in place (IOBinding) as fp32, int8 and int4 (its quantized caches,
+  static per-channel scales; issue 19), and the grouped numpy reference (fp32), each sampled in
+  turn with kvcl's decode of that shape and dtype; the speedup is the median of the rounds'
   ratios. The other KV dtypes of ``paged_decode`` are sampled in turn with the read and with
   the fp32 decode, for their ``speedup_vs_fp32`` (targets.md P3) the same way.
 
@@ -323,11 +324,21 @@ class WriteCase:
 
 # ---- peers -----------------------------------------------------------------------------------------
 
-def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
-    """onnxruntime GroupQueryAttention (CPU, fp32) with the KV cache bound in place.
+#: onnxruntime's quantized GroupQueryAttention caches (2026 releases): kvcl dtype -> (cache element,
+#: TensorProto name, kv_cache_bit_width); both with static PER_CHANNEL scales ([1, kv_heads, 1, D])
+ORT_QUANT = {"int8": (np.int8, "INT8", 8), "int4": (np.uint8, "UINT8", 4)}
+
+
+def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None, kv_dtype: str = "fp32"):
+    """onnxruntime GroupQueryAttention (CPU) with the KV cache bound in place: fp32, or the
+    int8 / int4 cache of ``k_quant_type`` / ``v_quant_type`` ``PER_CHANNEL`` with
+    ``kv_cache_bit_width`` 8 / 4 (int4: two codes a byte, ``head_dim / 2`` bytes a row; one
+    static float32 scale per channel and kv head, as onnxruntime's quantized cache has, where
+    kvcl's int8 / int4 scale each (token, kv head) row as it is written).
 
     Returns a zero-argument callable running one decode step (its ``session`` attribute is the
-    onnxruntime session), or ``None`` when onnxruntime is not installed.
+    onnxruntime session), or ``None`` when onnxruntime is not installed. An onnxruntime that
+    does not take the quantized cache raises ``RuntimeError`` saying so.
     """
     try:
         import onnxruntime as ort
@@ -337,18 +348,28 @@ def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
     b, hq, hkv, d, length = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.kv_len
     cap = length + 1
     f32 = TensorProto.FLOAT
-    node = helper.make_node(
-        "GroupQueryAttention",
-        ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
-        ["output", "present_key", "present_value"], domain="com.microsoft",
-        num_heads=hq, kv_num_heads=hkv, scale=1.0 / math.sqrt(d))
+    inputs = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"]
+    attrs = dict(num_heads=hq, kv_num_heads=hkv, scale=1.0 / math.sqrt(d))
+    cache_np, cache_t, width = np.float32, f32, d
+    scale_inputs = []
     vi = helper.make_tensor_value_info
+    if kv_dtype != "fp32":
+        if kv_dtype not in ORT_QUANT:
+            raise InvalidArgument(f"kv_dtype: expected fp32 or one of {', '.join(ORT_QUANT)}, got {kv_dtype!r}")
+        cache_np, tname, bits = ORT_QUANT[kv_dtype]
+        cache_t = getattr(TensorProto, tname)
+        width = d if bits == 8 else d // 2
+        inputs += ["", "", "", "", "", "k_scale", "v_scale"]   # cos/sin, position_ids, bias, head_sink
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=bits)
+        scale_inputs = [vi("k_scale", f32, [1, hkv, 1, d]), vi("v_scale", f32, [1, hkv, 1, d])]
+    node = helper.make_node("GroupQueryAttention", inputs, ["output", "present_key", "present_value"],
+                            domain="com.microsoft", **attrs)
     graph = helper.make_graph([node], "gqa", [
         vi("query", f32, [b, 1, hq * d]), vi("key", f32, [b, 1, hkv * d]), vi("value", f32, [b, 1, hkv * d]),
-        vi("past_key", f32, [b, hkv, cap, d]), vi("past_value", f32, [b, hkv, cap, d]),
-        vi("seqlens_k", TensorProto.INT32, [b]), vi("total_sequence_length", TensorProto.INT32, [])],
-        [vi("output", f32, [b, 1, hq * d]), vi("present_key", f32, [b, hkv, cap, d]),
-         vi("present_value", f32, [b, hkv, cap, d])])
+        vi("past_key", cache_t, [b, hkv, cap, width]), vi("past_value", cache_t, [b, hkv, cap, width]),
+        vi("seqlens_k", TensorProto.INT32, [b]), vi("total_sequence_length", TensorProto.INT32, [])] + scale_inputs,
+        [vi("output", f32, [b, 1, hq * d]), vi("present_key", cache_t, [b, hkv, cap, width]),
+         vi("present_value", cache_t, [b, hkv, cap, width])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9  # readable by onnxruntime releases older than this onnx
     options = ort.SessionOptions()
@@ -359,11 +380,26 @@ def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(2)
-    past_k = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((b, hkv, cap, d)).astype(np.float32))
-    past_v = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((b, hkv, cap, d)).astype(np.float32))
+
+    def cache():
+        if cache_np is np.float32:
+            return ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((b, hkv, cap, d)).astype(np.float32))
+        info = np.iinfo(cache_np)
+        return ort.OrtValue.ortvalue_from_numpy(rng.integers(info.min, info.max + 1, (b, hkv, cap, width)).astype(cache_np))
+
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if kv_dtype == "fp32":
+            raise
+        raise RuntimeError(f"onnxruntime {ort.__version__} does not take a {kv_dtype} GroupQueryAttention "
+                           f"cache: {str(exc).splitlines()[0][:200]}") from None
+    past_k, past_v = cache(), cache()
     io = session.io_binding()
+    if scale_inputs:
+        for name in ("k_scale", "v_scale"):
+            io.bind_cpu_input(name, np.full((1, hkv, 1, d), 0.02, np.float32))
     io.bind_cpu_input("query", rng.standard_normal((b, 1, hq * d)).astype(np.float32))
     io.bind_cpu_input("key", rng.standard_normal((b, 1, hkv * d)).astype(np.float32))
     io.bind_cpu_input("value", rng.standard_normal((b, 1, hkv * d)).astype(np.float32))
@@ -378,6 +414,13 @@ def ort_gqa_peer(shape: DecodeShape, *, threads: int | None = None):
     def run():
         return session.run_with_iobinding(io)
 
+    try:
+        run()   # a release that builds the session may still refuse the cache at run time
+    except Exception as exc:
+        if kv_dtype == "fp32":
+            raise
+        raise RuntimeError(f"onnxruntime {ort.__version__} does not run a {kv_dtype} GroupQueryAttention "
+                           f"cache: {str(exc).splitlines()[0][:200]}") from None
     run.session = session
     return run
 
@@ -410,8 +453,7 @@ QUICK = DecodeShape(batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, kv_len=
 
 def _decode_cases(shape: DecodeShape) -> list[tuple]:
     """paged_decode in every KV dtype; int8 twice: float logits and the integer path (the
-    launcher's ``int8_dot``), each sampled in turn with fp32; int4 (a kernel format, not yet
-    the engine's) too."""
+    launcher's ``int8_dot``), each sampled in turn with fp32."""
     cases = []
     for name in KV_DTYPES:
         if name == "int8":
@@ -425,15 +467,20 @@ def plan_cases(quick: bool) -> list[tuple]:
     """(name, kind, args) of every case in run order."""
     if quick:
         return _decode_cases(QUICK) + [
-            ("paged_write", "write", (64, 8, 2, 64, 16, "fp32")),
-            ("peer:onnxruntime_gqa", "ort", (QUICK,)), ("peer:numpy", "numpy", (QUICK,))]
+            ("paged_write", "write", (64, 8, 2, 64, 16, "fp32"))] + _peer_cases(QUICK)
     cases = _decode_cases(TARGET)
     cases += [("long_context", "decode", (LONG, "fp32")), ("many_sequences", "decode", (MANY, "fp32")),
               ("batch16_4k", "decode", (GPU, "fp32")), ("batch16_4k", "decode", (GPU, "fp16")),
               ("paged_write", "write", (2048, 32, 8, 128, 16, "fp32")),
-              ("paged_write", "write", (2048, 32, 8, 128, 16, "int8")),
-              ("peer:onnxruntime_gqa", "ort", (TARGET,)), ("peer:numpy", "numpy", (TARGET,))]
-    return cases
+              ("paged_write", "write", (2048, 32, 8, 128, 16, "int8"))]
+    return cases + _peer_cases(TARGET)
+
+
+def _peer_cases(shape: DecodeShape) -> list[tuple]:
+    """onnxruntime's GroupQueryAttention with an fp32, int8 and int4 cache (each paired with
+    kvcl's decode of that dtype), and numpy (fp32)."""
+    return ([("peer:onnxruntime_gqa", "ort", (shape, dt)) for dt in ("fp32", *ORT_QUANT)]
+            + [("peer:numpy", "numpy", (shape, "fp32"))])
 
 
 SAMPLING = ("interleaved", "blocked")
@@ -540,8 +587,9 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                 kvcl_fp32[name] = seconds
                 if name == "paged_decode":
                     peer_base[shape] = case   # the peers and other dtypes are timed against this one
-            if peer_base.get(shape) is not case:
-                del case
+            if name == "paged_decode" and dtype_name in ORT_QUANT and (not dot or records[-1].extra["int8_dot_auto"]):
+                peer_base[(shape, dtype_name)] = case   # onnxruntime's int8 / int4 cache is timed against it
+            del case
         elif kind == "onnx":
             from .bench_bridge import bridge_records
             records.extend(bridge_records(*args, dev, read_gbps))
@@ -556,38 +604,54 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
                                    seconds, nbytes, gbps))
             records[-1].extra.update(ranges)
         else:
-            shape = args[0]
-            run = ort_gqa_peer(shape) if kind == "ort" else numpy_peer(shape)
-            if run is None:
-                records.append(Record(name, "fp32", shape.as_dict(), float("nan"), 0, float("nan"), read_gbps,
-                                      float("nan"), peer=name.split(":")[1], note="onnxruntime not installed"))
-            else:
-                ours = peer_base.get(shape)
-                if not interleave or ours is None:
-                    ours_s, seconds = kvcl_fp32.get("paged_decode"), timeit(run, lambda: None, repeats=repeats)
-                    speedup = seconds / ours_s if ours_s else None
-                else:
-                    ours_t, peer_t = sample_interleaved([(ours.run, dev.queue.finish), (run, lambda: None)],
-                                                        repeats=repeats)
-                    ours_s, seconds = float(np.median(ours_t)), float(np.median(peer_t))
-                    speedup = paired_ratio(peer_t, ours_t)
-                rec = _record(name, "fp32", shape.as_dict(), seconds, decode_bytes(shape, "fp32"), read_gbps)
-                rec.peer = name.split(":")[1]
-                rec.speedup = speedup
-                rec.extra["kvcl_seconds"] = ours_s
-                fp32_rec = next((r for r in records if r.case == "paged_decode" and r.kv_dtype == "fp32"
-                                 and r.shape == shape.as_dict()), None)
-                if fp32_rec is not None and "memory_seconds" in fp32_rec.extra:
-                    # a kernel reading every byte at the streaming read's speed against this peer
-                    rec.extra["speedup_ceiling"] = seconds / fp32_rec.extra["memory_seconds"]
-                rec.note = ("speedup = peer seconds / kvcl fp32 paged_decode seconds"
-                            + (", median of the pairs sampled in turn" if interleave else ""))
-                records.append(rec)
+            records.append(_peer_record(name, kind, *args, dev=dev, records=records, kvcl_cases=peer_base,
+                                        kvcl_fp32=kvcl_fp32, read_gbps=read_gbps, interleave=interleave,
+                                        repeats=repeats))
         if bar:
             bar.update()
     if bar:
         bar.close()
     return records
+
+
+def _peer_record(name, kind, shape, dtype_name, *, dev, records, kvcl_cases, kvcl_fp32, read_gbps,
+                 interleave, repeats) -> Record:
+    """A peer's row: timed in turn with kvcl's decode of the same shape and dtype (the kvcl case
+    in ``kvcl_cases``: ``shape`` for fp32, ``(shape, dtype)`` for int8 / int4)."""
+    peer = name.split(":")[1]
+    try:
+        run = ort_gqa_peer(shape, kv_dtype=dtype_name) if kind == "ort" else numpy_peer(shape)
+    except RuntimeError as exc:    # this onnxruntime does not take the quantized cache
+        return Record(name, dtype_name, shape.as_dict(), float("nan"), 0, float("nan"), read_gbps,
+                      float("nan"), peer=peer, note=str(exc))
+    if run is None:
+        return Record(name, dtype_name, shape.as_dict(), float("nan"), 0, float("nan"), read_gbps,
+                      float("nan"), peer=peer, note="onnxruntime not installed")
+    ours = kvcl_cases.get(shape if dtype_name == "fp32" else (shape, dtype_name))
+    if not interleave or ours is None:
+        ours_rec = next((r for r in records if r.case == "paged_decode" and r.kv_dtype == dtype_name
+                         and r.shape == shape.as_dict() and r.extra.get("int8_dot_auto", True)), None)
+        ours_s = ours_rec.seconds if ours_rec is not None else kvcl_fp32.get("paged_decode")
+        seconds = timeit(run, lambda: None, repeats=repeats)
+        speedup = seconds / ours_s if ours_s else None
+    else:
+        ours_t, peer_t = sample_interleaved([(ours.run, dev.queue.finish), (run, lambda: None)], repeats=repeats)
+        ours_s, seconds = float(np.median(ours_t)), float(np.median(peer_t))
+        speedup = paired_ratio(peer_t, ours_t)
+    rec = _record(name, dtype_name, shape.as_dict(), seconds, decode_bytes(shape, dtype_name), read_gbps)
+    rec.peer = peer
+    rec.speedup = speedup
+    rec.extra["kvcl_seconds"] = ours_s
+    fp32_rec = next((r for r in records if r.case == "paged_decode" and r.kv_dtype == "fp32"
+                     and r.shape == shape.as_dict()), None)
+    if dtype_name == "fp32" and fp32_rec is not None and "memory_seconds" in fp32_rec.extra:
+        # a kernel reading every byte at the streaming read's speed against this peer
+        rec.extra["speedup_ceiling"] = seconds / fp32_rec.extra["memory_seconds"]
+    rec.note = (f"speedup = peer seconds / kvcl {dtype_name} paged_decode seconds"
+                + (", median of the pairs sampled in turn" if interleave else "")
+                + ("" if dtype_name == "fp32" else
+                   f"; onnxruntime's {dtype_name} cache: static per-channel scales, bytes counted as kvcl's"))
+    return rec
 
 
 def _bound(case: DecodeCase, rec: Record, repeats: int) -> dict:
@@ -658,11 +722,11 @@ def format_records(records: list[Record], device_name: str) -> str:
                   "(first row); each case timed on its own\n")
     else:
         header = (f"kvcl bench on {device_name}: utilisation = GB/s / GB/s of the streaming read "
-                  "sampled in turn with that case; peers sampled in turn with kvcl fp32 paged_decode\n")
+                  "sampled in turn with that case; peers sampled in turn with kvcl paged_decode of their kv dtype\n")
     if any("bound" in r.extra for r in records):
         header += ("bound: what the step's floor is, its arithmetic alone (pages in cache) or its bytes at the "
                    "read's speed, with the utilisation at that floor; <=: the speedup with this case at its floor "
-                   "(peers: a kernel reading every fp32 byte at the read's speed)\n")
+                   "(fp32 peers: a kernel reading every fp32 byte at the read's speed)\n")
     table = format_table(["case", "kv dtype", "shape", "ms", "GB/s", "util", "bound", "vs"], rows,
                          align="lllrrrll")
     from .bench_bridge import format_bridge, format_perplexity

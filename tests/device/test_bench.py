@@ -61,8 +61,16 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
     assert "int8 integer" in printed and "int8 float" in printed
     fp32 = next(r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "fp32")
     for r in doc["records"]:
-        if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"]:
+        if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"] and r["kv_dtype"] == "fp32":
             assert r["extra"]["speedup_ceiling"] == pytest.approx(r["seconds"] / fp32["extra"]["memory_seconds"])
+    # onnxruntime's quantized caches: a row each, timed against kvcl's decode of that dtype (or
+    # refused by an older onnxruntime, with the reason in the note)
+    ort = {r["kv_dtype"]: r for r in doc["records"] if r["peer"] == "onnxruntime_gqa"}
+    assert sorted(ort) == ["fp32", "int4", "int8"]
+    for dt in ("int8", "int4"):
+        r = ort[dt]
+        assert (r["speedup"] is not None and r["speedup"] > 0 and f"kvcl {dt} paged_decode" in r["note"]) \
+            or "does not" in r["note"], r
     assert "bound" in printed and "<=" in printed
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 

@@ -45,9 +45,13 @@ def engine(device, dtype="int8"):
     return cache, {"a": a, "b": b, "step": step, "good": np.ones((2, 2, 8), F32), "other": other}
 
 
-def engine_freed(device):
+def engine_int4(device):
+    return engine(device, "int4")
+
+
+def engine_freed(device, dtype="int8"):
     """An engine whose planned step is stale (sequence a freed) and whose sequence b is freed."""
-    cache, ctx = engine(device)
+    cache, ctx = engine(device, dtype)
     cache.free(ctx["a"])
     cache.free(ctx["b"])
     return cache, ctx
@@ -106,6 +110,12 @@ CASES = [
     Case(E + "read", "sequence", engine, lambda c, x: c.read(0, 42), IndexError, "42"),
     Case(E + "add_sequence", "shape", engine, lambda c, x: c.add_sequence(prefix_tokens="abc"), kvcl.ShapeError, "prefix_tokens"),
     Case(E + "add_sequence", "kind", engine, lambda c, x: c.add_sequence(prefix_tokens=[1.5, 2.0]), kvcl.DtypeError, "prefix_tokens"),
+    # int4 pools (head_dim / 2 bytes a row): the same refusals, the same bytes kept
+    Case(E + "write", "shape", engine_int4, lambda c, x: c.write(0, x["step"], np.ones((2, 2, 4), F32), x["good"]), kvcl.ShapeError, "keys"),
+    Case(E + "write", "non-finite", engine_int4, lambda c, x: c.write(0, x["step"], x["good"], nan_like(x["good"], (1, 1, 7))), kvcl.NonFiniteError, "values"),
+    Case(E + "write_qkv", "non-finite", engine_int4, lambda c, x: c.write_qkv(0, x["step"], nan_like(np.ones((2, 64)), (1, 40)), num_q_heads=4, rope="none"), kvcl.NonFiniteError, "qkv"),
+    Case(E + "attend", "shape", engine_int4, lambda c, x: c.attend(0, x["step"], np.ones((2, 4, 4), F32)), kvcl.ShapeError, "queries"),
+    Case(E + "attend_qkv", "sequence", lambda d: engine_freed(d, "int4"), lambda c, x: c.attend_qkv(0, x["step"], np.ones((2, 64), F32), num_q_heads=4, rope="none"), StaleStepError, "step"),
 ]
 
 
