@@ -6,7 +6,7 @@ import pytest
 from kvcl.demo import run_demo
 
 BOUND = {"fp32": 1e-5, "fp16": 2e-3, "int8": 0.03}          # max |err| / max |out| (targets.md)
-COSINE = {"fp8_e4m3": 0.995, "fp8_e5m2": 0.97}
+COSINE = {"fp8_e4m3": 0.995, "fp8_e5m2": 0.97, "int4": 0.95}   # int4: the peaky bound of test_int4_decode
 
 
 def test_demo_reports_every_dtype_within_bounds(device):
@@ -16,7 +16,8 @@ def test_demo_reports_every_dtype_within_bounds(device):
         assert results[name]["max_rel_error"] <= bound, (name, results[name])
     for name, bound in COSINE.items():
         assert results[name]["cosine"] >= bound, (name, results[name])
-    assert results["int8"]["bytes_per_token"] < results["fp16"]["bytes_per_token"] < results["fp32"]["bytes_per_token"]
+    assert results["int4"]["bytes_per_token"] < results["int8"]["bytes_per_token"] < results["fp16"]["bytes_per_token"] \
+        < results["fp32"]["bytes_per_token"]
     assert any("KV dtype" in line for line in lines)
     bridge = results["onnx_bridge"]
     if not bridge:
