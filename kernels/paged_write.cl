@@ -7,7 +7,7 @@
 // Each of the LX work-items of a row owns the rotation pairs p = lx, lx + LX, ... of that row
 // ((p, p + HEAD_DIM/2) for half-split RoPE and for no RoPE, (2p, 2p+1) for interleaved), keeps
 // them in registers from load to store, and the row's sum of squares (RMS norm) and
-// absmax (int8 scale and the non-finite check) are reductions over the row's LX work-items in
+// absmax (int8 / int4 scale and the non-finite check) are reductions over the row's LX work-items in
 // local memory (halving tree on GPUs, one barrier + serial sum on CPUs; none when LX = 1, the
 // CPU default, where one work-item owns the whole row).
 // Every byte is read once and written once: bytes in = T·(Hq + 2·Hkv)·D·4 (+ tables), bytes
