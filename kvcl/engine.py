@@ -2,7 +2,8 @@
 
 Per layer it owns two device pools ``[num_blocks, num_kv_heads, block_size, head_dim]``
 (K and V; int4: ``head_dim / 2`` bytes a row) in the chosen storage dtype, plus
-``[num_blocks, num_kv_heads, block_size]`` float32 scales for int8 and int4. Host bookkeeping (:mod:`kvcl.paging`) decides which slots each token uses;
+``[num_blocks, num_kv_heads, block_size]`` float32 scales for int8 and int4. Host bookkeeping
+(:mod:`kvcl.paging`) decides which slots each token uses;
 the kernels (:mod:`kvcl.ops`) write and attend. A step's metadata (slot mapping, page table)
 is uploaded once by :meth:`~kvcl.engine.PagedKVCache.plan` and reused by every layer.
 """
