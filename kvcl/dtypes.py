@@ -48,6 +48,12 @@ class KvDtype:
         """Storage elements of one (token, kv head) row: the last axis of a pool."""
         return head_dim // self.codes_per_elem
 
+    def check_int8_mode(self, int8_mode: int) -> None:
+        """Refuse an ``int8_mode`` the format has no kernel for: int4 has one scale convention."""
+        if self.codes_per_elem > 1 and int8_mode != INT8_MODE_AWAY:
+            raise InvalidArgument(f"int8_mode: {self.name} has one scale convention ({INT8_MODE_AWAY}), got "
+                                  f"{int8_mode}: float32 scales max(absmax/7, FLT_EPSILON), round half away")
+
     def row_bytes(self, head_dim: int) -> int:
         """Bytes one (token, kv head) row of K (or V) occupies, scale included."""
         return self.row_elems(head_dim) * self.bytes_per_elem + (4 if self.has_scale else 0)

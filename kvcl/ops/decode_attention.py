@@ -438,8 +438,7 @@ def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, h
     if out.data == queries.data:
         raise InvalidArgument("out: must not alias queries")
     check_int("int8_mode", int8_mode, low=INT8_MODE_AWAY, high=INT8_MODE_EVEN + 1)
-    if kvd.codes_per_elem > 1 and int8_mode != INT8_MODE_AWAY:
-        raise InvalidArgument(f"int8_mode: {kvd.name} has one scale convention (0), got {int8_mode}")
+    kvd.check_int8_mode(int8_mode)
     if scale is not None:
         check_float("scale", scale)
     check_int("window", window, low=0)
@@ -577,7 +576,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         ``[num_blocks, num_kv_heads, block_size]`` row scales of int8 (float32 for
         ``int8_mode=0``, fp16 bits as uint16 for 1) and int4 (float32). Required for those only.
     kv_dtype : str
-        ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"``.
+        ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"int4"``.
     int8_mode : int
         0 or 1, see ``kernels/common.h``.
     scale : float, optional

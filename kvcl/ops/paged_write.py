@@ -193,9 +193,7 @@ def _resolve_kv_dtype(kv_dtype, int8_mode):
     except InvalidArgument as exc:
         raise InvalidArgument(f"kv_dtype: {str(exc).split(': ', 1)[1]}") from None
     int8_mode = check_int("int8_mode", int8_mode, low=INT8_MODE_AWAY, high=INT8_MODE_EVEN + 1)
-    if dt is _INT4 and int8_mode != INT8_MODE_AWAY:
-        raise InvalidArgument(f"int8_mode: int4 has one scale convention (mode {INT8_MODE_AWAY}: "
-                              f"float32 absmax/7, round half away), got {int8_mode}")
+    dt.check_int8_mode(int8_mode)
     return dt, int8_mode
 
 

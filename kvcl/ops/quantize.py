@@ -48,11 +48,8 @@ def _as_rows(name: str, arr, head_dim: int | None = None, per_elem: int = 1) -> 
 
 def _check_int4(dt, int8_mode: int, head_dim: int, name: str) -> None:
     """int4: the one scale convention (int8_mode 0) and an even head_dim."""
-    if dt.codes_per_elem == 1:
-        return
-    if int8_mode != _dtypes.INT8_MODE_AWAY:
-        raise InvalidArgument(f"int8_mode: int4 has one scale convention (0), got {int8_mode}")
-    if head_dim % 2:
+    dt.check_int8_mode(int8_mode)
+    if dt.codes_per_elem > 1 and head_dim % 2:
         raise ShapeError(f"{name}: int4 packs two values per byte; head_dim must be even, got {head_dim}")
 
 

@@ -25,3 +25,12 @@ def test_format_table_alignment():
     text = format_table(["name", "n"], [("a", 1), ("bbb", 100)])
     assert text.splitlines() == ["name    n", "----  ---", "a       1", "bbb   100"]
     assert human_bytes(1536) == "1.5 KiB"
+
+
+def test_int4_has_one_int8_mode():
+    int4, int8 = kv_dtype("int4"), kv_dtype("int8")
+    int4.check_int8_mode(0)
+    int8.check_int8_mode(1)                       # ferrum's convention exists for int8
+    with pytest.raises(kvcl.InvalidArgument, match=r"^int8_mode: int4 has one scale convention \(0\), got 1"):
+        int4.check_int8_mode(1)
+    assert int4.row_elems(128) == 64 and int4.row_bytes(128) == 68
