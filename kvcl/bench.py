@@ -16,8 +16,8 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 * ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
   shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype (int8
   twice: float logits and the integer path, ``int8_dot`` of :mod:`kvcl.ops.decode_attention`;
-  ``extra["int8_dot"]`` says which, ``extra["int8_dot_auto"]`` whether ``"auto"`` picks it; and
-  int4, two values per byte, a format of the kernels that the engine does not take yet); plus
+  ``extra["int8_dot"]`` says which, ``extra["int8_dot_auto"]`` whether ``"auto"`` picks it; int4
+  with two values a byte); plus
   long context (B=1, L=32768, split-K), many sequences (B=64, L=512) and the GPU target shape
   of targets.md P7 (B=16, L=4096, fp32 and fp16).
 * ``paged_write``: fused split-QKV → q/k RMS-norm → RoPE → quantize → scatter of a
@@ -212,9 +212,7 @@ class DecodeShape:
 def decode_bytes(shape: DecodeShape, dtype_name: str) -> int:
     """Bytes a decode step must move: every cached K/V byte + page table + q + out."""
     dt = kv_dtype(dtype_name)
-    scale_bytes = 4 if dt.has_scale else 0
-    row = dt.row_elems(shape.head_dim) * dt.bytes_per_elem   # int4: head_dim / 2 bytes
-    kv = shape.batch * shape.kv_len * shape.num_kv_heads * (2 * row + 2 * scale_bytes)
+    kv = shape.batch * shape.kv_len * shape.num_kv_heads * 2 * dt.row_bytes(shape.head_dim)   # scales included
     pages = shape.batch * math.ceil(shape.kv_len / shape.block_size)
     table = 4 * (pages + 2 * shape.batch + 1 + shape.batch + 1)
     q_and_out = 2 * shape.batch * shape.num_q_heads * shape.head_dim * 4
@@ -285,7 +283,7 @@ def write_bytes(tokens: int, hq: int, hkv: int, d: int, dtype_name: str) -> int:
     qkv_in = tokens * (hq + 2 * hkv) * d * 4
     tables = 2 * tokens * (d // 2) * 4
     q_out = tokens * hq * d * 4
-    kv_out = tokens * hkv * 2 * (d * dt.bytes_per_elem + (4 if dt.has_scale else 0))
+    kv_out = tokens * hkv * 2 * dt.row_bytes(d)   # scales included; int4 rows are d / 2 bytes
     return qkv_in + tables + q_out + kv_out + 2 * tokens * 4
 
 
@@ -297,7 +295,7 @@ class WriteCase:
         self.kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=block_size,
                        kv_dtype=self.dtype.name, rope="half")
         num_blocks = -(-tokens // block_size) + 1
-        pool_shape = (num_blocks, hkv, block_size, d)
+        pool_shape = (num_blocks, hkv, block_size, self.dtype.row_elems(d))
         self.k = cla.zeros(queue, pool_shape, self.dtype.storage)
         self.v = cla.zeros(queue, pool_shape, self.dtype.storage)
         self.ks = self.vs = None
@@ -467,12 +465,14 @@ def plan_cases(quick: bool) -> list[tuple]:
     """(name, kind, args) of every case in run order."""
     if quick:
         return _decode_cases(QUICK) + [
-            ("paged_write", "write", (64, 8, 2, 64, 16, "fp32"))] + _peer_cases(QUICK)
+            ("paged_write", "write", (64, 8, 2, 64, 16, "fp32")),
+            ("paged_write", "write", (64, 8, 2, 64, 16, "int4"))] + _peer_cases(QUICK)
     cases = _decode_cases(TARGET)
     cases += [("long_context", "decode", (LONG, "fp32")), ("many_sequences", "decode", (MANY, "fp32")),
               ("batch16_4k", "decode", (GPU, "fp32")), ("batch16_4k", "decode", (GPU, "fp16")),
               ("paged_write", "write", (2048, 32, 8, 128, 16, "fp32")),
-              ("paged_write", "write", (2048, 32, 8, 128, 16, "int8"))]
+              ("paged_write", "write", (2048, 32, 8, 128, 16, "int8")),
+              ("paged_write", "write", (2048, 32, 8, 128, 16, "int4"))]
     return cases + _peer_cases(TARGET)
 
 

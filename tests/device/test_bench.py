@@ -29,7 +29,11 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
     assert "stream_read" in printed and "paged_decode" in printed
     doc = json.loads(out_json.read_text())
     cases = {(r["case"], r["kv_dtype"]) for r in doc["records"]}
-    assert {("paged_decode", d) for d in ("fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2")} <= cases
+    assert {("paged_decode", d) for d in ("fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4")} <= cases
+    assert {("paged_write", "fp32"), ("paged_write", "int4")} <= cases
+    # int4 moves half int8's K/V bytes (+ the same scales): the bytes column counts d / 2 a row
+    w = {r["kv_dtype"]: r for r in doc["records"] if r["case"] == "paged_write"}
+    assert w["fp32"]["bytes"] - w["int4"]["bytes"] == 64 * 2 * 2 * (64 * 4 - (32 + 4))
     for r in doc["records"]:
         for key in ("case", "kv_dtype", "shape", "seconds", "bytes", "gbps", "device_read_gbps", "utilization"):
             assert key in r
