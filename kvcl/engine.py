@@ -30,7 +30,7 @@ from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import quantize as quantize_ops
 from .ops import write_checks as checks
-from .ops._launch import element_base
+from .ops._launch import element_base, read_host, to_host
 from .paging import PagedBookkeeping, StepPlan
 from .runtime import Device, resolve_device
 from .step import StaleStepError, Step, inline_max_work
@@ -107,7 +107,6 @@ class PagedKVCache:
         self._status = cla.zeros(queue, 1, np.int32)
         self._status_unread = False            # a write was queued since the status was last read
         self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
-        self._workspace: dict[int, cl.Buffer] = {}
         self.inline_max_work = inline_max_work(self.device.info.compute_units)
         self._last_queue = queue    # the queue that got work last (see _use)
         self._epoch = 0             # bumped by plan / free: a StepCalls re-checks its step then
@@ -332,7 +331,7 @@ class PagedKVCache:
         if self._status_unread:   # a write since the last look: it may have refused rows
             status = np.zeros(1, np.int32)
             cl.enqueue_copy(queue, status, self._status.data, is_blocking=False)
-        cl.enqueue_copy(queue, result, buf, is_blocking=True)   # in order: status arrived first
+        read_host(queue, result, buf)   # in order: the status arrived first
         if status is not None:
             self._status_unread = False
             if status[0]:
@@ -543,7 +542,7 @@ class PagedKVCache:
     def _raise_status(self) -> None:
         self._main()
         self._status_unread = False
-        if int(self._status.get()[0]):
+        if int(to_host(self._status)[0]):
             self._refuse_status()
 
     def _refuse_status(self) -> None:
@@ -593,7 +592,7 @@ class PagedKVCache:
                     staged.reshape(rows, self._pool_shape[3]), decoded,
                     scales=None if staged_scales is None else staged_scales.reshape(rows),
                     kv_dtype=self.dtype.name, int8_mode=INT8_MODE_AWAY, queue=queue)
-                host = decoded.get().reshape(n, self.num_kv_heads, self.block_size, self.head_dim)
+                host = to_host(decoded).reshape(n, self.num_kv_heads, self.block_size, self.head_dim)
                 host = host.transpose(0, 2, 1, 3).reshape(n * self.block_size, self.num_kv_heads, self.head_dim)
                 result.append(np.ascontiguousarray(host[:length]))
             return result[0], result[1]
@@ -651,5 +650,5 @@ class PagedKVCache:
                 for name, arr in (("k", self._k[layer]), ("v", self._v[layer]),
                                   ("ks", self._ks[layer]), ("vs", self._vs[layer])):
                     if arr is not None:
-                        snap[f"{name}.{layer}"] = arr.get().tobytes()
+                        snap[f"{name}.{layer}"] = to_host(arr).tobytes()
             return snap

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import archive
 from .dtypes import kv_dtype
+from .ops._launch import to_host
 from .paging import PagedBookkeeping
 
 __all__ = ["save_cache", "load_cache"]
@@ -34,11 +35,11 @@ def save_cache(cache, path) -> int:
     cache.synchronize()
     arrays = {}
     for layer in range(cache.num_layers):
-        arrays[f"k.{layer}"] = cache._k[layer].get()
-        arrays[f"v.{layer}"] = cache._v[layer].get()
+        arrays[f"k.{layer}"] = to_host(cache._k[layer])
+        arrays[f"v.{layer}"] = to_host(cache._v[layer])
         if cache.dtype.has_scale:
-            arrays[f"k_scale.{layer}"] = cache._ks[layer].get()
-            arrays[f"v_scale.{layer}"] = cache._vs[layer].get()
+            arrays[f"k_scale.{layer}"] = to_host(cache._ks[layer])
+            arrays[f"v_scale.{layer}"] = to_host(cache._vs[layer])
     meta = {"kind": KIND, "config": _config(cache), "bookkeeping": cache._book.state_dict()}
     return archive.write_archive(path, meta, arrays)
 

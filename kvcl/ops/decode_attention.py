@@ -465,11 +465,16 @@ def _dummy(context):
     return buf
 
 
-def _workspace(context, nbytes: int):
-    buf = _workspaces.get(context.int_ptr)
-    if buf is None or buf.size < nbytes:
-        buf = cl.Buffer(context, cl.mem_flags.READ_WRITE, max(nbytes, 4))
-        _workspaces[context.int_ptr] = buf
+def _workspace(queue, nbytes: int):
+    """The split-K scratch of ``queue``, grown to ``nbytes``. One per queue, not per context:
+    two queues run at once, and :func:`~kvcl.ops._launch.enqueue` keeps a kernel and its merge
+    together on one queue only. The buffer keeps its context alive, so a context's handle is
+    not reused while it is cached; a queue's handle may be (after its work is done), by a queue
+    of another context, hence the check."""
+    buf = _workspaces.get(queue.int_ptr)
+    if buf is None or buf.size < nbytes or buf.context.int_ptr != queue.context.int_ptr:
+        buf = cl.Buffer(queue.context, cl.mem_flags.READ_WRITE, max(nbytes, 4))
+        _workspaces[queue.int_ptr] = buf
     return buf
 
 
@@ -509,7 +514,7 @@ def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices
     ws_floats = p.workspace_floats(total_q, num_q_heads, head_dim)
     if ws_floats:
         if workspace is None:
-            ws = _workspace(context, 4 * ws_floats)
+            ws = _workspace(queue, 4 * ws_floats)
         else:
             ws = workspace.base_data if is_device_array(workspace) else workspace
             if not isinstance(ws, cl.Buffer):
@@ -590,7 +595,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         Split-K partition length in tokens; ``None`` chooses (see :func:`plan`).
     workspace : pyopencl.Buffer or pyopencl.array.Array, optional
         Split-K scratch reused across calls (``Plan.workspace_floats`` float32 elements);
-        by default one buffer per context is cached and grown (use one queue per context then).
+        by default one buffer per queue is cached and grown.
     queue : pyopencl.CommandQueue, optional
         Defaults to ``queries.queue``.
     wait_for : list of pyopencl.Event, optional
