@@ -14,7 +14,7 @@ residual); the other schemes quantise each token's row when it is written, as kv
 
 Schemes: ``tok-sym`` is kvcl's ``int4`` today (symmetric absmax/7 per (token, kv head) row, codes
 ±7); ``-gN`` uses one scale per N channels of a row; ``asym`` codes 0..15 between the min and the
-max (scale and zero point); ``chan`` K per channel within a block (V as the name's second half);
+max (scale and zero point; ``-f16`` stores the two as float16, in a float32 scale's 4 bytes); ``chan`` K per channel within a block (V as the name's second half);
 ``had`` rotates each row by the orthonormal Hadamard matrix before quantising and back after
 (QuaRot's incoherence processing: Q·K and p·V are unchanged, an outlier channel is spread out).
 Prints perplexity, its change against fp32 KV, the bytes a token of one kv head costs (K+V, float32
@@ -51,6 +51,16 @@ def tok_asym(x, g):
     return (np.clip(np.round((s - lo) / sc), 0, 15) * sc + lo).reshape(x.shape)
 
 
+def tok_asym_f16(x, g):
+    """:func:`tok_asym` with the scale and the zero point stored as float16: the pair fits the
+    4 bytes a row's float32 scale takes in kvcl's pools today."""
+    s = _groups(x, g)
+    lo = s.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+    sc = np.maximum((s.max(-1, keepdims=True) - lo) / np.float32(15), EPS)
+    sc = np.maximum(sc.astype(np.float16).astype(np.float32), np.float32(2.0 ** -24))
+    return (np.clip(np.round((s - lo) / sc), 0, 15) * sc + lo).reshape(x.shape)
+
+
 def chan_sym(x):
     """Symmetric per channel over the tokens of one block: x [..., T, D]."""
     sc = np.maximum(np.abs(x).max(-2, keepdims=True) / np.float32(7), EPS)
@@ -81,7 +91,7 @@ def rotated(f):
 
 
 def _tok(kind, g=None):
-    f = tok_sym if kind == "sym" else tok_asym
+    f = {"sym": tok_sym, "asym": tok_asym, "asym-f16": tok_asym_f16}[kind]
     return lambda x: f(x, g or x.shape[-1])
 
 
@@ -95,6 +105,7 @@ SCHEMES = {
     "tok-asym-g32": (_tok("asym", 32), None, _tok("asym", 32), lambda d, b: 2 * (d // 2 + 8 * d // 32)),
     "had-tok-sym": (rotated(_tok("sym")), None, rotated(_tok("sym")), lambda d, b: 2 * (d // 2 + 4)),
     "had-tok-asym": (rotated(_tok("asym")), None, rotated(_tok("asym")), lambda d, b: 2 * (d // 2 + 8)),
+    "had-tok-asym-f16": (rotated(_tok("asym-f16")), None, rotated(_tok("asym-f16")), lambda d, b: 2 * (d // 2 + 4)),
     "had-K-asym/V-sym": (rotated(_tok("asym")), None, rotated(_tok("sym")), lambda d, b: d + 12),
     "had-tok-sym-g32": (rotated(_tok("sym", 32)), None, rotated(_tok("sym", 32)),
                         lambda d, b: 2 * (d // 2 + 4 * d // 32)),
