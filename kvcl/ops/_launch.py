@@ -1,5 +1,5 @@
-"""What every launcher in :mod:`kvcl.ops` shares: the one launch path, queue resolution and
-device-array checks.
+"""What every launcher in :mod:`kvcl.ops` shares: the one launch path, the one read-back path
+(:func:`read_host`, :func:`to_host`), queue resolution and device-array checks.
 
 Every kernel launch in kvcl goes through :func:`enqueue` (or :func:`launch`, one launch). A
 kernel object is shared (:func:`kvcl.runtime.get_kernel` memoizes it per context, device,
