@@ -2,11 +2,16 @@
 //
 // Build-time selection (pass with -D, see kvcl/dtypes.py for the same table in Python):
 //   KV_DTYPE   0 fp32 | 1 fp16 | 2 int8 | 3 fp8_e4m3 | 4 fp8_e5m2 | 5 int4
-//   int4: two codes per byte (KV_PER_ELEM 2): a row of head_dim values is head_dim / 2 bytes,
-//         byte j = (q[2j] + 8) | (q[2j+1] + 8) << 4 with q = clamp(round-half-away(x / scale),
-//         -7, 7), scale = max(absmax / 7, FLT_EPSILON) per (token, kv head) row as float
-//         (INT8_MODE 0 only). kv_load / kv_store address values, not bytes; a store writes the
-//         whole byte of an even/odd pair (kv_store2), so one work-item owns both of its values.
+//   int4: two codes per byte (KV_PER_ELEM 2): a row of head_dim values is head_dim / 2 bytes.
+//         The row x is first rotated, y = H x / sqrt(P) (H the Sylvester Hadamard matrix of
+//         order P, the largest power of two dividing head_dim, applied to each P-block; see
+//         "int4" below), then coded asymmetrically: lo = fp16(min y), sc = fp16(max((max y -
+//         lo) / 15, FLT_EPSILON)), c = clamp(round-half-away((y - lo) / sc), 0, 15), byte j =
+//         c[2j] | c[2j+1] << 4; the row's 4-byte scale slot holds the two fp16 bit patterns,
+//         sc in the low half, lo in the high half (INT8_MODE 0 only). A value reads back as
+//         c * sc + lo in the rotated basis; the rotation is orthonormal and its own inverse, so
+//         decode rotates q instead of K, and its output back. kv_load / kv_store address values,
+//         not bytes; int4_store2 writes the byte of an even/odd pair.
 //   INT8_MODE  0: scale = max(absmax/127, FLT_EPSILON) as float, q = round-half-away(x/scale)
 //                 (kvcl's engine and oxibonsai's QuantizedKvLayer)
 //              1: scale = max(absmax, 1e-8)/127 stored as half, q = round-half-even(x/scale)
@@ -123,23 +128,111 @@ inline char int8_encode(float x, float scale) {
     return (char)clamp(r, -127.0f, 127.0f);
 }
 
+// kvcl_half_bits_to_float(h): IEEE binary16 bits (low 16 bits of h) -> float, the scalar twin of
+// vload_half without the library call: normals by re-biasing the exponent, subnormals as
+// mantissa * 2^-24 (exact), Inf/NaN by forcing the exponent to all ones.
+inline float kvcl_half_bits_to_float(uint h) {
+    const uint e = h & 0x7C00u, m = h & 0x3FFu, sign = (h & 0x8000u) << 16;
+    uint bits = ((h & 0x7FFFu) << 13) + (112u << 23);
+    bits = e == 0x7C00u ? (0x7F800000u | (m << 13)) : bits;
+    const float v = e == 0u ? (float)(int)m * 0x1p-24f : as_float(bits);
+    return as_float(as_uint(v) | sign);
+}
+
 // ---- int4 -------------------------------------------------------------------------------------
+// Why rotate and why asymmetric (tools/kv4_schemes.py, SmolLM2-135M, docs/formats.md): per-row
+// symmetric absmax/7 codes cost +28.5 % perplexity through the bridge, these +5.3 % at the same
+// bytes (36 a row at head_dim 64). The rotation spreads a row's outlier channels over all P
+// values; the minimum lets the 16 codes span the row's range, not twice its largest magnitude.
 
-inline float int4_scale(float absmax) { return fmax(absmax / 7.0f, FLT_EPSILON); }
+#define INT4_MAXABS 65504.0f   // the largest float16: |y| beyond it has no float16 minimum
 
-// the row scale of the selected scaled format (int8 or int4) from the row's absmax
-inline float row_scale(float absmax) {
-#if KV_DTYPE == KV_INT4
-    return int4_scale(absmax);
-#else
-    return int8_scale(absmax);
-#endif
+// float32(1 / sqrt(p)) for p = 2^k, exactly as numpy rounds it: 2^-(k/2), times float32(1/sqrt 2)
+// for odd k (a power-of-two scaling of a correctly rounded constant stays correctly rounded)
+inline float kvcl_had_scale(const int p) {
+    int k = 0;
+    while ((1 << k) < p) ++k;
+    return as_float((127 - k / 2) << 23) * ((k & 1) ? 0x1.6a09e6p-1f : 1.0f);
 }
 
-// the nibble of x: its code q in [-7, 7] plus 8 (offset binary: 1..15)
-inline uint int4_encode(float x, float scale) {
-    return (uint)(int)clamp(round(x / scale), -7.0f, 7.0f) + 8u;
+// x rounded to float16 (nearest even, overflow to Inf) as float, and its bit pattern in *bits
+inline float kvcl_f16_round(const float x, uint *bits) {
+    ushort h;
+    vstore_half_rte(x, 0, (__private half *)&h);
+    *bits = h;
+    return kvcl_half_bits_to_float(h);
 }
+
+// The rotation of a row held in N vectors of W floats (type T, W a power of two dividing the
+// P-block): log2(P) "constant geometry" stages y[i] = x[2i] + x[2i+1], y[i + P/2] = x[2i] -
+// x[2i+1] per P-block, then the 1/sqrt(P) scaling. Each output is the same tree of float adds and
+// subtracts as the in-place butterflies of kvcl_fwht_local (pairs i, i + h for h = 1, 2, .. P/2),
+// so both give the bits of kvcl.reference.quantize.hadamard_rows.
+#define KVCL_DEFINE_FWHT(NAME, T, N, W, P)                                                    \
+inline void NAME(T *x) {                                                                     \
+    const float sc = kvcl_had_scale(P);                                                      \
+    _Pragma("unroll 1")                                                                      \
+    for (int s = 1; s < (P); s <<= 1) {                                                      \
+        if ((P) == (W)) {                                                                    \
+            _Pragma("unroll")                                                                \
+            for (int k = 0; k < (N); ++k) {                                                  \
+                const T a = x[k];                                                            \
+                x[k] = (T)(a.even + a.odd, a.even - a.odd);                                  \
+            }                                                                                \
+        } else {                                                                             \
+            T y[N];                                                                          \
+            _Pragma("unroll")                                                                \
+            for (int b = 0; b < (N); b += (P) / (W)) {                                       \
+                _Pragma("unroll")                                                            \
+                for (int k = 0; k < (P) / (W) / 2; ++k) {                                    \
+                    const T a = x[b + 2 * k], c = x[b + 2 * k + 1];                          \
+                    y[b + k] = (T)(a.even + a.odd, c.even + c.odd);                          \
+                    y[b + k + (P) / (W) / 2] = (T)(a.even - a.odd, c.even - c.odd);          \
+                }                                                                            \
+            }                                                                                \
+            _Pragma("unroll")                                                                \
+            for (int k = 0; k < (N); ++k) x[k] = y[k];                                       \
+        }                                                                                    \
+    }                                                                                        \
+    _Pragma("unroll")                                                                        \
+    for (int k = 0; k < (N); ++k) x[k] *= sc;                                                \
+}
+
+// The same rotation of a row of n floats in local memory by `lanes` work-items (every one of
+// the work-group's work-items calls it: barriers; n, p and lanes uniform), in place.
+inline void kvcl_fwht_local(__local float *row, const int n, const int p, const int lane,
+                            const int lanes) {
+    for (int h = 1; h < p; h <<= 1) {
+        for (int b = lane; b < n / 2; b += lanes) {
+            const int i = (b / h) * 2 * h + (b % h);   // bit h of i clear: i, i + h in one P-block
+            const float x = row[i], y = row[i + h];
+            row[i] = x + y;
+            row[i + h] = x - y;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float sc = kvcl_had_scale(p);
+    for (int i = lane; i < n; i += lanes) row[i] *= sc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+// The code of a rotated value y of a row with minimum lo and scale sc (both float16 values)
+inline uint int4_encode(const float y, const float lo, const float sc) {
+    return (uint)(int)clamp(round((y - lo) / sc), 0.0f, 15.0f);
+}
+
+// The row's (lo, sc) from its rotated minimum and maximum (finite, |.| <= INT4_MAXABS), and the
+// slot word (sc bits | lo bits << 16) for the scale array; a minimum of -0 is stored as +0.
+inline uint int4_params(const float ymin, const float ymax, float *lo, float *sc) {
+    uint lb, sb;
+    *lo = kvcl_f16_round(ymin, &lb);
+    if (lb == 0x8000u) { lb = 0u; *lo = 0.0f; }   // -0 (which of +-0 a min picks varies): +0
+    *sc = kvcl_f16_round(fmax((ymax - *lo) / 15.0f, FLT_EPSILON), &sb);
+    return sb | (lb << 16);
+}
+
+// the row scale of the selected symmetric format (int8) from the row's absmax
+inline float row_scale(float absmax) { return int8_scale(absmax); }
 
 // ---- element access for the selected KV_DTYPE ------------------------------------------------
 // kv_load(p, i): the stored element as float, WITHOUT the row scale (callers fold the scale into
@@ -157,7 +250,7 @@ inline float kv_load(__global const kv_t *p, size_t i) {
 #elif KV_DTYPE == KV_FP8_E4M3
     return fp8_e4m3_decode(p[i]);
 #elif KV_DTYPE == KV_INT4
-    return (float)((int)((p[i >> 1] >> ((i & 1) * 4)) & 0xFu) - 8);
+    return (float)((p[i >> 1] >> ((i & 1) * 4)) & 0xFu);   // the code; c * sc + lo, rotated
 #else
     return fp8_e5m2_decode(p[i]);
 #endif
@@ -179,16 +272,12 @@ inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
 }
 #endif  // KV_DTYPE != KV_INT4
 
-// kv_store2(x0, x1, p, j, scale): encode values 2j and 2j+1 of a row (x0, x1) into its storage;
-// for one-value formats two kv_store calls, for int4 the byte j they share.
-inline void kv_store2(float x0, float x1, __global kv_t *p, size_t j, float scale) {
 #if KV_DTYPE == KV_INT4
-    p[j] = (uchar)(int4_encode(x0, scale) | (int4_encode(x1, scale) << 4));
-#else
-    kv_store(x0, p, 2 * j, scale);
-    kv_store(x1, p, 2 * j + 1, scale);
-#endif
+// int4_store2(y0, y1, p, j, lo, sc): code rotated values 2j and 2j+1 of a row into its byte j
+inline void int4_store2(float y0, float y1, __global kv_t *p, size_t j, float lo, float sc) {
+    p[j] = (uchar)(int4_encode(y0, lo, sc) | (int4_encode(y1, lo, sc) << 4));
 }
+#endif
 
 // ---- inline math for hot loops ----------------------------------------------------------------
 // Some implementations (PoCL 3.0) do not inline their built-in library: every exp2 / vload_half
@@ -250,16 +339,5 @@ inline float8 __attribute__((overloadable)) kvcl_exp2_nonpos(float8 x) { KVCL_EX
 inline float __attribute__((overloadable)) kvcl_exp(float x) { KVCL_EXP_BODY(float, int, as_float, as_int) }
 inline float4 __attribute__((overloadable)) kvcl_exp(float4 x) { KVCL_EXP_BODY(float4, int4, as_float4, as_int4) }
 inline float8 __attribute__((overloadable)) kvcl_exp(float8 x) { KVCL_EXP_BODY(float8, int8, as_float8, as_int8) }
-
-// kvcl_half_bits_to_float(h): IEEE binary16 bits (low 16 bits of h) -> float, the scalar twin of
-// vload_half without the library call: normals by re-biasing the exponent, subnormals as
-// mantissa * 2^-24 (exact), Inf/NaN by forcing the exponent to all ones.
-inline float kvcl_half_bits_to_float(uint h) {
-    const uint e = h & 0x7C00u, m = h & 0x3FFu, sign = (h & 0x8000u) << 16;
-    uint bits = ((h & 0x7FFFu) << 13) + (112u << 23);
-    bits = e == 0x7C00u ? (0x7F800000u | (m << 13)) : bits;
-    const float v = e == 0u ? (float)(int)m * 0x1p-24f : as_float(bits);
-    return as_float(as_uint(v) | sign);
-}
 
 #endif  // KVCL_COMMON_H

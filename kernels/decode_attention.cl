@@ -284,8 +284,8 @@ inline bool row_has_nan(__global const kv_t *p) {
 
 #if KV_DTYPE == KV_INT4
 // Values i * VEC .. i * VEC + VEC - 1 of an int4 row (VEC / 2 bytes, low nibble first) as the
-// codes in [-7, 7], without the row scale: the bytes read as one word, broadcast, each lane
-// shifted to its nibble (value 2j + 1 is bits 8j + 4 .. 8j + 7), masked, converted, minus 8.
+// codes in [0, 15], without the row's scale and minimum: the bytes read as one word, broadcast,
+// each lane shifted to its nibble (value 2j + 1 is bits 8j + 4 .. 8j + 7), masked, converted.
 // Against unpacking the low and the high nibbles as two half vectors and interleaving them
 // (shuffles): see docs/performance.md.
 inline floatV int4v_decode(__global const kv_t *p, int i) {
@@ -300,7 +300,23 @@ inline floatV int4v_decode(__global const kv_t *p, int i) {
     const uint8 sh = (uint8)(0, 4, 8, 12, 16, 20, 24, 28);
     const uint16 u = (uint16)(((uint8)(w.x) >> sh) & 0xFu, ((uint8)(w.y) >> sh) & 0xFu);
 #endif
-    return CVT(AS_INTV(u), floatV) - 8.0f;
+    return CVT(AS_INTV(u), floatV);
+}
+
+// int4 (common.h): a row decodes as c * sc + lo in the rotated basis, so
+//   q . k = sc * (q' . c) + lo * sum(q')     with q' the rotated query (once per work-group),
+//   sum_t p_t v_t = R (sum_t (p_t sc_t) c_t + (sum_t p_t lo_t) 1)
+// : the K scale multiplies the code logit, the K minimum times the row sum of q' is added; the V
+// scale goes into p as int8's does, and sum_t p_t lo_t is one more running sum per query row
+// (rescaled with acc), added to every element before the output is rotated back (before the
+// split-K workspace: the merge is linear). R is int4_fwht below.
+#define HAD_P (HEAD_DIM & -HEAD_DIM)
+KVCL_DEFINE_FWHT(int4_fwht, floatV, NV, VEC, HAD_P)
+
+inline void int4_row_params(__global const scale_t *p, const int i, float *sc, float *lo) {
+    const uint w = ((__global const uint *)p)[i];
+    *sc = kvcl_half_bits_to_float(w & 0xFFFFu);
+    *lo = kvcl_half_bits_to_float(w >> 16);
 }
 #endif
 
@@ -566,6 +582,11 @@ void paged_decode_attention(
     __local floatV vs_locv[CHUNKP / VEC];   // V row scale of each chunk slot (0 when not in range)
     __local float *vs_loc = (__local float *)vs_locv;
 #endif
+#if KV_DTYPE == KV_INT4
+    __local floatV vm_locv[CHUNKP / VEC];   // V row minimum of each chunk slot (0 when not in range)
+    __local float *vm_loc = (__local float *)vm_locv;
+    __local float qsum_loc[ROWS];           // sum of each rotated query row
+#endif
     __local float *q_loc = (__local float *)q_locv;
     __local float *p_loc = (__local float *)p_locv;
     const int lid = get_local_id(0);
@@ -603,6 +624,9 @@ void paged_decode_attention(
 #endif
     floatV acc[HG * ROWS * NV];            // unnormalised output rows
     float m[HG * ROWS], l[HG * ROWS];      // running max (log2 domain) and sum per row
+#if KV_DTYPE == KV_INT4
+    float qsum[HG * ROWS], pm[HG * ROWS];  // sum of the rotated query; sum of p * (V minimum)
+#endif
     for (int h = 0; h < HG; ++h) {
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
@@ -631,6 +655,16 @@ void paged_decode_attention(
 #endif
             m[h * ROWS + r] = -INFINITY;
             l[h * ROWS + r] = 0.0f;
+#if KV_DTYPE == KV_INT4
+            {
+                floatV *qr = q + (h * ROWS + r) * NV;
+                int4_fwht(qr);
+                floatV sv = qr[0];
+                for (int v = 1; v < NV; ++v) sv += qr[v];
+                qsum[h * ROWS + r] = vsum(sv);
+                pm[h * ROWS + r] = 0.0f;
+            }
+#endif
         }
     }
 
@@ -663,6 +697,13 @@ void paged_decode_attention(
         float *vsc = (float *)vsc8;
         #pragma unroll
         for (int j = 0; j < CT8; ++j) vsc8[j] = (float8)(0.0f);
+#endif
+#if KV_DTYPE == KV_INT4
+        float8 vmn8[CT8];                  // V row minimum per token
+        float *vmn = (float *)vmn8;
+        #pragma unroll
+        for (int j = 0; j < CT8; ++j) vmn8[j] = (float8)(0.0f);
+        const float *qsh = qsum + h * ROWS;
 #endif
 #if E4M3_FAST
         bool vnan[CT];                     // the token's V row holds a NaN code
@@ -726,7 +767,12 @@ void paged_decode_attention(
                 for (int r = 0; r < ROWS; ++r) a[2 * r + (v & 1)] += qh[r * NV + v] * kv;
             }
 #endif
-#if KV_HAS_SCALE
+#if KV_DTYPE == KV_INT4
+            float ks, km;
+            int4_row_params(k_scales, row, &ks, &km);
+            int4_row_params(v_scales, row, &vsc[t], &vmn[t]);
+#define LOGIT(x, r) ((x) * ks + km * qsh[r])
+#elif KV_HAS_SCALE
             const float ks = scale_load(k_scales, row);
             vsc[t] = scale_load(v_scales, row);
 #elif E4M3_FAST
@@ -734,6 +780,9 @@ void paged_decode_attention(
             vnan[t] = row_has_nan(v_pool + (size_t)row * KV_ROW);
 #else
             const float ks = 1.0f;
+#endif
+#ifndef LOGIT
+#define LOGIT(x, r) ((x) * ks)
 #endif
             const int tok = tc + t;
             float d[ROWS];                     // the logits of this token
@@ -766,15 +815,16 @@ void paged_decode_attention(
             // no mask (arithmetic alone, pages in cache: fp32 1.05x, int8 1.04x, fp16 1.01x)
             (void)tok;
             #pragma unroll
-            for (r = 0; r < ROWS; ++r) s[r * CT + t] = d[r] * ks;
+            for (r = 0; r < ROWS; ++r) s[r * CT + t] = LOGIT(d[r], r);
 #else
             #pragma unroll
             for (r = 0; r < ROWS; ++r) {
                 const int hi = hi_first + r / GROUP;
                 const int lo = window > 0 ? hi - window : 0;
-                if (tok < hi && tok >= lo) s[r * CT + t] = d[r] * ks;
+                if (tok < hi && tok >= lo) s[r * CT + t] = LOGIT(d[r], r);
             }
 #endif
+#undef LOGIT
         }
 
         // ---- B: online softmax per row ----
@@ -791,10 +841,16 @@ void paged_decode_attention(
             if (mx != -INFINITY) {  // else the row saw nothing yet: p = 2^-inf = 0 below
                 alpha[r] = kvcl_exp2_nonpos(mo - mx);   // mo <= mx
                 float8 sv = (float8)(0.0f);
+#if KV_DTYPE == KV_INT4
+                float8 pmv = (float8)(0.0f);
+#endif
                 #pragma unroll
                 for (int j = 0; j < CT8; ++j) {
                     const float8 p = kvcl_exp2_nonpos(s8[r * CT8 + j] - mx);   // s <= mx
                     sv += p;
+#if KV_DTYPE == KV_INT4
+                    pmv += p * vmn8[j];
+#endif
 #if KV_HAS_SCALE
                     s8[r * CT8 + j] = p * vsc8[j];
 #elif E4M3_FAST
@@ -805,6 +861,9 @@ void paged_decode_attention(
                 }
                 l[h * ROWS + r] = l[h * ROWS + r] * alpha[r] + sum4(sv.lo + sv.hi);
                 m[h * ROWS + r] = mx;
+#if KV_DTYPE == KV_INT4
+                pm[h * ROWS + r] = pm[h * ROWS + r] * alpha[r] + sum4(pmv.lo + pmv.hi);
+#endif
             } else {
                 #pragma unroll
                 for (int j = 0; j < CT8; ++j) s8[r * CT8 + j] = (float8)(0.0f);
@@ -858,6 +917,10 @@ void paged_decode_attention(
             const int qt = r / GROUP;
             if (qt >= n_qt) break;
             const size_t qh = qh0 + (size_t)qt * num_q_heads + h * GROUP + r % GROUP;
+#if KV_DTYPE == KV_INT4
+            for (int v = 0; v < NV; ++v) acc[(h * ROWS + r) * NV + v] += pm[h * ROWS + r];
+            int4_fwht(acc + (h * ROWS + r) * NV);   // back from the rotated basis
+#endif
             const float *ar = (const float *)(acc + (h * ROWS + r) * NV);
             for (int d = 0; d < HEAD_DIM; ++d)
                 store_result(out, ws, acc_offset, num_parts, part, qh, d, ar[d], m[h * ROWS + r], l[h * ROWS + r]);
@@ -893,6 +956,20 @@ void paged_decode_attention(
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int e = lid; e < ROWS * HEAD_DIM; e += WG)
         q_loc[e] = as_float((int)qcode(q_loc[e], qstep_loc[e / HEAD_DIM]));
+#endif
+
+#if KV_DTYPE == KV_INT4
+    // one work-item per row rotates it (private copy) and sums it
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid < ROWS) {
+        floatV qr[NV];
+        for (int v = 0; v < NV; ++v) qr[v] = q_locv[lid * NV + v];
+        int4_fwht(qr);
+        floatV sv = (floatV)(0.0f);
+        for (int v = 0; v < NV; ++v) { q_locv[lid * NV + v] = qr[v]; sv += qr[v]; }
+        qsum_loc[lid] = vsum(sv);
+    }
+    float pm_r = 0.0f;                                  // phase B (lid < ROWS): sum of p * V minimum
 #endif
 
     // fixed roles of this work-item
@@ -950,11 +1027,21 @@ void paged_decode_attention(
                             for (int r = 0; r < ROWS; ++r) s[r] += q_locv[r * NV + v] * kv;
 #endif
                         }
-#if KV_HAS_SCALE
+#if KV_DTYPE == KV_INT4
+                        float ks, km, vsc, vmn;
+                        int4_row_params(k_scales, row, &ks, &km);
+                        int4_row_params(v_scales, row, &vsc, &vmn);
+                        vs_loc[lid] = vsc;
+                        vm_loc[lid] = vmn;
+#define LOGIT(x, r) ((x) * ks + km * qsum_loc[r])
+#elif KV_HAS_SCALE
                         const float ks = scale_load(k_scales, row);
                         vs_loc[lid] = scale_load(v_scales, row);
 #else
                         const float ks = 1.0f;
+#endif
+#ifndef LOGIT
+#define LOGIT(x, r) ((x) * ks)
 #endif
                         #pragma unroll
                         for (int r = 0; r < ROWS; ++r) {
@@ -963,9 +1050,10 @@ void paged_decode_attention(
 #if INT8_DOT
                             p_loc[r * CHUNKP + lid] = (tok < hi && tok >= lo) ? (float)isum(s[r]) * qsc_loc[r] * ks : -INFINITY;
 #else
-                            p_loc[r * CHUNKP + lid] = (tok < hi && tok >= lo) ? vsum(s[r]) * ks : -INFINITY;
+                            p_loc[r * CHUNKP + lid] = (tok < hi && tok >= lo) ? LOGIT(vsum(s[r]), r) : -INFINITY;
 #endif
                         }
+#undef LOGIT
                         row_loc[lid] = row;
                     } else {
                         #pragma unroll
@@ -973,6 +1061,9 @@ void paged_decode_attention(
                         row_loc[lid] = -1;
 #if KV_HAS_SCALE
                         vs_loc[lid] = 0.0f;
+#endif
+#if KV_DTYPE == KV_INT4
+                        vm_loc[lid] = 0.0f;
 #endif
                     }
                 }
@@ -990,9 +1081,15 @@ void paged_decode_attention(
                     } else {
                         alpha = kvcl_exp2(m_r - mx);
                         floatV sv = (floatV)(0.0f);
+#if KV_DTYPE == KV_INT4
+                        floatV pmv = (floatV)(0.0f);
+#endif
                         for (int j = 0; j < CHUNKP / VEC; ++j) {
                             const floatV pv = kvcl_exp2(pr[j] - mx);
                             sv += pv;
+#if KV_DTYPE == KV_INT4
+                            pmv += pv * vm_locv[j];
+#endif
 #if KV_HAS_SCALE
                             pr[j] = pv * vs_locv[j];
 #else
@@ -1000,6 +1097,9 @@ void paged_decode_attention(
 #endif
                         }
                         sum = vsum(sv);
+#if KV_DTYPE == KV_INT4
+                        pm_r = pm_r * alpha + vsum(pmv);
+#endif
                     }
                     l_r = l_r * alpha + sum;
                     m_r = mx;
@@ -1057,6 +1157,15 @@ void paged_decode_attention(
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
+#if KV_DTYPE == KV_INT4
+    if (lid < ROWS) {   // + sum p * V minimum, then back from the rotated basis
+        floatV ar[NV];
+        for (int v = 0; v < NV; ++v) ar[v] = q_locv[lid * NV + v] + pm_r;
+        int4_fwht(ar);
+        for (int v = 0; v < NV; ++v) q_locv[lid * NV + v] = ar[v];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+#endif
     for (int e = lid; e < ROWS * HEAD_DIM; e += WG) {
         const int r = e / HEAD_DIM, d = e - r * HEAD_DIM;
         const int qt = r / GROUP, g = r - qt * GROUP;

@@ -80,14 +80,15 @@
 
 #define HALF_DIM (HEAD_DIM / 2)
 #define KV_ROW (HEAD_DIM / KV_PER_ELEM)  // pool elements of one (token, kv head) row
-// int4 packs elements 2i and 2i+1 into byte i: a work-item holding the interleaved pair (2p, 2p+1)
-// owns byte p; half-split pairs (p, p + HEAD_DIM/2) lie in two bytes shared with other pairs, so
-// the row is staged in local memory and each work-item then packs its bytes from there.
-#if KV_DTYPE == KV_INT4 && ROPE != ROPE_INTERLEAVED
+// int4 rotates a K/V row (common.h) before coding it: the row is staged in local memory after
+// norm and RoPE, rotated there by the row's LX work-items (kvcl_fwht_local), its min / max /
+// range reduced, and each work-item packs its bytes (elements 2p, 2p+1) from there.
+#if KV_DTYPE == KV_INT4
 #define INT4_STAGE 1
 #else
 #define INT4_STAGE 0
 #endif
+#define HAD_P (HEAD_DIM & -HEAD_DIM)      // int4's rotation order
 #define NPAIR ((HALF_DIM + LX - 1) / LX)  // pairs per work-item
 #if HALF_DIM % LX == 0
 #define IN_ROW(p) 1
@@ -328,6 +329,20 @@ void paged_write(
         }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
+    kvcl_fwht_local(stage, HEAD_DIM, HAD_P, lx, LX);
+    float ylo = INFINITY, yhi = -INFINITY, ybad = 0.0f;   // NaN: not in ylo/yhi, in ybad
+    for (int i = lx; i < HEAD_DIM; i += LX) {
+        const float y = stage[i];
+        ylo = fmin(ylo, y);
+        yhi = fmax(yhi, y);
+        ybad = fabs(y) <= INT4_MAXABS ? ybad : 1.0f;
+    }
+#if LX > 1
+    ylo = -row_max(red, res, lx, -ylo);
+    yhi = row_max(red, res, lx, yhi);
+    ybad = row_max(red, res, lx, ybad);
+#endif
+    m = ybad != 0.0f ? INFINITY : 0.0f;   // refused below like a non-finite row
 #endif
 
     if (!active) return;  // after the last barrier
@@ -351,6 +366,15 @@ void paged_write(
     const int block = slot / block_size;
     const size_t row = ((size_t)block * nkv + h) * block_size + (slot - block * block_size);
     __global kv_t *pool = kind == ROW_K ? k_pool : v_pool;
+#if KV_DTYPE == KV_INT4  // byte p: rotated elements 2p, 2p+1 (HEAD_DIM/2 bytes, as many as pairs)
+    float lo, sc;
+    const uint word = int4_params(ylo, yhi, &lo, &sc);
+    if (lx == 0) ((__global uint *)(kind == ROW_K ? k_scales : v_scales))[row] = word;
+    for (int j = 0; j < NPAIR; ++j) {
+        const int p = lx + j * LX;
+        if (IN_ROW(p)) int4_store2(stage[2 * p], stage[2 * p + 1], pool, row * KV_ROW + p, lo, sc);
+    }
+#else
     float scale = 1.0f;
 #if KV_HAS_SCALE
     scale = row_scale(m);
@@ -362,16 +386,11 @@ void paged_write(
     for (int j = 0; j < NPAIR; ++j) {
         const int p = lx + j * LX;
         if (IN_ROW(p)) {
-#if INT4_STAGE  // byte p: elements 2p, 2p+1 (HEAD_DIM/2 bytes, as many as pairs)
-            kv_store2(stage[2 * p], stage[2 * p + 1], pool, row * KV_ROW + p, scale);
-#elif KV_DTYPE == KV_INT4  // interleaved pairs: (a, b) are elements 2p, 2p+1
-            kv_store2(a[j], b[j], pool, row * KV_ROW + p, scale);
-#else
             kv_store(a[j], pool, row * KV_ROW + LO(p), scale);
             kv_store(b[j], pool, row * KV_ROW + HI(p), scale);
-#endif
         }
     }
+#endif
 }
 
 // =============================================================================================
@@ -487,12 +506,14 @@ inline uint rv_hmax(const rv_u *pv) {
 // for |r| < 2^23, i = trunc(r) is exact and so is f = r - i (|f| < 1), hence
 //   round-half-away(r) = i + (f >= 0.5) - (f <= -0.5)
 //   rint(r)            = i + (f > 0.5 || f == 0.5 && i odd) - (f < -0.5 || f == -0.5 && i odd)
-// Here |r| <= absmax / scale <= QMAX·(1 + 2^-22), so i is in range; the clamp keeps +-QMAX
-// (127 for int8, 7 for int4, whose INT8_MODE is always 0).
+// Here |r| <= absmax / scale <= QMAX·(1 + 2^-22) (int8; int4 codes (y - lo) / sc <= 15·(1 + 2^-10)),
+// so i is in range; the clamp keeps [QLO, QHI] (int8 +-127, int4 0..15, its INT8_MODE always 0).
 #if KV_DTYPE == KV_INT4
-#define QMAX 7
+#define QLO 0
+#define QHI 15
 #else
-#define QMAX 127
+#define QLO (-127)
+#define QHI 127
 #endif
 inline void rv_code_encode(const rv_f *x, float scale, rv_i *codes) {  // by pointer: see rv_hsum
     const rv_f r = *x / scale;                  // correctly rounded (build option), as in numpy
@@ -504,17 +525,17 @@ inline void rv_code_encode(const rv_f *x, float scale, rv_i *codes) {  // by poi
 #else
     i = i - (f >= 0.5f) + (f <= -0.5f);        // comparisons give -1 (true) / 0 per element
 #endif
-    i = i > QMAX ? (rv_i)(QMAX) : i;
-    i = i < -QMAX ? (rv_i)(-QMAX) : i;
+    i = i > QHI ? (rv_i)(QHI) : i;
+    i = i < QLO ? (rv_i)(QLO) : i;
     *codes = i;
 }
 #endif
 
 #if KV_DTYPE == KV_INT4
-// Vector x[j] of RV elements as its RV/2 int4 bytes: (q[2i] + 8) | (q[2i+1] + 8) << 4.
+// Vector x[j] of RV codes as its RV/2 int4 bytes: c[2i] | c[2i+1] << 4.
 #if RV == 2
 typedef uchar rv_b;
-#define RV_PACK(c) ((uchar)(((c).even + 8) | (((c).odd + 8) << 4)))
+#define RV_PACK(c) ((uchar)((c).even | ((c).odd << 4)))
 #else
 #if RV == 4
 typedef uchar2 rv_b;
@@ -523,8 +544,27 @@ typedef uchar4 rv_b;
 #else
 typedef uchar8 rv_b;
 #endif
-#define RV_PACK(c) RV_CONVERT(((c).even + 8) | (((c).odd + 8) << 4), rv_b)
+#define RV_PACK(c) RV_CONVERT((c).even | ((c).odd << 4), rv_b)
 #endif
+
+KVCL_DEFINE_FWHT(rv_fwht, rv_f, RV_N, RV, HAD_P)   // the row's rotation, in registers
+
+// the smallest and the largest element of the row (NaN ignored: the range check sees it)
+inline void rv_minmax(const rv_f *x, float *lo, float *hi) {
+    rv_f vl = x[0], vh = x[0];
+    for (int j = 1; j < RV_N; ++j) {
+        vl = x[j] < vl ? x[j] : vl;
+        vh = x[j] > vh ? x[j] : vh;
+    }
+    const float *el = (const float *)&vl, *eh = (const float *)&vh;
+    float l = el[0], h = eh[0];
+    for (int i = 1; i < RV; ++i) {
+        l = el[i] < l ? el[i] : l;
+        h = eh[i] > h ? eh[i] : h;
+    }
+    *lo = l;
+    *hi = h;
+}
 #endif
 
 __kernel __attribute__((reqd_work_group_size(1, ROWS, 1)))
@@ -599,6 +639,12 @@ void paged_write_rows(
         return;
     }
 
+#if KV_DTYPE == KV_INT4
+    rv_fwht(x);   // rotate first: the range check and the codes are of the rotated row
+    const uint limit = 0x477fe000u;   // INT4_MAXABS: beyond it no float16 minimum (NaN, Inf too)
+#else
+    const uint limit = 0x7f7fffffu;   // the largest finite float
+#endif
     // absmax as the largest |x| bit pattern: NaN and +-Inf have the largest ones (>= 0x7f800000)
     rv_u mb = RV_CAT(as_uint, RV)(x[0]) & 0x7fffffffu;
     for (int j = 1; j < RV_N; ++j) {
@@ -606,7 +652,7 @@ void paged_write_rows(
         mb = b > mb ? b : mb;
     }
     const uint mbits = rv_hmax(&mb);
-    if (mbits >= 0x7f800000u) {  // non-finite K/V row: leave the slot as it was, tell the caller
+    if (mbits > limit) {  // non-finite (int4: or out of range) K/V row: leave the slot as it was
         atomic_or(status, STATUS_NONFINITE);
         return;
     }
@@ -636,21 +682,24 @@ void paged_write_rows(
     }
 #endif
 #elif KV_DTYPE == KV_INT4
-    const float scale = int4_scale(as_float(mbits));
-    SCALE_STORE(scale, kind == ROW_K ? k_scales : v_scales, row);
+    float ylo, yhi, lo, sc;
+    rv_minmax(x, &ylo, &yhi);
+    ((__global uint *)(kind == ROW_K ? k_scales : v_scales))[row] = int4_params(ylo, yhi, &lo, &sc);
 #if RV == 16 && RV_N % 2 == 0  // 16-byte stores, as int8 above
     __global uchar16 *dst = (__global uchar16 *)(pool + row * KV_ROW);
     for (int j = 0; j < RV_N; j += 2) {
+        const rv_f y0 = x[j] - lo, y1 = x[j + 1] - lo;
         rv_i c0, c1;
-        rv_code_encode(&x[j], scale, &c0);
-        rv_code_encode(&x[j + 1], scale, &c1);
+        rv_code_encode(&y0, sc, &c0);
+        rv_code_encode(&y1, sc, &c1);
         RV_STORE((uchar16)(RV_PACK(c0), RV_PACK(c1)), dst + j / 2);
     }
 #else
     __global rv_b *dst = (__global rv_b *)(pool + row * KV_ROW);
     for (int j = 0; j < RV_N; ++j) {
+        const rv_f y = x[j] - lo;
         rv_i c;
-        rv_code_encode(&x[j], scale, &c);
+        rv_code_encode(&y, sc, &c);
         RV_STORE(RV_PACK(c), dst + j);
     }
 #endif

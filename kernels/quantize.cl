@@ -21,11 +21,15 @@
 // per (dtype, mode) serves every head size.
 // Every `*_base` argument is an element offset into its buffer (a pyopencl array's byte offset
 // divided by the element size, plus the first row times its elements: head_dim, int4 head_dim/2),
-// so views of a larger pool work. int4 (two values per byte) needs an even head_dim.
+// so views of a larger pool work. int4 (two values per byte) needs an even head_dim; it rotates
+// its rows (common.h), so quantize_rows stages each row in local memory and dequantize_rows
+// decodes one row per work-item (launched over num_rows, not total, work-items).
 // Requirements on the launch: local size (lanes, rows_per_group) with lanes a power of two,
 // scratch holding lanes * rows_per_group floats; global size (lanes, round_up(num_rows, rows_per_group)).
 // With a row scale, head_dim may be 0: the row's absmax is 0 and its scale is the floor.
 #include "common.h"
+
+#pragma OPENCL FP_CONTRACT OFF  // int4: c * sc + lo rounded twice, as kvcl.reference computes it
 
 #ifndef FP8_ROW_SCALE
 #define FP8_ROW_SCALE 0
@@ -64,6 +68,47 @@ __kernel void quantize_rows(
     __global const float *src = x + x_base + (size_t)row * head_dim;
     const size_t dst = out_base + (size_t)row * (head_dim / KV_PER_ELEM);
 
+#if KV_DTYPE == KV_INT4
+    // int4: the row is staged in local memory (scratch holds rows_per_group x (head_dim + lanes)
+    // floats), rotated there (kvcl_fwht_local), then its min, max and absmax-bits are reduced
+    // and every lane codes its bytes. A row int4 cannot store (a rotated value non-finite or
+    // beyond +-65504) gets codes 0 and sc = lo = NaN: it decodes as NaN.
+    __local float *y = scratch + get_local_id(1) * (head_dim + lanes);
+    __local float *partial = y + head_dim;
+    for (uint i = lane; i < head_dim; i += lanes) y[i] = active ? src[i] : 0.0f;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    kvcl_fwht_local(y, (int)head_dim, (int)(head_dim & (0u - head_dim)), (int)lane, (int)lanes);
+    float lo_v = INFINITY, hi_v = -INFINITY;
+    uint bad = 0;
+    for (uint i = lane; i < head_dim; i += lanes) {
+        lo_v = fmin(lo_v, y[i]);
+        hi_v = fmax(hi_v, y[i]);
+        bad |= !(fabs(y[i]) <= INT4_MAXABS);
+    }
+    float red[3] = {lo_v, hi_v, (float)bad};
+    for (int k = 0; k < 3; ++k) {
+        partial[lane] = red[k];
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (uint s = lanes / 2; s > 0; s >>= 1) {
+            if (lane < s)
+                partial[lane] = k == 0 ? fmin(partial[lane], partial[lane + s]) : fmax(partial[lane], partial[lane + s]);
+            barrier(CLK_LOCAL_MEM_FENCE);
+        }
+        red[k] = partial[0];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (!active) return;   // after the last barrier
+    __global uint *slot = (__global uint *)(scales + scales_base) + row;
+    if (red[2] != 0.0f) {
+        for (uint j = lane; j < head_dim / 2; j += lanes) out[dst + j] = 0;
+        if (lane == 0) *slot = 0x7E007E00u;   // fp16 NaN in both halves
+        return;
+    }
+    float lo, sc;
+    const uint word = int4_params(red[0], red[1], &lo, &sc);
+    if (lane == 0) *slot = word;
+    for (uint j = lane; j < head_dim / 2; j += lanes) int4_store2(y[2 * j], y[2 * j + 1], out, dst + j, lo, sc);
+#else
 #if ROW_SCALED
     __local float *partial = scratch + get_local_id(1) * lanes;
     float m = 0.0f;
@@ -88,14 +133,11 @@ __kernel void quantize_rows(
     // kv_store's fp8 encoders ignore its scale argument: the value is divided here.
     if (active)
         for (uint i = lane; i < head_dim; i += lanes) kv_store(src[i] / scale, out, dst + i, scale);
-#elif KV_DTYPE == KV_INT4
-    // one work-item per byte: values 2j and 2j + 1 (head_dim is even)
-    if (active)
-        for (uint j = lane; j < head_dim / 2; j += lanes) kv_store2(src[2 * j], src[2 * j + 1], out, dst + j, scale);
 #else
     if (active)
         for (uint i = lane; i < head_dim; i += lanes) kv_store(src[i], out, dst + i, scale);
 #endif
+#endif  // KV_DTYPE == KV_INT4
 }
 
 __kernel void dequantize_rows(
@@ -108,11 +150,38 @@ __kernel void dequantize_rows(
     const uint head_dim,
     const ulong total)               // num_rows * head_dim
 {
+#if KV_DTYPE == KV_INT4
+    // one work-item per row: c * sc + lo into the row of out, then rotated back in place there
+    // (the butterflies of kvcl_fwht_local in the same order, one work-item doing all of them)
+    const size_t r = get_global_id(0);
+    if (r >= total / head_dim) return;
+    const uint word = ((__global const uint *)(scales + scales_base))[r];
+    const float sc = kvcl_half_bits_to_float(word & 0xFFFFu), lo = kvcl_half_bits_to_float(word >> 16);
+    __global const kv_t *src = data + data_base + r * (head_dim / 2);
+    __global float *y = out + out_base + r * head_dim;
+    for (uint j = 0; j < head_dim / 2; ++j) {
+        const uint b = src[j];
+        y[2 * j] = (float)(b & 0xFu) * sc + lo;
+        y[2 * j + 1] = (float)(b >> 4) * sc + lo;
+    }
+    const uint p = head_dim & (0u - head_dim);
+    for (uint h = 1; h < p; h <<= 1) {
+        for (uint b = 0; b < head_dim / 2; ++b) {
+            const uint i = (b / h) * 2 * h + (b % h);
+            const float x0 = y[i], x1 = y[i + h];
+            y[i] = x0 + x1;
+            y[i + h] = x0 - x1;
+        }
+    }
+    const float hs = kvcl_had_scale((int)p);
+    for (uint i = 0; i < head_dim; ++i) y[i] *= hs;
+#else
     const size_t i = get_global_id(0);
     if (i >= total) return;
-    float v = kv_load(data + data_base, i);   // value i from the first row (int4: half a byte)
+    float v = kv_load(data + data_base, i);   // value i from the first row
 #if ROW_SCALED
     v *= SCALE_LOAD(scales + scales_base, i / head_dim);
 #endif
     out[out_base + i] = v;
+#endif
 }

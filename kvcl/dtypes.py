@@ -13,10 +13,13 @@ int8       int8       float32     symmetric absmax per (token, kv head) row:
 fp8_e4m3   uint8      none        OCP E4M3 ("fn": no infinities), saturating at ±448,
                                   round to nearest even, subnormals kept
 fp8_e5m2   uint8      none        OCP E5M2, saturating at ±57344, round to nearest even
-int4       uint8      float32     two codes per byte, symmetric absmax per (token, kv head) row:
-                                  ``scale = max(absmax / 7, FLT_EPSILON)``,
-                                  ``q = clamp(round_half_away(x / scale), -7, 7)``; byte ``j`` of
-                                  a row holds ``q[2j] + 8`` (low nibble) and ``q[2j+1] + 8``
+int4       uint8      2 x fp16    two codes per byte of the row rotated by the Hadamard matrix
+                                  (``y = H x / sqrt(P)``, P the largest power of two dividing
+                                  head_dim), asymmetric: ``lo = fp16(min y)``,
+                                  ``sc = fp16(max((max y - lo) / 15, FLT_EPSILON))``,
+                                  ``c = clamp(round_half_away((y - lo) / sc), 0, 15)``; byte ``j``
+                                  holds ``c[2j]`` (low nibble) and ``c[2j+1]``; the row's float32
+                                  scale slot holds the bits of ``sc`` (low half) and ``lo``
 =========  =========  ==========  ============================================================
 
 ``KV_DTYPES`` are the formats of the cache engine, the bridge and every kernel family.
@@ -36,7 +39,7 @@ class KvDtype:
     name: str
     code: int  # the KV_DTYPE define seen by the kernels (kernels/common.h)
     storage: np.dtype  # element type of the pool buffers
-    has_scale: bool  # one float32 scale per (token, kv head) row
+    has_scale: bool  # one float32 scale slot per (token, kv head) row (int4: two float16)
     codes_per_elem: int = 1  # KV values per storage element (int4: two per byte)
 
     @property
@@ -52,7 +55,7 @@ class KvDtype:
         """Refuse an ``int8_mode`` the format has no kernel for: int4 has one scale convention."""
         if self.codes_per_elem > 1 and int8_mode != INT8_MODE_AWAY:
             raise InvalidArgument(f"int8_mode: {self.name} has one scale convention ({INT8_MODE_AWAY}), got "
-                                  f"{int8_mode}: float32 scales max(absmax/7, FLT_EPSILON), round half away")
+                                  f"{int8_mode}: a float16 scale and minimum per rotated row")
 
     def row_bytes(self, head_dim: int) -> int:
         """Bytes one (token, kv head) row of K (or V) occupies, scale included."""

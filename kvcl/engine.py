@@ -34,7 +34,7 @@ from .ops._launch import element_base, read_host, to_host
 from .paging import PagedBookkeeping, StepPlan
 from .runtime import Device, resolve_device
 from .step import StaleStepError, Step, inline_max_work
-from .validate import check_array, check_float, check_int, is_device_array
+from .validate import check_array, check_float, check_int, check_int4_range, is_device_array
 
 if TYPE_CHECKING:  # pragma: no cover
     from .stepcalls import StepCalls
@@ -53,7 +53,8 @@ class PagedKVCache:
     dtype : {"fp32", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4"}
         Storage of K and V (see :mod:`kvcl.dtypes`). int8 keeps one float32 scale per
         (token, kv head), ``max(absmax / 127, FLT_EPSILON)``, rounding half away from zero;
-        int4 packs two codes a byte with ``max(absmax / 7, FLT_EPSILON)`` scales.
+        int4 rotates each row by a Hadamard matrix and packs two codes 0..15 a byte, its
+        float16 scale and minimum in the row's 4-byte scale slot.
     device : kvcl.Device or str, optional
         Default: :func:`kvcl.default_device`.
     enable_prefix_caching : bool
@@ -351,9 +352,10 @@ class PagedKVCache:
         layer : int
         step : Step
         keys, values : float32 [step.num_tokens, num_kv_heads, head_dim]
-            numpy arrays (checked finite before anything is written) or
-            ``pyopencl.array.Array`` on this cache's context (a non-finite row is left
-            unwritten and the next synchronising call raises :class:`kvcl.NonFiniteError`).
+            numpy arrays (checked finite, and for int4 within its range, before anything is
+            written) or ``pyopencl.array.Array`` on this cache's context (a non-finite or, int4,
+            out-of-range row is left unwritten and the next synchronising call raises
+            :class:`kvcl.NonFiniteError`).
         """
         with self._lock:
             layer = self._check_layer(layer)
@@ -361,6 +363,9 @@ class PagedKVCache:
             shape = (step.num_tokens, self.num_kv_heads, self.head_dim)
             check_array("keys", keys, shape=shape, dtype=np.float32, context=self.device.context, finite=True)
             check_array("values", values, shape=shape, dtype=np.float32, context=self.device.context, finite=True)
+            if self.dtype.codes_per_elem > 1:
+                check_int4_range("keys", keys)
+                check_int4_range("values", values)
             if step.num_tokens == 0:
                 return
             (kb, k0), (vb, v0) = self._input("keys", keys), self._input("values", values)
@@ -549,8 +554,8 @@ class PagedKVCache:
         self._main()
         self._status.fill(0)
         raise NonFiniteError(
-            "keys/values: a device-array write held NaN or Inf; those rows were not written "
-            "(the cache kept their previous contents)")
+            "keys/values: a device-array write held NaN or Inf (int4: or a rotated value beyond "
+            "±65504); those rows were not written (the cache kept their previous contents)")
 
     def synchronize(self) -> None:
         """Wait for queued work; raise any error the kernels recorded since the last check."""

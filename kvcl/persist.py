@@ -20,13 +20,18 @@ from .paging import PagedBookkeeping
 __all__ = ["save_cache", "load_cache"]
 
 KIND = "kvcl.PagedKVCache"
+# int4's stored format: 2 = rotated rows, asymmetric codes, float16 scale + minimum (files from
+# before it, per-row symmetric codes, carry no such field and are refused: their bytes would
+# decode wrongly)
+INT4_FORMAT = 2
 
 
 def _config(cache) -> dict:
     return {"num_layers": cache.num_layers, "num_kv_heads": cache.num_kv_heads,
             "head_dim": cache.head_dim, "num_blocks": cache.num_blocks,
             "block_size": cache.block_size, "dtype": cache.dtype.name,
-            "enable_prefix_caching": cache._book.prefix_index is not None}
+            "enable_prefix_caching": cache._book.prefix_index is not None,
+            **({"int4_format": INT4_FORMAT} if cache.dtype.name == "int4" else {})}
 
 
 def save_cache(cache, path) -> int:
@@ -51,6 +56,11 @@ def load_cache(cls, path, device: Any = None):
         raise archive.ArchiveError(f"{path}: holds {meta.get('kind')!r}, not a {KIND}")
     cfg = meta["config"]
     dt = kv_dtype(cfg["dtype"])
+    if dt.name == "int4" and cfg.get("int4_format") != INT4_FORMAT:
+        raise archive.ArchiveError(
+            f"{path}: int4 format {cfg.get('int4_format', 1)} (per-row symmetric codes, before "
+            f"kvcl's rotated int4) is not readable by this kvcl (int4 format {INT4_FORMAT}); "
+            "rebuild the cache and save it again")
     pool_shape = [cfg["num_blocks"], cfg["num_kv_heads"], cfg["block_size"], dt.row_elems(cfg["head_dim"])]
     expected = {}
     for layer in range(cfg["num_layers"]):

@@ -108,3 +108,27 @@ def check_float(name: str, value: Any, *, finite: bool = True) -> float:
     if finite and not np.isfinite(value):
         raise NonFiniteError(f"{name}: expected a finite float, got {value}")
     return value
+
+
+def check_int4_range(name: str, x: Any) -> None:
+    """int4 stores a row's rotated minimum as float16: refuse a numpy row whose rotated values
+    pass ±65504 (device arrays are checked by the kernels: the row is skipped, the status set).
+
+    Cheap bound first: ``|y_i| <= sqrt(P) * max|x|`` (P the rotation order), so only rows above
+    ``65504 / sqrt(P)`` are rotated to be checked exactly.
+    """
+    if not isinstance(x, np.ndarray) or not x.size:
+        return
+    from .reference.quantize import INT4_MAXABS, hadamard_block, int4_out_of_range
+    d = x.shape[-1]
+    limit = float(INT4_MAXABS) / np.sqrt(hadamard_block(d))
+    if float(np.abs(x).max()) <= limit:
+        return
+    rows = x.reshape(-1, d)
+    suspects = np.flatnonzero(np.abs(rows).max(axis=1) > limit)
+    bad = suspects[int4_out_of_range(rows[suspects])]
+    if len(bad):
+        idx = tuple(int(i) for i in np.unravel_index(bad[0], x.shape[:-1]))
+        raise OutOfRangeError(f"{name}: int4 stores each row rotated with a float16 minimum; row {idx} "
+                              f"has a rotated value beyond ±65504 (max |x| {float(np.abs(rows[bad[0]]).max()):.6g})")
+

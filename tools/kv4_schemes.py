@@ -12,8 +12,8 @@ Per-channel K schemes quantise a block of ``--block`` tokens once it is full, wi
 zero point) per channel for the block, and keep the newest, unfilled block in float32 (KIVI's
 residual); the other schemes quantise each token's row when it is written, as kvcl's int4 does.
 
-Schemes: ``tok-sym`` is kvcl's ``int4`` today (symmetric absmax/7 per (token, kv head) row, codes
-±7); ``-gN`` uses one scale per N channels of a row; ``asym`` codes 0..15 between the min and the
+Schemes: ``tok-sym`` was kvcl's first ``int4`` (symmetric absmax/7 per (token, kv head) row, codes
+±7; ``had-tok-asym-f16`` is what ``int4`` stores now); ``-gN`` uses one scale per N channels of a row; ``asym`` codes 0..15 between the min and the
 max (scale and zero point; ``-f16`` stores the two as float16, in a float32 scale's 4 bytes); ``chan`` K per channel within a block (V as the name's second half);
 ``had`` rotates each row by the orthonormal Hadamard matrix before quantising and back after
 (QuaRot's incoherence processing: Q·K and p·V are unchanged, an outlier channel is spread out).

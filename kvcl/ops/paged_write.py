@@ -131,7 +131,7 @@ def _kernel(context: cl.Context, device: cl.Device, defines: dict, head_dim: int
     if _force_config is not None:
         lx, rows, tree = _force_config
     else:
-        stage = defines["KV_DTYPE"] == _INT4.code and rope != "interleaved"
+        stage = defines["KV_DTYPE"] == _INT4.code   # int4 rotates its rows in local memory
         lx, rows = launch_config(device, head_dim, num_rows, stage)
         # CPUs: one barrier and a serial sum beat a halving loop of barriers (TREE_REDUCE)
         tree = 0 if work_items_are_threads(device) else 1
@@ -253,7 +253,7 @@ def paged_write_qkv(qkv, slot_mapping, positions, k_pool, v_pool, q_out, *, num_
     int8_mode : {0, 1}
         0: float32 scales ``max(absmax/127, FLT_EPSILON)``, round half away from zero (kvcl);
         1: fp16 scales ``max(absmax, 1e-8)/127``, round half to even (ferrum's KvInt8).
-        int4: 0 only (``max(absmax/7, FLT_EPSILON)``, codes clamped to ±7).
+        int4: 0 only (rotated rows, codes 0..15, float16 scale and minimum: :mod:`kvcl.dtypes`).
     k_scales, v_scales : Array, shape ``[num_blocks, num_kv_heads, block_size]``
         int8 and int4 only (required then): float32 for ``int8_mode`` 0, uint16 fp16 bits for 1.
         One scale per (token, kv head) row, from the row's absmax after norm and RoPE.

@@ -46,11 +46,17 @@ def _as_rows(name: str, arr, head_dim: int | None = None, per_elem: int = 1) -> 
     return int(np.prod(arr.shape[:-1], dtype=np.int64)), d
 
 
+_INT4_MAX_HEAD_DIM = 4096   # quantize_rows stages an int4 row in local memory (16 KiB)
+
+
 def _check_int4(dt, int8_mode: int, head_dim: int, name: str) -> None:
-    """int4: the one scale convention (int8_mode 0) and an even head_dim."""
+    """int4: the one scale convention (int8_mode 0), an even head_dim, one that local memory holds."""
     dt.check_int8_mode(int8_mode)
     if dt.codes_per_elem > 1 and head_dim % 2:
         raise ShapeError(f"{name}: int4 packs two values per byte; head_dim must be even, got {head_dim}")
+    if dt.codes_per_elem > 1 and head_dim > _INT4_MAX_HEAD_DIM:
+        raise ShapeError(f"{name}: int4 rotates rows in local memory; head_dim must be <= "
+                         f"{_INT4_MAX_HEAD_DIM}, got {head_dim}")
 
 
 def _scale_dtypes(dt, int8_mode: int) -> tuple:
@@ -129,7 +135,8 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
         float32. Written at the same rows as ``out``; refused for the other cases.
     kv_dtype : str or KvDtype
         ``"fp32"``, ``"fp16"``, ``"int8"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"int4"``
-        (``scale = max(absmax/7, FLT_EPSILON)``, codes in [-7, 7], see :mod:`kvcl.dtypes`).
+        (rows rotated, codes 0..15 between the row's minimum and maximum, the scale and the
+        minimum as two float16 in the float32 scale slot; see :mod:`kvcl.dtypes`).
     int8_mode : int
         0: ``scale = max(absmax/127, FLT_EPSILON)`` (float32), round half away from zero
         (kvcl's engine, oxibonsai). 1: ``scale = max(absmax, 1e-8)/127`` stored as fp16,
@@ -188,6 +195,10 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
 
     kernel = get_kernel(context, _SOURCE, "quantize_rows", _program_defines(dt, int8_mode, fp8_row_scale))
     lanes, rows_per_group = _launch_shape(kernel, queue.device, num_rows, head_dim)
+    scratch = lanes
+    if dt.codes_per_elem > 1:   # int4 stages its rows: head_dim + lanes floats each, <= 32 KiB in all
+        scratch = head_dim + lanes
+        rows_per_group = max(1, min(rows_per_group, 8192 // scratch))
     groups = -(-num_rows // rows_per_group)
     scale_buf, scale_base = None, 0
     if scales is not None:
@@ -196,7 +207,7 @@ def quantize_rows(x, out, *, scales=None, kv_dtype, int8_mode: int = 0, out_row_
             out.base_data, np.uint64(element_base(out) + out_row_offset * dt.row_elems(head_dim)),
             scale_buf, np.uint64(scale_base),
             np.uint32(num_rows), np.uint32(head_dim),
-            cl.LocalMemory(4 * lanes * rows_per_group))
+            cl.LocalMemory(4 * scratch * rows_per_group))
     return launch(queue, kernel, (lanes, groups * rows_per_group), (lanes, rows_per_group), args,
                   wait_for)
 
@@ -265,8 +276,9 @@ def dequantize_rows(data, out, *, scales=None, kv_dtype, int8_mode: int = 0, row
     if scales is not None:
         scale_buf, scale_base = scales.base_data, element_base(scales) + row_offset
     local = 64
+    items = num_rows if dt.codes_per_elem > 1 else total   # int4: one work-item per row
     args = (data.base_data, np.uint64(element_base(data) + row_offset * dt.row_elems(head_dim)),
             scale_buf, np.uint64(scale_base),
             out.base_data, np.uint64(element_base(out)),
             np.uint32(head_dim), np.uint64(total))
-    return launch(queue, kernel, (-(-total // local) * local,), None, args, wait_for)
+    return launch(queue, kernel, (-(-items // local) * local,), None, args, wait_for)

@@ -8,7 +8,8 @@ never normed or rotated. All maths in float32, written for clarity, not speed.
 
 ``status[0]`` bits (set, never cleared, exactly as the kernel sets them):
 
-* bit 0 (``STATUS_NONFINITE``): a K or V row held NaN/Inf after norm and RoPE; that row was
+* bit 0 (``STATUS_NONFINITE``): a K or V row held NaN/Inf after norm and RoPE (int4: or a
+  rotated value beyond ±65504, see :func:`kvcl.reference.quantize.int4_out_of_range`); that row was
   not written (its slot keeps its old bytes; the other rows of the token are written);
 * bit 1 (``STATUS_BAD_SLOT``): a slot ``>= num_blocks · block_size``; the token's K and V were
   not written (Q was);
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtypes import INT8_MODE_AWAY, kv_dtype
-from .quantize import encode_kv
+from .quantize import encode_kv, int4_out_of_range
 
 ROPE_MODES = ("none", "half", "interleaved")
 
@@ -97,7 +98,9 @@ def _scatter(rows: np.ndarray, slot_mapping: np.ndarray, ok: np.ndarray, pool: n
         block, offset = divmod(int(slot_mapping[t]), block_size)
         for h in range(rows.shape[1]):
             row = rows[t, h]
-            if not np.all(np.isfinite(row)):
+            refused = (int4_out_of_range(row) if kv_dtype_name == "int4" else
+                       not np.all(np.isfinite(row)))
+            if refused:
                 status[0] |= STATUS_NONFINITE
                 continue
             data, scale = encode_kv(row, kv_dtype_name, int8_mode=int8_mode)

@@ -152,43 +152,110 @@ def dequantize_int8_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 # ---- int4 ---------------------------------------------------------------------------------------
+# Rotated asymmetric codes (kernels/common.h, "int4"): y = hadamard_rows(x); per row
+# lo = fp16(min y), sc = fp16(max((max y - lo) / 15, FLT_EPSILON)), c = clip(round_half_away(
+# (y - lo) / sc), 0, 15), byte j = c[2j] | c[2j+1] << 4, and the row's float32 scale slot holds the
+# bits fp16(sc) | fp16(lo) << 16 (a minimum of -0 stored as +0).
 
-def int4_scale(absmax: np.ndarray) -> np.ndarray:
-    """``max(absmax / 7, FLT_EPSILON)`` in float32, the scale of each int4 row."""
-    absmax = np.asarray(absmax, dtype=np.float32)
-    return np.maximum(absmax / np.float32(7.0), FLT_EPSILON).astype(np.float32)
+INT4_MAXABS = np.float32(65504.0)  # |y| beyond the largest float16 has no float16 minimum
 
 
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """Codes in [-7, 7] (last axis even) to bytes: ``(q[2j] + 8) | (q[2j+1] + 8) << 4``."""
-    n = (np.asarray(q, dtype=np.int16) + 8).astype(np.uint8)
+def hadamard_block(head_dim: int) -> int:
+    """P, the order of int4's rotation: the largest power of two dividing ``head_dim``."""
+    return head_dim & -head_dim if head_dim else 1
+
+
+def hadamard_rows(x: np.ndarray) -> np.ndarray:
+    """int4's rotation of each row (last axis): ``H x / sqrt(P)`` per P-block, float32.
+
+    In-place butterflies ``(x_i, x_{i+h}) -> (x_i + x_{i+h}, x_i - x_{i+h})`` for h = 1, 2, ..
+    P/2 over indices i with bit h clear, then the scaling by float32(1 / sqrt(P)): the kernels'
+    operations in the same order, so the bits match. Orthonormal and symmetric: its own inverse
+    (up to float32 rounding).
+    """
+    x = np.array(x, dtype=np.float32)
+    d = x.shape[-1]
+    p = hadamard_block(d)
+    lead = x.shape[:-1]
+    h = 1
+    with np.errstate(invalid="ignore", over="ignore"):
+        while h < p:
+            v = x.reshape(lead + (d // (2 * h), 2, h))
+            a, b = v[..., 0, :], v[..., 1, :]
+            x = np.stack((a + b, a - b), axis=-2).reshape(lead + (d,))
+            h *= 2
+        return (x * np.float32(1.0 / np.sqrt(p))).astype(np.float32)
+
+
+def pack_int4(c: np.ndarray) -> np.ndarray:
+    """Codes in [0, 15] (last axis even) to bytes: ``c[2j] | c[2j+1] << 4``."""
+    n = np.asarray(c).astype(np.uint8)
     return (n[..., 0::2] | (n[..., 1::2] << 4)).astype(np.uint8)
 
 
 def unpack_int4(b: np.ndarray) -> np.ndarray:
-    """Bytes back to codes (int8, last axis doubled): the inverse of :func:`pack_int4`."""
+    """Bytes back to codes (uint8 in [0, 15], last axis doubled): the inverse of :func:`pack_int4`."""
     b = np.asarray(b, dtype=np.uint8)
-    q = np.empty(b.shape[:-1] + (2 * b.shape[-1],), dtype=np.int8)
-    q[..., 0::2] = (b & 0xF).astype(np.int8) - 8
-    q[..., 1::2] = (b >> 4).astype(np.int8) - 8
-    return q
+    c = np.empty(b.shape[:-1] + (2 * b.shape[-1],), dtype=np.uint8)
+    c[..., 0::2] = b & 0xF
+    c[..., 1::2] = b >> 4
+    return c
+
+
+def int4_slot(sc: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """The float32 scale slot holding fp16 ``sc`` (low half) and fp16 ``lo`` (high half)."""
+    bits = fp16_encode(sc).astype(np.uint32) | (fp16_encode(lo).astype(np.uint32) << 16)
+    return bits.view(np.float32)
+
+
+def int4_params(slot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sc, lo)`` float32 of each row from its scale slot (the inverse of :func:`int4_slot`)."""
+    bits = np.ascontiguousarray(slot, dtype=np.float32).view(np.uint32)
+    return (fp16_decode((bits & 0xFFFF).astype(np.uint16)),
+            fp16_decode((bits >> 16).astype(np.uint16)))
+
+
+def int4_out_of_range(x: np.ndarray) -> np.ndarray:
+    """Which rows int4 cannot store: a rotated value non-finite or beyond ±65504 (bool [...])."""
+    x = np.asarray(x, dtype=np.float32)
+    if not x.shape[-1]:
+        return np.zeros(x.shape[:-1], bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return ~(np.abs(hadamard_rows(x)).max(-1) <= INT4_MAXABS)
 
 
 def quantize_int4_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric absmax int4 per row (last axis, even): ``(packed uint8 [..., d/2], scale float32)``."""
+    """int4 rows (last axis, even): ``(packed uint8 [..., d/2], scale slots float32 [...])``.
+
+    A row int4 cannot store (:func:`int4_out_of_range`) gets codes 0 and a scale slot of two
+    float16 NaN (it decodes as NaN), as ``kvcl.ops.quantize.quantize_rows`` stores it; the fused
+    write refuses such rows instead.
+    """
     x = np.asarray(x, dtype=np.float32)
     if x.shape[-1] % 2:
         raise ValueError(f"int4 packs two values per byte; head_dim must be even, got {x.shape[-1]}")
-    scale = int4_scale(np.max(np.abs(x), axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32))
-    with np.errstate(invalid="ignore"):
-        r = round_half_away((x / scale[..., None]).astype(np.float32))
-    return pack_int4(np.clip(r, -7, 7)), scale
+    y = hadamard_rows(x)
+    if not y.shape[-1]:
+        zero = np.zeros(x.shape[:-1], np.float32)
+        return np.zeros(x.shape[:-1] + (0,), np.uint8), int4_slot(np.maximum(zero, FLT_EPSILON), zero)
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo = y.min(-1).astype(np.float16).astype(np.float32) + np.float32(0)   # -0 -> +0
+        sc = np.maximum(((y.max(-1) - lo) / np.float32(15)).astype(np.float32), FLT_EPSILON)
+        sc = sc.astype(np.float16).astype(np.float32)
+        r = round_half_away(((y - lo[..., None]) / sc[..., None]).astype(np.float32))
+        c = np.nan_to_num(np.clip(r, 0, 15))
+        bad = ~(np.abs(y).max(-1) <= INT4_MAXABS)
+    c = np.where(bad[..., None], 0, c)
+    bits = np.where(bad, np.uint32(0x7E007E00), int4_slot(sc, lo).view(np.uint32)).astype(np.uint32)
+    return pack_int4(c), bits.view(np.float32)
 
 
-def dequantize_int4_rows(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``code * scale`` per row (float32, last axis ``2 * b.shape[-1]``)."""
-    scale = np.asarray(scale, dtype=np.float32)
-    return (unpack_int4(b).astype(np.float32) * scale[..., None]).astype(np.float32)
+def dequantize_int4_rows(b: np.ndarray, slot: np.ndarray, *, rotated: bool = False) -> np.ndarray:
+    """Stored rows back to float32: ``c * sc + lo`` (the rotated basis with ``rotated=True``),
+    rotated back by :func:`hadamard_rows` otherwise."""
+    sc, lo = int4_params(slot)
+    y = (unpack_int4(b).astype(np.float32) * sc[..., None] + lo[..., None]).astype(np.float32)
+    return y if rotated else hadamard_rows(y)
 
 
 # ---- any KV dtype -------------------------------------------------------------------------------

@@ -211,6 +211,46 @@ def test_load_refuses_a_file_whose_arrays_disagree_with_its_config(device, tmp_p
         PagedKVCache.load(path, device=device)
 
 
+
+def test_load_refuses_an_int4_file_of_the_old_format(device, tmp_path):
+    """int4 files from before the rotated format (no ``int4_format`` in the config) would decode
+    wrongly: refused, naming the format."""
+    from kvcl import archive
+    cache = PagedKVCache(1, 2, 16, num_blocks=4, block_size=4, dtype="int4", device=device)
+    path = tmp_path / "c.kvcl"
+    cache.save(path)
+    assert PagedKVCache.load(path, device=device).snapshot() == cache.snapshot()
+    meta, arrays = archive.read_archive(path)
+    del meta["config"]["int4_format"]
+    archive.write_archive(path, meta, arrays)
+    with pytest.raises(archive.ArchiveError, match=r"int4 format 1 .*rebuild the cache"):
+        PagedKVCache.load(path, device=device)
+
+
+def test_int4_refuses_rows_beyond_its_float16_minimum(device):
+    """head_dim 64: a row of 8000s rotates to (64000, 0, ..): stored; 8300s to 66400, past the
+    largest float16: numpy input refused before anything is written, a device row skipped."""
+    import pyopencl.array as cla
+    cache = PagedKVCache(1, 2, 64, num_blocks=4, block_size=4, dtype="int4", device=device)
+    s = cache.add_sequence()
+    step = cache.plan([s], [3])
+    k = np.zeros((3, 2, 64), np.float32)
+    k[1, 1] = 8000.0
+    cache.write(0, step, k, k)
+    np.testing.assert_allclose(cache.read(0, s)[0][1, 1], 8000.0, rtol=1e-3)
+    before = cache.snapshot()
+    k[1, 1] = 8300.0
+    with pytest.raises(kvcl.OutOfRangeError, match=r"keys: int4 .* row \(1, 1\) .*65504"):
+        cache.write(0, step, k, np.zeros_like(k))
+    assert cache.snapshot() == before
+    cache.write(0, step, cla.to_device(device.queue, k), cla.to_device(device.queue, np.ones_like(k)))
+    with pytest.raises(kvcl.NonFiniteError, match="int4: or a rotated value beyond"):
+        cache.synchronize()
+    got_k, got_v = cache.read(0, s)
+    np.testing.assert_allclose(got_k[1, 1], 8000.0, rtol=1e-3)   # the refused row kept its bytes
+    np.testing.assert_allclose(got_v[1, 1], 1.0, rtol=1e-3)      # the rest of the call was written
+
+
 # ---- refusals change nothing -------------------------------------------------------------------
 
 def _busy_cache(device, dtype="int8"):

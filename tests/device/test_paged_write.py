@@ -16,7 +16,7 @@ import pytest
 import kvcl
 import kvcl.ops.paged_write as pw
 from kvcl.reference import paged_write as ref
-from kvcl.reference.quantize import decode_kv
+from kvcl.reference.quantize import decode_kv, dequantize_int4_rows, int4_params
 from kvcl.runtime import work_items_are_threads
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -143,8 +143,12 @@ def assert_matches(case, got, want, *, exact):
             continue
         gs = None if got[scales] is None else got[scales][mask]
         ws = None if want[scales] is None else want[scales][mask]
-        gd = decode_kv(g[mask], gs, case["kv_dtype"]).astype(np.float64)
-        wd = decode_kv(w[mask], ws, case["kv_dtype"]).astype(np.float64)
+        if case["kv_dtype"] == "int4":   # compared in the rotated basis, where the codes live
+            gd = dequantize_int4_rows(g[mask], gs, rotated=True).astype(np.float64)
+            wd = dequantize_int4_rows(w[mask], ws, rotated=True).astype(np.float64)
+        else:
+            gd = decode_kv(g[mask], gs, case["kv_dtype"]).astype(np.float64)
+            wd = decode_kv(w[mask], ws, case["kv_dtype"]).astype(np.float64)
         rowmax = np.max(np.abs(wd), axis=-1, keepdims=True)
         err = np.abs(gd - wd)
         dt = case["kv_dtype"]
@@ -159,9 +163,12 @@ def assert_matches(case, got, want, *, exact):
             tol = np.maximum(sg, sw) * 1.0001 + 127 * np.abs(sg - sw)
             _record(name + " (in steps)", (err / np.maximum(sw, 1e-30)).max())
         elif dt == "int4":
-            sg, sw = gs[..., None].astype(np.float64), ws[..., None].astype(np.float64)
-            assert np.all(np.abs(sg - sw) <= 1e-5 * sw), f"{scales}: scales differ"
-            tol = np.maximum(sg, sw) * 1.0001 + 7 * np.abs(sg - sw)
+            (sg, lg), (sw, lw) = [(a[..., None].astype(np.float64), b[..., None].astype(np.float64))
+                                  for a, b in (int4_params(gs), int4_params(ws))]
+            # the float16 scale and minimum: at most one float16 step apart (inputs within 1e-5)
+            assert np.all(np.abs(sg - sw) <= 2.0**-10 * np.abs(sw)), f"{scales}: scales differ"
+            assert np.all(np.abs(lg - lw) <= 2.0**-10 * np.abs(lw) + 2.0**-24), f"{scales}: minimums differ"
+            tol = np.maximum(np.abs(sg), np.abs(sw)) * 1.0001 + 15 * np.abs(sg - sw) + np.abs(lg - lw)
             _record(name + " (in steps)", (err / np.maximum(sw, 1e-30)).max())
         else:
             man, sub = _ULP[dt]
@@ -276,7 +283,7 @@ def test_cpu_devices_use_the_row_kernel(device):
 
 def _tricky_rows(rng, head_dim, qmax=127):
     """Rows whose x / scale land on, and one ulp either side of, every rounding boundary of a
-    symmetric ``qmax`` code (127: int8, 7: int4)."""
+    symmetric ``qmax`` code (127: int8)."""
     rows = []
     k = np.arange(-qmax, qmax, dtype=np.float32)
     top = np.nextafter(np.float32(qmax), np.float32(0))
@@ -303,6 +310,39 @@ def _tricky_rows(rng, head_dim, qmax=127):
     return np.stack(rows).astype(np.float32)
 
 
+def _tricky_rows_int4(rng, head_dim=64):
+    """Rows whose rotated values y land on, and 2^-10 of a step either side of, every rounding
+    boundary of int4's codes: y = r * sc + lo with sc = 2^e, lo = -7 sc (float16-exact, and the
+    row's min and max at r = 0 and 15, so the kernel finds this sc and lo), r multiples of 2^-10.
+    The rows are x = H y / 8 (head_dim 64: P = 64, 1/sqrt(P) = 1/8 exact), which the rotation maps
+    back to y exactly: every sum involved needs < 24 significant bits."""
+    assert head_dim == 64
+    h = np.ones((1, 1))
+    while h.shape[0] < head_dim:
+        h = np.block([[h, h], [h, -h]])
+    k = np.arange(15, dtype=np.float64)
+    vals = np.concatenate([k + 0.5, k, [15.0]])
+    vals = np.concatenate([vals, vals + 2.0**-10, vals - 2.0**-10])
+    vals = vals[(vals >= 0) & (vals <= 15)]
+    rng.shuffle(vals)
+    body = head_dim - 2
+    rows = []
+    for i in range(0, len(vals), body):
+        c = np.pad(vals[i:i + body], (0, body - len(vals[i:i + body])), constant_values=7.0)
+        r = np.concatenate([[0.0, 15.0], c])
+        rng.shuffle(r)
+        sc = 2.0 ** (i // body % 7 - 3)
+        rows.append(h @ (r * sc - 7 * sc) / 8)
+    for _ in range(6):   # random rows: codes anywhere, scales and minimums wherever they fall
+        rows.append(rng.standard_normal(head_dim) * rng.uniform(1e-3, 30))
+    rows.append(np.zeros(head_dim))                                   # scale floor, all zeros
+    rows.append(rng.standard_normal(head_dim) * 1e-7)                 # scale FLT_EPSILON
+    rows.append(np.full(head_dim, 8000.0))                            # rotated max 64000: in range
+    out = np.stack(rows).astype(np.float32)
+    assert np.array_equal(out[:-9].astype(np.float64), np.stack(rows[:-9]))   # exact in float32
+    return out
+
+
 @pytest.mark.parametrize("kernel", ["auto", "rows2", "rows8", "rows16", "workgroup"])
 @pytest.mark.parametrize("kv_dtype,int8_mode", [("int8", 0), ("int8", 1), ("int4", 0)])
 def test_rounding_boundaries_exact(device, monkeypatch, kv_dtype, int8_mode, kernel):
@@ -313,7 +353,7 @@ def test_rounding_boundaries_exact(device, monkeypatch, kv_dtype, int8_mode, ker
         monkeypatch.setattr(pw, "_force_config", (1, 4, 1))
     rng = np.random.default_rng(17 + int8_mode)
     D = 64
-    rows = _tricky_rows(rng, D, 127 if kv_dtype == "int8" else 7)
+    rows = _tricky_rows(rng, D) if kv_dtype == "int8" else _tricky_rows_int4(rng, D)
     Hkv = 2
     T = -(-len(rows) // Hkv)
     rows = np.concatenate([rows, np.zeros((T * Hkv - len(rows), D), np.float32)])

@@ -393,27 +393,35 @@ def test_fp8_row_scale_bad_input_is_refused_before_anything_is_written(device):
 # ---- int4: the packing and its refusals -----------------------------
 
 def test_int4_packs_two_codes_per_byte_low_nibble_first(device):
+    """By hand, head_dim 4 (rotation order 4, 1/sqrt(4) = 1/2 exact): x = H y / 2 for
+    y = (0, 15, 3.5, 7.25), so the kernel's rotation gives y back, min 0 and max 15: scale 1,
+    minimum 0, codes (0, 15, 4, 7) (3.5 rounds half away), bytes (0 | 15 << 4, 4 | 7 << 4)."""
     q = device.queue
-    x = cla.to_device(q, np.array([[7, -7, 3.5, -3.5, 0, 1, -1, 2.4]], np.float32))  # absmax 7: scale 1
-    data, scales = cla.empty(q, (1, 4), np.uint8), cla.empty(q, (1,), np.float32)
+    x = cla.to_device(q, np.array([[12.875, -9.375, 2.125, -5.625]], np.float32))
+    data, scales = cla.empty(q, (1, 2), np.uint8), cla.empty(q, (1,), np.float32)
     quantize_rows(x, data, scales=scales, kv_dtype="int4").wait()
-    codes = [7, -7, 4, -4, 0, 1, -1, 2]                   # round half away from zero
-    assert scales.get().tolist() == [1.0]
-    assert data.get().tolist() == [[(codes[2 * j] + 8) | (codes[2 * j + 1] + 8) << 4 for j in range(4)]]
-    out = cla.empty(q, (1, 8), np.float32)
+    assert scales.get().view(np.uint32).tolist() == [0x3C00]          # fp16 1.0 | fp16 0.0 << 16
+    assert data.get().tolist() == [[0 | 15 << 4, 4 | 7 << 4]]
+    out = cla.empty(q, (1, 4), np.float32)
     dequantize_rows(data, out, scales=scales, kv_dtype="int4").wait()
-    assert out.get().tolist() == [[float(c) for c in codes]]
+    assert out.get().tolist() == [[13.0, -9.0, 2.0, -6.0]]           # H (0, 15, 4, 7) / 2
 
 
 def test_int4_ramp_error_is_at_most_half_a_step(device):
+    """In the rotated basis every value is within half a step of its code (plus the minimum's
+    float16 rounding); the rotation is orthonormal, so the row's error norm is the same."""
     q = device.queue
     ramp = np.stack([np.linspace(-1, 1, 128) * (h + 1) * 3.7 for h in range(8)]).astype(np.float32)
     data, scales = cla.empty(q, (8, 64), np.uint8), cla.empty(q, (8,), np.float32)
     quantize_rows(cla.to_device(q, ramp), data, scales=scales, kv_dtype="int4").wait()
     out = cla.empty(q, (8, 128), np.float32)
     dequantize_rows(data, out, scales=scales, kv_dtype="int4").wait()
-    step = np.abs(ramp).max(axis=1) / 7
-    assert np.all(np.abs(out.get() - ramp).max(axis=1) <= step / 2 * (1 + 1e-6))
+    sc, lo = ref.int4_params(scales.get())
+    y, got = ref.hadamard_rows(ramp), ref.hadamard_rows(out.get())
+    bound = sc / 2 * (1 + 1e-3) + np.maximum(lo - y.min(axis=1), 0) + 1e-5 * np.abs(y).max(axis=1)
+    assert np.all(np.abs(got - y).max(axis=1) <= bound)
+    err = np.linalg.norm(out.get() - ramp, axis=1)
+    assert np.all(err <= np.linalg.norm(got - y, axis=1) * (1 + 1e-4) + 1e-5)
 
 
 def test_int4_refusals_name_the_argument_and_write_nothing(device):
