@@ -18,6 +18,7 @@ import pyopencl.array as cla
 from ..ops import turboquant as ops
 from ..reference import turboquant as ref
 from ..runtime import Device, resolve_device
+from ..ops._launch import to_host
 
 _U64 = 2**64
 _INITIAL_TOKENS = 16
@@ -108,7 +109,7 @@ class DeviceCodes:
         ops.matvec_rows(rotated, self.projections, projected, num_heads=heads)
         ops.attention_scores(self.codes, self.radii, self.signs, self.norms, self.angle_table,
                              rotated, projected, out, num_tokens=n)
-        return out.get()
+        return to_host(out)
 
     def decode(self, kind: int) -> np.ndarray:
         """``Rᵀ·polar_decode`` of every stored key (kind 0) or value (1): [length, num_heads, d]."""
@@ -120,7 +121,7 @@ class DeviceCodes:
         ops.polar_decode(self.codes, self.radii, self.angle_table, polar, kind=kind, num_tokens=n)
         ops.matvec_rows(polar.reshape(n * heads, d), self.rotations, out, num_heads=heads,
                         transpose=True)
-        return out.get().reshape(n, heads, d)
+        return to_host(out).reshape(n, heads, d)
 
     def read(self, kind: int):
         """The stored codes of kind 0 (keys) or 1 (values), each [length, num_heads, ...], as a
@@ -133,5 +134,5 @@ class DeviceCodes:
                               np.zeros((0, heads, pairs), np.float32),
                               np.zeros((0, heads, ref.sign_bytes(c.projections)), np.uint8),
                               np.zeros((0, heads), np.float32))
-        return TurboCodes(*(arr[:n].get()[:, kind] for arr in
+        return TurboCodes(*(to_host(arr[:n])[:, kind] for arr in
                             (self.codes, self.radii, self.signs, self.norms)))

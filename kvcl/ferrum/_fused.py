@@ -13,6 +13,7 @@ from ..ops import paged_write as write_ops
 from ..ops import write_checks as checks
 from ..validate import is_device_array
 from . import _io
+from ..ops._launch import to_host
 
 
 def write(kind, layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, num_q_heads, pos_offset,
@@ -64,7 +65,7 @@ def write(kind, layer, qkv, q_norm_w, k_norm_w, cos, sin, q_out, tokens, num_q_h
         k_scales=k_scales, v_scales=v_scales, cos=tables["cos"], sin=tables["sin"],
         q_norm_weight=weights["q"], k_norm_weight=weights["k"], eps=eps, rope=rope,
         status=status, queue=layer.device.queue)
-    code = int(status.get()[0])
+    code = int(to_host(status)[0])
     if code & write_ops.STATUS_NONFINITE:
         raise NonFiniteError("qkv: a K or V row was NaN/Inf after norm and RoPE; that row was "
                              "not written (its slot kept its previous contents)")

@@ -19,6 +19,7 @@ from ..errors import (
     ShapeError,
 )
 from ..validate import check_array, is_device_array
+from ..ops._launch import to_host
 
 _F32 = np.dtype(np.float32)
 
@@ -80,7 +81,7 @@ def finish_output(dev: cla.Array, target: Any, given: Any):
     """What an operation returns: the filled numpy ``out``, a new numpy array, or the device array."""
     if target is None:
         return given if given is not None else dev
-    result = dev.get()
+    result = to_host(dev)
     if isinstance(target, np.ndarray):
         np.copyto(target, result.reshape(target.shape))
         return target
@@ -97,7 +98,7 @@ def read_block_table(layer, first_block: int, last_block: int, num_pool_blocks: 
     Read back from the device (a small blocking copy) because that is what a kernel would
     follow; ferrum trusts it and writes out of bounds when an entry is past the pool.
     """
-    table = layer.block_table.get()
+    table = to_host(layer.block_table)
     needed = table[first_block:last_block + 1].astype(np.int64)
     bad = np.flatnonzero(needed >= num_pool_blocks)
     if bad.size:

@@ -30,6 +30,7 @@ from ..runtime import resolve_device
 from ..validate import check_array, check_float, check_int, is_device_array
 from . import _fused, _io
 from .layer import AttnConfig, KvCache, KvCacheQuant, KvDtypeUnsupported
+from ..ops._launch import to_host
 
 __all__ = ["QK_MODES", "KvBf16", "KvDtypeKind", "KvFp8", "KvFp16", "KvInt8", "KvLayer"]
 
@@ -301,7 +302,7 @@ class KvLayer(KvDtypeKind):
         for i, b in enumerate(ids.tolist()):
             check_int(f"block_ids[{i}]", b, low=0, high=limit)
         if len(ids):
-            table = layer.block_table.get()
+            table = to_host(layer.block_table)
             table[:len(ids)] = ids.astype(np.uint32)
             layer.block_table.set(table)
         layer.paged_block_indices[:] = [int(b) for b in ids]

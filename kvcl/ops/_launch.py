@@ -219,7 +219,10 @@ def read_host(queue: cl.CommandQueue, host: np.ndarray, buf: cl.Buffer, *, src_o
 
 def to_host(arr) -> np.ndarray:
     """A C-contiguous device array's contents (``arr.get()``, through :func:`read_host`)."""
-    return read_host(arr.queue, np.empty(arr.shape, arr.dtype), arr.base_data, src_offset=arr.offset)
+    host = np.empty(arr.shape, arr.dtype)
+    if not host.size:   # a zero-size array has no buffer to copy from
+        return host
+    return read_host(arr.queue, host, arr.base_data, src_offset=arr.offset)
 
 
 # ---- argument checks shared by the launchers ---------------------------------------------------

@@ -16,6 +16,7 @@ import pyopencl.array as cla
 from ..errors import DtypeError, ShapeError
 from ..runtime import Device
 from ..validate import check_array, check_int, is_device_array
+from ..ops._launch import to_host
 
 
 def upload(device: Device, host: np.ndarray) -> cla.Array:
@@ -102,7 +103,7 @@ def read_all(source: cla.Array | None, shape: tuple, dtype) -> np.ndarray:
     """The whole array on the host (zero-size arrays have no buffer)."""
     if source is None or source.size == 0:
         return np.zeros(shape, dtype=dtype)
-    return source.get()
+    return to_host(source)
 
 
 def index(name: str, value, length: int) -> int:

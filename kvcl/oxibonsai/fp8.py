@@ -22,6 +22,7 @@ from ..runtime import Device, resolve_device
 from ..validate import check_array, check_int
 from . import _device
 from .kv_cache_quant import FLT_EPSILON, CapacityExceeded, position_index, token_rows
+from ..ops._launch import to_host
 
 __all__ = ["FP8_E4M3_MAX", "FP8_E5M2_MAX", "Fp8KvCache", "Fp8KvFormat", "Fp8KvLayer"]
 
@@ -231,7 +232,7 @@ class Fp8KvLayer:
         out = self._device.alloc((h, d), np.float32, what="the dequantized row", zero=True)
         dequantize_rows(data, out, scales=scales, kv_dtype=self._format.kv_dtype, fp8_row_scale=True,
                         row_offset=pos * h, num_rows=h)
-        return out.get().reshape(-1)
+        return to_host(out).reshape(-1)
 
     def get_key(self, pos: int) -> np.ndarray:
         """Decoded keys of every head at ``pos``.

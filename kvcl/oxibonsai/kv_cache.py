@@ -12,6 +12,7 @@ from ..ops.blocks import extract_positions, inject_positions
 from ..runtime import Device, resolve_device
 from ..validate import check_int
 from . import _device
+from ..ops._launch import to_host
 
 __all__ = ["KvCache", "KvCachePolicy"]
 
@@ -335,7 +336,7 @@ class KvCache:
         out_values = self._device.alloc(shape, np.float32, what="extract_block output values", zero=True)
         extract_positions(self._keys[layer], start_pos, block_size, out_keys)
         extract_positions(self._values[layer], start_pos, block_size, out_values)
-        return out_keys.get().reshape(-1), out_values.get().reshape(-1)
+        return to_host(out_keys).reshape(-1), to_host(out_values).reshape(-1)
 
     def inject_block(self, layer: int, start_pos: int, block_size: int, keys, values) -> None:
         """Write a block produced by :meth:`extract_block` back at ``start_pos``.

@@ -18,6 +18,7 @@ from ..ops.quantize import dequantize_rows, quantize_rows
 from ..runtime import Device, resolve_device
 from ..validate import check_array, check_float, check_int, is_device_array
 from . import _device
+from ..ops._launch import to_host
 
 __all__ = [
     "FLT_EPSILON",
@@ -164,7 +165,7 @@ def quantize_row_i8(row, *, device: Device | str | None = None) -> tuple[np.ndar
     scale = dev.alloc((1,), np.float32, what="the vector's scale", zero=True)
     quantize_rows(_device.upload(dev, x.reshape(1, -1)), q, scales=scale, kv_dtype="int8",
                   int8_mode=INT8_MODE_AWAY)
-    return q.get().reshape(-1), float(scale.get()[0])
+    return to_host(q).reshape(-1), float(to_host(scale)[0])
 
 
 def _dequantize_on_device(q: np.ndarray, scale: float, device) -> np.ndarray:
@@ -175,7 +176,7 @@ def _dequantize_on_device(q: np.ndarray, scale: float, device) -> np.ndarray:
     dequantize_rows(_device.upload(dev, q.reshape(1, -1)), out,
                     scales=_device.upload(dev, np.array([scale], np.float32)),
                     kv_dtype="int8", int8_mode=INT8_MODE_AWAY)
-    return out.get().reshape(-1)
+    return to_host(out).reshape(-1)
 
 
 def _int8_vector(name: str, quantized) -> np.ndarray:
@@ -392,7 +393,7 @@ class QuantizedKvLayer:
         out = self._device.alloc((num_rows, self._head_dim), np.float32, what="the dequantized rows", zero=True)
         dequantize_rows(data, out, scales=scales, kv_dtype="int8", int8_mode=INT8_MODE_AWAY,
                         row_offset=first_row, num_rows=num_rows)
-        return out.get().reshape(-1)
+        return to_host(out).reshape(-1)
 
     def _check_pos_head(self, token_pos, head) -> tuple[int, int]:
         pos = position_index(token_pos, self._len)
