@@ -89,15 +89,7 @@ inline int isum(iacc_t v) {
 
 #if defined(HAVE_SHUFFLE) && (IDOT_X86 || VEC == 8)
 // the int twin of vsum4x8: the sums of four int8 at once
-inline int4 isum4x8(int8 x0, int8 x1, int8 x2, int8 x3) {
-    const int8 t01 = __builtin_shufflevector(x0, x1, 0, 8, 1, 9, 4, 12, 5, 13)
-                   + __builtin_shufflevector(x0, x1, 2, 10, 3, 11, 6, 14, 7, 15);
-    const int8 t23 = __builtin_shufflevector(x2, x3, 0, 8, 1, 9, 4, 12, 5, 13)
-                   + __builtin_shufflevector(x2, x3, 2, 10, 3, 11, 6, 14, 7, 15);
-    const int8 u = __builtin_shufflevector(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13)
-                 + __builtin_shufflevector(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
-    return u.lo + u.hi;
-}
+DEFINE_SUM4X8(isum4x8, int8, int4)   // decode_attention.cl
 #define HAVE_ISUM4 1
 #endif
 
