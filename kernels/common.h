@@ -238,7 +238,7 @@ inline float row_scale(float absmax) { return int8_scale(absmax); }
 // kv_load(p, i): the stored element as float, WITHOUT the row scale (callers fold the scale into
 // the logit or the probability; see decode_attention.cl).
 // kv_store(x, p, i, scale): encode x (a real value) into element i; for int8 `scale` is the row's
-// float scale, ignored otherwise. Not for int4 (two values per byte): kv_store2 below.
+// float scale, ignored otherwise. Not for int4 (two values per byte): int4_store2 below.
 
 inline float kv_load(__global const kv_t *p, size_t i) {
 #if KV_DTYPE == KV_FP32
@@ -256,7 +256,7 @@ inline float kv_load(__global const kv_t *p, size_t i) {
 #endif
 }
 
-#if KV_DTYPE != KV_INT4   // int4 stores two values per byte: kv_store2 only
+#if KV_DTYPE != KV_INT4   // int4 stores two values per byte: int4_store2 only
 inline void kv_store(float x, __global kv_t *p, size_t i, float scale) {
 #if KV_DTYPE == KV_FP32
     p[i] = x;
