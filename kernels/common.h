@@ -142,7 +142,8 @@ inline float kvcl_half_bits_to_float(uint h) {
 // ---- int4 -------------------------------------------------------------------------------------
 // Why rotate and why asymmetric (tools/kv4_schemes.py, SmolLM2-135M, docs/formats.md): per-row
 // symmetric absmax/7 codes cost +28.5 % perplexity through the bridge, these +5.3 % at the same
-// bytes (36 a row at head_dim 64). The rotation spreads a row's outlier channels over all P
+// bytes (36 a row at head_dim 64), +0.61 % with each query's own token read from float32
+// (kvcl/ops/decode_attention.py, `fresh`). The rotation spreads a row's outlier channels over all P
 // values; the minimum lets the 16 codes span the row's range, not twice its largest magnitude.
 
 #define INT4_MAXABS 65504.0f   // the largest float16: |y| beyond it has no float16 minimum

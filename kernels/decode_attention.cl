@@ -27,6 +27,10 @@
 //
 // Runtime arguments keep everything that changes per call (window, scale, partition size and
 // count, the page table) out of the build key, so one program serves every step of a model.
+// part_base / ws_parts place a launch's partitions in a workspace shared with another launch,
+// and self_out = 1 leaves each query row's own token out: int4 reads that token from the step's
+// float32 K/V in a second launch of this kernel (fp32, one-token pages, window 1), merged with
+// this one's partitions (kvcl/ops/decode_attention.py, `fresh`).
 //
 // Numerics: the softmax scale and log2(e) are folded into q once, so logits live in the log2
 // domain and every exponential is exp2 (kvcl_exp2 / kvcl_exp2_nonpos of common.h: inline, no
@@ -318,7 +322,12 @@ void paged_decode_attention(
     const float qk_scale_log2,            // scalar: softmax scale * log2(e)
     const int window,                     // scalar: sliding window (0 = none)
     const int partition_size,             // scalar: tokens per split-K partition
-    const int num_parts)                  // scalar: split-K partitions per sequence
+    const int num_parts,                  // scalar: split-K partitions per sequence of this launch
+    const int part_base,                  // scalar: this launch's first partition in the workspace
+    const int ws_parts,                   // scalar: partitions per row in the workspace (1: none,
+                                          // the result goes to out)
+    const int self_out)                   // scalar: 1: each query row leaves out its own token
+                                          // (another launch reads it from its float32 K/V)
 {
 #if !SERIAL
     __local floatV q_locv[ROWS * NV];      // scaled queries; reused for the final lane reduction
@@ -362,7 +371,7 @@ void paged_decode_attention(
     const int lo_first = window > 0 ? max(0, hi_first - window) : 0;
     const int part_lo = part * partition_size;
     const int t0 = max(part_lo, lo_first);
-    const int t1 = min(part_lo + partition_size, hi_last);  // hi_last <= kv_len
+    const int t1 = min(part_lo + partition_size, hi_last - self_out);  // hi_last <= kv_len
     const size_t qh0 = (size_t)(q0 + i_first) * num_q_heads + kvh * GROUP;  // row 0 of the tile
 
 #if SERIAL
@@ -572,7 +581,7 @@ void paged_decode_attention(
             for (r = 0; r < ROWS; ++r) {
                 const int hi = hi_first + r / GROUP;
                 const int lo = window > 0 ? hi - window : 0;
-                if (tok < hi && tok >= lo) s[r * CT + t] = LOGIT(d[r], r);
+                if (tok < hi - self_out && tok >= lo) s[r * CT + t] = LOGIT(d[r], r);
             }
 #endif
 #undef LOGIT
@@ -674,7 +683,7 @@ void paged_decode_attention(
 #endif
             const float *ar = (const float *)(acc + (h * ROWS + r) * NV);
             for (int d = 0; d < HEAD_DIM; ++d)
-                store_result(out, ws, acc_offset, num_parts, part, qh, d, ar[d], m[h * ROWS + r], l[h * ROWS + r]);
+                store_result(out, ws, acc_offset, ws_parts, part_base + part, qh, d, ar[d], m[h * ROWS + r], l[h * ROWS + r]);
         }
     }
 #else
@@ -799,9 +808,9 @@ void paged_decode_attention(
                             const int hi = hi_first + r / GROUP;
                             const int lo = window > 0 ? hi - window : 0;
 #if INT8_DOT
-                            p_loc[r * CHUNKP + lid] = (tok < hi && tok >= lo) ? (float)isum(s[r]) * qsc_loc[r] * ks : -INFINITY;
+                            p_loc[r * CHUNKP + lid] = (tok < hi - self_out && tok >= lo) ? (float)isum(s[r]) * qsc_loc[r] * ks : -INFINITY;
 #else
-                            p_loc[r * CHUNKP + lid] = (tok < hi && tok >= lo) ? LOGIT(vsum(s[r]), r) : -INFINITY;
+                            p_loc[r * CHUNKP + lid] = (tok < hi - self_out && tok >= lo) ? LOGIT(vsum(s[r]), r) : -INFINITY;
 #endif
                         }
 #undef LOGIT
@@ -921,7 +930,7 @@ void paged_decode_attention(
         const int r = e / HEAD_DIM, d = e - r * HEAD_DIM;
         const int qt = r / GROUP, g = r - qt * GROUP;
         if (qt >= n_qt) continue;
-        store_result(out, ws, acc_offset, num_parts, part, qh0 + (size_t)qt * num_q_heads + g, d,
+        store_result(out, ws, acc_offset, ws_parts, part_base + part, qh0 + (size_t)qt * num_q_heads + g, d,
                      q_loc[e], m_loc[r], l_loc[r]);
     }
 #endif

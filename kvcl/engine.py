@@ -108,6 +108,7 @@ class PagedKVCache:
         self._status = cla.zeros(queue, 1, np.int32)
         self._status_unread = False            # a write was queued since the status was last read
         self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
+        self._fresh: dict = {}   # int4: layer -> (step, K, V buffers) of its last write (_fresh_kv)
         self.inline_max_work = inline_max_work(self.device.info.compute_units)
         self._last_queue = queue    # the queue that got work last (see _use)
         self._epoch = 0             # bumped by plan / free: a StepCalls re-checks its step then
@@ -369,6 +370,8 @@ class PagedKVCache:
             if step.num_tokens == 0:
                 return
             (kb, k0), (vb, v0) = self._input("keys", keys), self._input("values", values)
+            if self.dtype.name == "int4":   # attend() reads the step's own tokens from these
+                self._fresh[layer] = (step, kb, vb) if k0 == 0 and v0 == 0 else None
             on_device = is_device_array(keys) or is_device_array(values)   # made on the device's queue
             write_ops.launch_kv_buffers(self._use(self.device.queue if on_device else step.queue), kb, k0, vb, v0, step.buffers["slot_mapping"],
                                 self._k[layer].data, self._v[layer].data, status=self._status.data,
@@ -472,6 +475,7 @@ class PagedKVCache:
         else:
             q_out = cla.empty(self.device.queue, shape, np.float32)
             q_buf = q_out.data
+        self._fresh.pop(layer, None)   # the fused write keeps no float32 K/V: attend reads the cache
         write_ops.launch_qkv_buffers(
             queue, qb, q0, step.buffers["slot_mapping"], step.buffers["positions"],
             self._k[layer].data, self._v[layer].data, q_buf, cos=extra["cos"], sin=extra["sin"],
@@ -504,6 +508,10 @@ class PagedKVCache:
         -------
         float32 [step.num_tokens, num_q_heads, head_dim]
             Of the same kind (numpy / device array) as ``queries``.
+
+        int4: each query row reads its own token from the float32 K/V the step's
+        :meth:`write` of this layer was given (numpy, or device arrays starting their buffer),
+        every other token from the cache (docs: formats).
         """
         with self._lock:
             layer = self._check_layer(layer)
@@ -540,7 +548,15 @@ class PagedKVCache:
             num_q_heads=num_q_heads, head_dim=self.head_dim, batch=len(step.plan.seq_ids),
             num_kv_heads=self.num_kv_heads, block_size=self.block_size, scale=scale,
             window=window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len,
-            **self._pools(layer))
+            fresh=self._fresh_kv(layer, step), **self._pools(layer))
+
+    def _fresh_kv(self, layer: int, step: Step) -> "tuple | None":
+        """int4: the float32 K/V buffers this step's write of ``layer`` was given (attention reads
+        the step's own tokens from them, the earlier ones from the cache), else None."""
+        found = self._fresh.get(layer)
+        if found is None or found[0] is not step:
+            return None
+        return found[1], found[2]
 
     # ---- errors recorded on the device -----------------------------------------------------
 

@@ -140,7 +140,7 @@ class StepCalls:
 
     # ---- launches ----------------------------------------------------------------------------
 
-    def _attention(self, layer: int, queries: cl.Buffer) -> list:
+    def _attention(self, layer: int, queries: cl.Buffer, fresh=None) -> list:
         cache, step = self.cache, self.step
         pools = cache._pools(layer)
         return attention_ops.launches(
@@ -149,7 +149,8 @@ class StepCalls:
             step.buffers["q_indptr"], self._out_buf, total_q=step.num_tokens, num_q_heads=self.num_q_heads,
             head_dim=cache.head_dim, batch=len(step.plan.seq_ids), kvd=cache.dtype, int8_mode=INT8_MODE_AWAY,
             num_kv_heads=cache.num_kv_heads, block_size=cache.block_size, scale=self.scale,
-            window=self.window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len)
+            window=self.window, max_q_len=step.plan.max_q_len, max_kv_len=step.plan.max_kv_len,
+            fresh=fresh)
 
     def _derived(self, layers: dict, layer: int) -> "tuple | None":
         """Layer ``layer``'s launches from another layer's of this step: only the pools differ."""
@@ -195,7 +196,8 @@ class StepCalls:
                 num_tokens=step.num_tokens, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
                 block_size=cache.block_size, kvd=cache.dtype, int8_mode=INT8_MODE_AWAY,
                 num_slots=cache.num_blocks * cache.block_size)
-            attention = self._attention(layer, None)
+            fresh = (self._out_buf, self._out_buf) if cache.dtype.name == "int4" else None
+            attention = self._attention(layer, None, fresh)
             found = self._kv_layers[layer] = (write, attention)
         return found
 
@@ -224,7 +226,8 @@ class StepCalls:
     def write_attend(self, layer: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray,
                      out: "np.ndarray | None" = None) -> np.ndarray:
         """:meth:`~kvcl.engine.PagedKVCache.write` then :meth:`~kvcl.engine.PagedKVCache.attend` of this step's ``layer``:
-        ``keys`` / ``values`` [T, Hkv, D], ``queries`` [T, Hq, D] float32 (numpy) -> [T, Hq, D]."""
+        ``keys`` / ``values`` [T, Hkv, D], ``queries`` [T, Hq, D] float32 (numpy) -> [T, Hq, D].
+        int4: each query row reads its own token from ``keys`` / ``values``, as the engine does."""
         cache = self.cache
         with cache._lock:
             self._valid_step()
@@ -242,7 +245,14 @@ class StepCalls:
             qb = cl.Buffer(self._context, _RO_COPY, hostbuf=queries)
             k, v = write_ops.KV_ARGS
             queue = cache._use(self._queue)
-            enqueue(queue, [write.with_args({k: kb, v: vb}),
-                            attention[0].with_args({attention_ops.QUERY_ARG: qb}), *attention[1:]])
+            qa = attention_ops.QUERY_ARG
+            launches = [write.with_args({k: kb, v: vb}), attention[0].with_args({qa: qb})]
+            if self.cache.dtype.name == "int4":   # the step's own tokens from their float32 K/V
+                launches.append(attention[1].with_args({qa: qb, attention_ops.K_POOL_ARG: kb,
+                                                        attention_ops.V_POOL_ARG: vb}))
+                launches += attention[2:]
+            else:
+                launches += attention[1:]
+            enqueue(queue, launches)
             cache._status_unread = True
             return cache._read_back(self._out_buf, self.out_shape, queue, result)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyopencl as cl
 
-from ..dtypes import INT8_MODE_AWAY, INT8_MODE_EVEN
+from ..dtypes import FP32, INT8_MODE_AWAY, INT8_MODE_EVEN
 from ..dtypes import kv_dtype as _kv_dtype
 from ..errors import (
     CapacityError,
@@ -500,18 +500,23 @@ def launch_buffers(queue, *args, wait_for=None, **kwargs) -> cl.Event:
 def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices, last_page_len,
              q_indptr, out, *, total_q, num_q_heads, head_dim, batch, kvd, int8_mode, num_kv_heads,
              block_size, scale, window, max_q_len, max_kv_len, partition_size=None, workspace=None,
-             local_size=None, variant=None, int8_dot=None) -> list:
+             local_size=None, variant=None, int8_dot=None, fresh=None) -> list:
     """The decode kernel's :class:`~kvcl.ops._launch.Launch` (and the split-K merge's) on
     ``pyopencl.Buffer`` arguments. Arguments mean what they mean in :func:`paged_attention`;
     ``kvd`` is a :class:`kvcl.dtypes.KvDtype`; ``k_scales`` / ``v_scales`` are None unless the
-    format has scales."""
+    format has scales. ``fresh``: two float32 buffers [total_q, num_kv_heads, head_dim], the
+    step's own K and V: each query row then reads its own token from them (a second launch,
+    :func:`_fresh_launch`) and every other token from the cache, the two merged as split-K
+    partitions (int4's decode through the engine; reference
+    :func:`kvcl.reference.decode_attention.attend_self_fresh`)."""
     context = queue.context
     p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
              head_dim=head_dim, block_size=block_size, max_q_len=max_q_len, max_kv_len=max_kv_len,
              kv_dtype=kvd, int8_mode=int8_mode, partition_size=partition_size, local_size=local_size,
              variant=variant, device=queue.device, int8_dot=int8_dot)
     defines = dict(p.defines)
-    ws_floats = p.workspace_floats(total_q, num_q_heads, head_dim)
+    ws_parts = p.num_parts + (fresh is not None)
+    ws_floats = total_q * num_q_heads * ws_parts * (head_dim + 2) if ws_parts > 1 else 0
     if ws_floats:
         if workspace is None:
             ws = _workspace(queue, 4 * ws_floats)
@@ -520,7 +525,7 @@ def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices
             if not isinstance(ws, cl.Buffer):
                 raise DtypeError(f"workspace: expected a pyopencl Buffer or Array, got {type(workspace).__name__}")
             if ws.size < 4 * ws_floats:
-                raise CapacityError(f"workspace: needs {4 * ws_floats:,} bytes for {p.num_parts} "
+                raise CapacityError(f"workspace: needs {4 * ws_floats:,} bytes for {ws_parts} "
                                     f"split-K partitions, got {ws.size:,}")
     else:
         ws = _dummy(context)
@@ -528,18 +533,61 @@ def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices
         scale = 1.0 / math.sqrt(head_dim)
     ks = k_scales if k_scales is not None else _dummy(context)
     vs = v_scales if v_scales is not None else _dummy(context)
-    acc_offset = np.uint64(total_q * num_q_heads * p.num_parts * 2)
+    acc_offset = np.uint64(total_q * num_q_heads * ws_parts * 2)
     attn = get_kernel(context, SOURCE, "paged_decode_attention", defines, queue.device)
     gsize = (p.local_size * p.q_tiles, num_kv_heads // p.kv_heads_per_group, batch * p.num_parts)
     result = [Launch(attn, gsize, (p.local_size, 1, 1),
                      (queries, k_pool, v_pool, ks, vs, indptr, indices, last_page_len, q_indptr, out,
                       ws, acc_offset, np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
-                      np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts)))]
-    if p.num_parts > 1:   # after the decode kernel in the (in-order) queue
+                      np.int32(window), np.int32(p.partition_size), np.int32(p.num_parts), np.int32(0),
+                      np.int32(ws_parts), np.int32(fresh is not None)))]
+    if fresh is not None:
+        result.append(_fresh_launch(queue, queries, fresh, q_indptr, out, ws, acc_offset, ws_parts,
+                                    total_q=total_q, num_q_heads=num_q_heads, head_dim=head_dim,
+                                    batch=batch, num_kv_heads=num_kv_heads, scale=scale,
+                                    window=window, max_q_len=max_q_len, variant=variant))
+    if ws_parts > 1:   # after the decode kernel(s) in the (in-order) queue
         merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines, queue.device)
         result.append(Launch(merge, (head_dim, num_q_heads, total_q), None,
-                             (ws, out, acc_offset, np.int32(num_q_heads), np.int32(p.num_parts))))
+                             (ws, out, acc_offset, np.int32(num_q_heads), np.int32(ws_parts))))
     return result
+
+
+def _fresh_launch(queue, queries, fresh, q_indptr, out, ws, acc_offset, ws_parts, *, total_q,
+                  num_q_heads, head_dim, batch, num_kv_heads, scale, window, max_q_len, variant):
+    """Each query row's attention to its own token, from the step's float32 K/V (``fresh``: two
+    buffers [total_q, num_kv_heads, head_dim]), as the last workspace partition: the buffers read
+    as an fp32 pool of one-token pages (sequence b's pages q_indptr[b] .. q_indptr[b + 1]) with a
+    window of 1, so row i sees exactly its own token; the cache launch leaves that token out."""
+    context = queue.context
+    p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+             head_dim=head_dim, block_size=1, max_q_len=max_q_len, max_kv_len=max_q_len,
+             kv_dtype=FP32, int8_mode=INT8_MODE_AWAY, partition_size=max_q_len, variant=variant,
+             device=queue.device)
+    indices, ones = _fresh_tables(context, total_q, batch)
+    attn = get_kernel(context, SOURCE, "paged_decode_attention", dict(p.defines), queue.device)
+    gsize = (p.local_size * p.q_tiles, num_kv_heads // p.kv_heads_per_group, batch)
+    d = _dummy(context)
+    return Launch(attn, gsize, (p.local_size, 1, 1),
+                  (queries, fresh[0], fresh[1], d, d, q_indptr, indices, ones, q_indptr, out,
+                   ws, acc_offset, np.int32(num_kv_heads), np.float32(scale * math.log2(math.e)),
+                   np.int32(1), np.int32(max_q_len), np.int32(1), np.int32(ws_parts - 1),
+                   np.int32(ws_parts), np.int32(0)))
+
+
+_fresh: dict = {}
+
+
+def _fresh_tables(context, total_q: int, batch: int):
+    """Device int32 buffers arange(>= total_q) and ones(>= batch), cached per context."""
+    have = _fresh.get(context.int_ptr)
+    if have is None or have[2] < total_q or have[3] < batch:
+        n, b = max(total_q, 64), max(batch, 64)
+        flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
+        have = (cl.Buffer(context, flags, hostbuf=np.arange(n, dtype=np.int32)),
+                cl.Buffer(context, flags, hostbuf=np.ones(b, np.int32)), n, b)
+        _fresh[context.int_ptr] = have
+    return have[0], have[1]
 
 
 #: the positions of the queries, K pool, V pool, K scales, V scales and output buffers in the

@@ -151,11 +151,25 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: i
     return out
 
 
+def attend_self_fresh(queries, k, v, fresh_k, fresh_v, scale: float, window: int) -> np.ndarray:
+    """One sequence's step (``queries`` [n, Hq, D]; ``k``, ``v`` [kv_len, Hkv, D] as cached, the
+    step's tokens last): query row i attends the cached tokens before it and its own token with
+    the float32 K/V of ``fresh_k[i]`` / ``fresh_v[i]``."""
+    n, kv_len = len(queries), len(k)
+    out = np.empty(queries.shape, np.float32)
+    for i in range(n):
+        pos = kv_len - n + i
+        ki, vi = k[:pos + 1].copy(), v[:pos + 1].copy()
+        ki[pos], vi[pos] = fresh_k[i], fresh_v[i]
+        out[i:i + 1] = _attend(queries[i:i + 1], ki, vi, scale, window, None)
+    return out
+
+
 def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_indptr, out=None, *,
                     k_scales=None, v_scales=None, kv_dtype="fp32", int8_mode=0, scale=None,
                     window=0, max_q_len=None, max_kv_len=None, partition_size=None,
                     workspace=None, queue=None, wait_for=None, int8_dot=None,
-                    int8_dot_bits: int = 16) -> np.ndarray:
+                    int8_dot_bits: int = 16, fresh_keys=None, fresh_values=None) -> np.ndarray:
     """Reference paged decode attention (see the module docstring for the maths).
 
     Parameters
@@ -184,6 +198,10 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     int8_dot : str, optional
         ``"integer"`` (int8 KV only): the logits of the kernel's integer path, with query codes
         of ``int8_dot_bits`` (16 or 8) bits; ``None`` / ``"float"``: float logits.
+    fresh_keys, fresh_values : numpy.ndarray, optional
+        ``[total_q, num_kv_heads, head_dim]`` float32: each query row reads its own token from
+        its row here instead of the cache, every other token from the cache (the launcher's
+        ``fresh``, int4's decode through the engine's write + attend).
 
     The remaining keyword arguments mirror the kernel launcher and are ignored.
 
@@ -206,6 +224,10 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         k = gather_sequence(k_pool, k_scales, indptr, indices, last_page_len, b, kv_dtype, int8_mode)
         v = gather_sequence(v_pool, v_scales, indptr, indices, last_page_len, b, kv_dtype, int8_mode)
         r0, r1 = int(q_indptr[b]), int(q_indptr[b + 1])
+        if fresh_keys is not None:
+            result[r0:r1] = attend_self_fresh(queries[r0:r1], k, v, np.asarray(fresh_keys)[r0:r1],
+                                              np.asarray(fresh_values)[r0:r1], float(scale), int(window))
+            continue
         codes = None
         if integer:
             codes = gather_codes(k_pool, k_scales, indptr, indices, last_page_len, b) + (int8_dot_bits,)

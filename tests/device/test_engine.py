@@ -43,6 +43,7 @@ class Model:
         queries = self.rng.standard_normal((total, self.hq, c.head_dim)).astype(np.float32)
         c.write(layer, step, keys, values)
         out = c.attend(layer, step, queries, window=window)
+        self.last = (keys, values)   # the step's float32 K/V: int4 attends its own tokens from them
         expected = np.zeros_like(out)
         row = 0
         for s, n in zip(seq_ids, counts):
@@ -76,13 +77,19 @@ def _same_codes_bound(cache) -> float:
     return 1e-5
 
 
-def _check_against_stored(cache, layer, seq_ids, counts, queries, out, window=0):
-    """The kernel equals the reference run on exactly the stored (dequantised) K/V."""
+def _check_against_stored(cache, layer, seq_ids, counts, queries, out, window=0, fresh=None):
+    """The kernel equals the reference run on exactly the stored (dequantised) K/V; int4 on the
+    step's own tokens from their float32 K/V (``fresh``: the step's keys and values)."""
+    from kvcl.reference.decode_attention import attend_self_fresh
     row = 0
     bound = _same_codes_bound(cache)
     for s, n in zip(seq_ids, counts):
         k, v = cache.read(layer, s)
-        ref = reference_attend(queries[row:row + n], k, v, 1 / np.sqrt(cache.head_dim), window)
+        if cache.dtype.name == "int4":   # each query row reads its own token from float32
+            ref = attend_self_fresh(queries[row:row + n], k, v, fresh[0][row:row + n],
+                                    fresh[1][row:row + n], 1 / np.sqrt(cache.head_dim), window)
+        else:
+            ref = reference_attend(queries[row:row + n], k, v, 1 / np.sqrt(cache.head_dim), window)
         err = np.abs(out[row:row + n] - ref).max()
         assert err <= bound * np.abs(ref).max() + 1e-7, (s, err)
         row += n
@@ -97,7 +104,7 @@ def test_ragged_batches_prefill_then_decode(device, dtype, block_size):
     # chunked prefill with ragged lengths crossing block boundaries, then decode steps
     for counts in ([17, 1, 15], [16, 54, 2], [1, 1, 1], [1, 1, 1]):
         step, queries, out, expected = model.step(seqs, counts)
-        _check_against_stored(cache, 0, seqs, counts, queries, out)
+        _check_against_stored(cache, 0, seqs, counts, queries, out, fresh=model.last)
         assert _cosine(out, expected) >= COSINE_BOUND[dtype]
         if dtype == "fp32":
             assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -141,7 +148,7 @@ def test_fork_copy_on_write_keeps_parent_intact(device):
     b = cache.fork(a)
     model.fork(a, b)
     step, queries, out, expected = model.step([b, a], [3, 1])   # both write into the shared block
-    _check_against_stored(cache, 0, [b, a], [3, 1], queries, out)
+    _check_against_stored(cache, 0, [b, a], [3, 1], queries, out, fresh=model.last)
     k_a, _ = cache.read(0, a)
     k_b, _ = cache.read(0, b)
     np.testing.assert_array_equal(k_a[:6], parent_k)
