@@ -545,7 +545,7 @@ def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices
         result.append(_fresh_launch(queue, queries, fresh, q_indptr, out, ws, acc_offset, ws_parts,
                                     total_q=total_q, num_q_heads=num_q_heads, head_dim=head_dim,
                                     batch=batch, num_kv_heads=num_kv_heads, scale=scale,
-                                    window=window, max_q_len=max_q_len, variant=variant))
+                                    max_q_len=max_q_len, variant=variant))
     if ws_parts > 1:   # after the decode kernel(s) in the (in-order) queue
         merge = get_kernel(context, SOURCE, "paged_decode_attention_merge", defines, queue.device)
         result.append(Launch(merge, (head_dim, num_q_heads, total_q), None,
@@ -554,11 +554,12 @@ def launches(queue, queries, k_pool, v_pool, k_scales, v_scales, indptr, indices
 
 
 def _fresh_launch(queue, queries, fresh, q_indptr, out, ws, acc_offset, ws_parts, *, total_q,
-                  num_q_heads, head_dim, batch, num_kv_heads, scale, window, max_q_len, variant):
+                  num_q_heads, head_dim, batch, num_kv_heads, scale, max_q_len, variant):
     """Each query row's attention to its own token, from the step's float32 K/V (``fresh``: two
     buffers [total_q, num_kv_heads, head_dim]), as the last workspace partition: the buffers read
     as an fp32 pool of one-token pages (sequence b's pages q_indptr[b] .. q_indptr[b + 1]) with a
-    window of 1, so row i sees exactly its own token; the cache launch leaves that token out."""
+    window of 1 (whatever the caller's window: a row's own token is always inside it), so row i
+    sees exactly its own token; the cache launch leaves that token out."""
     context = queue.context
     p = plan(context, batch=batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
              head_dim=head_dim, block_size=1, max_q_len=max_q_len, max_kv_len=max_q_len,
