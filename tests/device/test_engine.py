@@ -490,3 +490,26 @@ def test_threads_driving_different_sequences_match_the_serial_run(device):
     for i in range(8):
         np.testing.assert_array_equal(serial[i][0], parallel[i][0])
         np.testing.assert_array_equal(serial[i][1][0], parallel[i][1][0])
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_int4_own_token_from_float32_with_a_window(device, block_size):
+    """int4 attention reads each query row's own token from the K/V given to write (float32)
+    and every other token from the cache, inside a sliding window: the reference twin on the
+    stored rows (kvcl.reference.decode_attention.attend_self_fresh)."""
+    from kvcl.reference.decode_attention import attend_self_fresh
+    cache = PagedKVCache(1, 2, 64, num_blocks=128 // block_size + 8, block_size=block_size, dtype="int4",
+                         device=device)
+    rng = np.random.default_rng(block_size)
+    s = cache.add_sequence()
+    for n in (23, 1, 3, 20):
+        step = cache.plan([s], [n])
+        k, v = (rng.standard_normal((n, 2, 64)).astype(np.float32) for _ in range(2))
+        q = rng.standard_normal((n, 8, 64)).astype(np.float32)
+        cache.write(0, step, k, v)
+        out = cache.attend(0, step, q, window=7)
+        stored_k, stored_v = cache.read(0, s)
+        ref = attend_self_fresh(q, stored_k, stored_v, k, v, 1 / 8, 7)
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+        # and it is not what reading the own token from the cache gives
+        assert np.abs(out - reference_attend(q, stored_k, stored_v, 1 / 8, 7)).max() > 1e-4
