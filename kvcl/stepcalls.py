@@ -27,7 +27,7 @@ from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import write_checks as checks
 from .ops._launch import enqueue
-from .validate import check_array, check_float, check_int, is_device_array
+from .validate import check_array, check_float, check_int, check_int4_range, is_device_array
 
 __all__ = ["StepCalls"]
 
@@ -234,6 +234,9 @@ class StepCalls:
             layer = self._layer(layer)
             keys = self._host("keys", keys, self.kv_shape)
             values = self._host("values", values, self.kv_shape)
+            if cache.dtype.codes_per_elem > 1:   # int4: refused before anything is written, as the engine's write
+                check_int4_range("keys", keys)
+                check_int4_range("values", values)
             queries = self._host("queries", queries, self.out_shape)
             result = self._result(out)
             if not self.step.num_tokens:

@@ -115,6 +115,10 @@ CASES = [
     Case(E + "write", "non-finite", engine_int4, lambda c, x: c.write(0, x["step"], x["good"], nan_like(x["good"], (1, 1, 7))), kvcl.NonFiniteError, "values"),
     Case(E + "write_qkv", "non-finite", engine_int4, lambda c, x: c.write_qkv(0, x["step"], nan_like(np.ones((2, 64)), (1, 40)), num_q_heads=4, rope="none"), kvcl.NonFiniteError, "qkv"),
     Case(E + "attend", "shape", engine_int4, lambda c, x: c.attend(0, x["step"], np.ones((2, 4, 4), F32)), kvcl.ShapeError, "queries"),
+    # a row whose rotated values pass the float16 minimum (head_dim 8: 30000s rotate to 84853)
+    Case(E + "write", "range", engine_int4, lambda c, x: c.write(0, x["step"], x["good"], np.full((2, 2, 8), 3e4, F32)), kvcl.OutOfRangeError, "values"),
+    Case("StepCalls.write_attend", "range", engine_int4, lambda c, x: c.step_calls(x["step"], num_q_heads=4).write_attend(
+        0, np.full((2, 2, 8), 3e4, F32), x["good"], np.ones((2, 4, 8), F32)), kvcl.OutOfRangeError, "keys"),
     Case(E + "attend_qkv", "sequence", lambda d: engine_freed(d, "int4"), lambda c, x: c.attend_qkv(0, x["step"], np.ones((2, 64), F32), num_q_heads=4, rope="none"), StaleStepError, "step"),
 ]
 
