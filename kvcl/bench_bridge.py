@@ -14,7 +14,7 @@ __all__ = ["bridge_model", "bridge_records", "format_bridge", "check_perplexity_
 
 
 #: the per-phase fields of a bridge row (kvcl.onnx.timing)
-_BREAKDOWN = ("graph_ms", "op_ms", "plan_ms", "device_ms", "python_us_per_layer", "hook_us",
+_BREAKDOWN = ("graph_ms", "op_ms", "prepare_ms", "plan_ms", "device_ms", "python_us_per_layer", "hook_us",
               "fixed_us_per_layer", "inline", "speedup_ceiling")
 
 
@@ -82,17 +82,19 @@ def format_bridge(records: list[Record]) -> str:
             return "-" if v != v else fmt.format(v)
         rows.append((str(r.shape.get("model", "")).split(":")[0], str(r.shape["context"]), f"{r.seconds * 1e3:.2f}",
                      f"{e['reference_seconds'] * 1e3:.2f}", f"{r.speedup:.2f}x", f("speedup_ceiling", "{:.2f}x"),
-                     f("graph_ms"), f("op_ms"),
+                     f("graph_ms"), f("op_ms"), f("prepare_ms", "{:.3f}"),
                      f("plan_ms", "{:.3f}"), f("device_ms"), f("python_us_per_layer", "{:.0f}"),
                      f("hook_us", "{:.0f}"), f("fixed_us_per_layer", "{:.0f}"), "yes" if e.get("inline") else "no"))
     if not rows:
         return ""
     return ("\n\nONNX bridge, per decode step (ms) and per layer (µs): graph = the rewritten model with the op "
             "bodies stubbed (onnxruntime + hook); ceiling = original / graph, the speedup with ops that cost "
-            "nothing; ops = inside the kvcl ops, of which plan and device (kernels + blocking reads); fixed = "
-            "python + hook per layer (P8 <= 60 µs); inline = PoCL's in-thread device\n"
-            + format_table(["model", "context", "bridge", "original", "speedup", "ceiling", "graph", "ops", "plan",
-                            "device", "python/layer", "hook", "fixed/layer", "inline"], rows, align="llrrrrrrrrrrrl"))
+            "nothing; ops = inside the kvcl ops, of which device (kernels + blocking reads); prepare = before the "
+            "graph runs: the step planned (plan) and every layer's launches readied; python = ops + prepare - "
+            "device, per layer; fixed = python + hook per layer (P8 <= 60 µs); inline = PoCL's in-thread device\n"
+            + format_table(["model", "context", "bridge", "original", "speedup", "ceiling", "graph", "ops", "prepare",
+                            "plan", "device", "python/layer", "hook", "fixed/layer", "inline"], rows,
+                           align="llrrrrrrrrrrrrl"))
 
 
 PERPLEXITY_KV_DTYPES = tuple(KV_DTYPES)

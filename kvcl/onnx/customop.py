@@ -135,6 +135,12 @@ def unregister_cache(handle: str) -> None:
         _REGISTRY.pop(handle, None)
 
 
+def find_binding(handle: str) -> "CacheBinding | None":
+    """The binding registered under ``handle``, or None."""
+    with _REGISTRY_LOCK:
+        return _REGISTRY.get(handle)
+
+
 def get_binding(handle: str) -> CacheBinding:
     with _REGISTRY_LOCK:
         binding = _REGISTRY.get(handle)
@@ -220,11 +226,16 @@ def _step_key(step: np.ndarray, s: int) -> bytes:
 def bind_planned(binding, step_input: np.ndarray, s: int, planned: Any, packed: bool = False) -> None:
     """Hand the op a step its caller planned already (with token ids, for prefix caching):
     the layers of a run fed ``step_input`` (rows padded to ``s`` tokens, or ``packed`` into one
-    row of ``s`` tokens) use ``planned``."""
+    row of ``s`` tokens) use ``planned``. The binding's :class:`~kvcl.stepcalls.StepCalls` are
+    re-bound to it and their launches for every layer readied here, before the run."""
     lens = np.asarray(step_input[2], np.int64)
-    binding.step = planned
-    binding.step_key = _step_key(step_input, s)
-    binding.step_lens = (lens, bool(packed or np.all(lens == s)))
+    with binding.lock:
+        binding.step = binding.step_key = None
+        for calls in binding.step_calls.values():   # the launches of every layer, before the run
+            calls.rebind(planned, prepare=True)
+        binding.step = planned
+        binding.step_key = _step_key(step_input, s)
+        binding.step_lens = (lens, bool(packed or np.all(lens == s)))
 
 
 def _check_step_shape(step: np.ndarray, b: int) -> bool:

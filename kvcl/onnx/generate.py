@@ -236,7 +236,7 @@ class Generator:
                                   num_blocks, block_size, kv_dtype, device=device,
                                   enable_prefix_caching=bool(prefix_caching))
         self.kv_dtype = self.cache.dtype.name
-        self.binding = register_cache(self.handle, self.cache)
+        self._binding = register_cache(self.handle, self.cache)
         customop.register_tables(self.handle, proto)   # RoPE tables of kvcl::AttentionQKVRope, once
         self.model = proto
         self.vocab_size = _vocab_size(proto)
@@ -254,6 +254,12 @@ class Generator:
             raise InvalidArgument("packed: this model takes no position_ids input, so packed rows would get "
                                   "wrong positions; use packed=False")
         self._lock = threading.Lock()
+
+    @property
+    def binding(self) -> "customop.CacheBinding":
+        """The cache's binding in the op registry (the one registered under :attr:`handle` now:
+        re-registering the cache makes a new one), or the first one while none is."""
+        return customop.find_binding(self.handle) or self._binding
 
     def close(self) -> None:
         unregister_cache(self.handle)
@@ -302,7 +308,13 @@ class Generator:
     def forward(self, seq_ids, tokens) -> np.ndarray:
         """Append ``tokens`` [B][n_b] to cache sequences ``seq_ids``; logits of each last token [B, vocab]."""
         past = [self.cache.seq_len(s) for s in seq_ids]
-        logits = self._run(seq_ids, past, tokens)
+        # planned here, before the graph runs (not by the first layer's op, between the graph's
+        # nodes): in one go the step and every layer's launches cost a third of that there
+        step = self.cache.plan(list(seq_ids), [len(t) for t in tokens])
+        try:
+            logits = self._run(seq_ids, past, tokens, planned=step)
+        finally:
+            self.binding.step = self.binding.step_key = None
         return np.stack([logits[i, len(t) - 1] for i, t in enumerate(tokens)]).astype(np.float32, copy=False)
 
     def forward_step(self, step: Any, tokens: Sequence[Sequence[int]]) -> np.ndarray:

@@ -10,10 +10,12 @@ per layer):
 ``graph_ms``               the rewritten model with the kvcl op bodies swapped for zeros of the right
                            shape: onnxruntime's own graph plus the custom-op hook, no kvcl work
 ``op_ms``                  inside the kvcl op bodies (what ``bridge_ms - graph_ms`` should be)
-``plan_ms``                inside :meth:`~kvcl.engine.PagedKVCache.plan` (once per step, in the first layer's op)
+``plan_ms``                inside :meth:`~kvcl.engine.PagedKVCache.plan` (once per step, before the graph runs)
+``prepare_ms``             what :meth:`~kvcl.onnx.Generator.forward` does outside the op bodies for the step
+                           before the graph runs: ``plan`` and readying every layer's launches
 ``device_ms``              inside the device calls of the ops: the kernels' enqueue and the blocking
                            read of each output (on PoCL's in-thread device, the kernels run there)
-``python_us_per_layer``    ``(op_ms - device_ms) / layers``: checks, bookkeeping, copies
+``python_us_per_layer``    ``(op_ms + prepare_ms - device_ms) / layers``: checks, bookkeeping, copies
 ``hook_us``                the custom-op hook per call (:func:`hook_overhead_us`, same run)
 ``fixed_us_per_layer``     ``python_us_per_layer + hook_us``: what the bridge adds to a layer
                            around its kernels (targets.md P8: <= 60 µs)
@@ -86,11 +88,12 @@ def bench_step(model: Any, *, contexts: Sequence[int] = (16, 256, 4096), batch: 
                 gen.binding.step = gen.binding.step_key = None
                 for s in seqs:
                     gen.cache.free(s)
-            python_us = (row["op_ms"] - row["device_ms"]) / layers * 1e3
+            python_us = (row["op_ms"] + row["outside_ms"] - row["device_ms"]) / layers * 1e3
             rows.append({"context": ctx, "batch": batch, "kv_dtype": gen.kv_dtype, "layers": layers,
                              "bridge_ms": row["bridge_ms"], "reference_ms": ref_ms,
                              "speedup": ref_ms / row["bridge_ms"] if row["bridge_ms"] else float("nan"),
                              "graph_ms": row["graph_ms"], "op_ms": row["op_ms"], "plan_ms": row["plan_ms"],
+                             "prepare_ms": row["outside_ms"],
                              "device_ms": row["device_ms"], "python_us_per_layer": python_us, "hook_us": hook,
                              "fixed_us_per_layer": python_us + hook, "inline": row["inline"],
                              "speedup_ceiling": ref_ms / row["graph_ms"] if row["graph_ms"] else float("nan"),
@@ -118,17 +121,17 @@ def _reference_ms(ref, kv, layers, batch, ctx, warmup, steps, rng) -> float:
 def _bridge_step(gen, seqs, warmup, steps, rng) -> dict:
     """Median step of the bridge, and the medians of the instrumented parts within it."""
     toks = rng.integers(3, 100, size=len(seqs))
-    samples = {"bridge_ms": [], "op_ms": [], "plan_ms": [], "device_ms": []}
+    samples = {"bridge_ms": [], "op_ms": [], "plan_ms": [], "device_ms": [], "outside_ms": []}
     for _ in range(warmup + steps):
         c0 = dict(_CLOCKS)
         t0 = time.perf_counter()
         last = gen.forward(seqs, [[int(t)] for t in toks])
         samples["bridge_ms"].append(time.perf_counter() - t0)
-        for name in ("op", "plan", "device"):
+        for name in ("op", "plan", "device", "outside"):
             samples[f"{name}_ms"].append(_CLOCKS[name] - c0[name])
         toks = np.argmax(last, axis=-1)
     row = {k: float(np.median(v[warmup:]) * 1e3) for k, v in samples.items()}
-    row["inline"] = bool(gen.binding.step is not None and gen.binding.step.inline)
+    row["inline"] = bool(_LAST_STEP and getattr(_LAST_STEP[-1], "inline", False))
     return row
 
 
@@ -215,17 +218,29 @@ def hook_overhead_us(q_shape: Sequence[int] = (1, 32, 1, 128), kv_heads: int = 8
 
 # ---- instrumentation (installed by bench_step, process-wide, once) ----------------------------
 
-_CLOCKS = {"op": 0.0, "plan": 0.0, "device": 0.0}
+_CLOCKS = {"op": 0.0, "plan": 0.0, "device": 0.0, "bind": 0.0, "outside": 0.0}
 _ENABLED = []
+_IN_OP = [0]   # depth of op bodies running now
+_LAST_STEP: list = []   # the step bind_planned bound last
 
 
-def _clocked(fn, name):
+def _clocked(fn, name, outside: bool = False):
+    """``fn`` with its time added to ``_CLOCKS[name]``; ``outside``: also to ``_CLOCKS["outside"]``
+    when it runs outside any op body (the step planned and bound before the graph runs)."""
     def timed(*args, **kwargs):
+        inside = _IN_OP[0]
+        if name == "op":
+            _IN_OP[0] += 1
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            _CLOCKS[name] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            _CLOCKS[name] += dt
+            if name == "op":
+                _IN_OP[0] -= 1
+            elif outside and not inside:
+                _CLOCKS["outside"] += dt
     timed.__wrapped__ = fn
     return timed
 
@@ -237,9 +252,16 @@ def _enable_timing() -> None:
         return
     from .. import stepcalls
     from ..engine import PagedKVCache
+    from . import generate
     for opdef in (customop._opdef, customop._opdef_qkv, customop._opdef_qkv_rope):   # every kvcl op
         opdef.body = _clocked(opdef.body, "op")
-    PagedKVCache.plan = _clocked(PagedKVCache.plan, "plan")
-    stepcalls.enqueue = _clocked(stepcalls.enqueue, "device")
+    PagedKVCache.plan = _clocked(PagedKVCache.plan, "plan", outside=True)
+    bind = _clocked(generate.bind_planned, "bind", outside=True)
+
+    def bind_planned(binding, step_input, s, planned, packed=False):
+        _LAST_STEP[:] = [planned]
+        return bind(binding, step_input, s, planned, packed)
+    generate.bind_planned = bind_planned
+    stepcalls.enqueue_ready = _clocked(stepcalls.enqueue_ready, "device")
     PagedKVCache._read_back = _clocked(PagedKVCache._read_back, "device")
     _ENABLED.append(True)

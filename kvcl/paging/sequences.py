@@ -82,6 +82,9 @@ def _as_list(name: str, value: Any, what: str) -> list:
         raise DtypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}") from None
 
 
+_SMALL_STEP = 64   # new tokens up to which plan computes slots with Python ints, not numpy
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -325,8 +328,9 @@ class PagedBookkeeping:
 
             bs = self.block_size
             copies: list[tuple[int, int]] = []
-            slots: list[np.ndarray] = []
-            positions: list[np.ndarray] = []
+            slots: list = []       # per sequence: a list (a few tokens) or an int64 array
+            positions: list = []
+            small = sum(counts) <= _SMALL_STEP
             for seq, n, toks in zip(seqs, counts, tokens):
                 if n == 0:
                     continue
@@ -339,24 +343,38 @@ class PagedBookkeeping:
                     copies.append((src, dst))
                 grow = _ceil_div(start + n, bs) - len(seq.block_ids)
                 seq.block_ids.extend(self.allocator.allocate(grow))
-                pos = np.arange(start, start + n, dtype=np.int64)
-                table = np.asarray(seq.block_ids, dtype=np.int64)
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
+                if small:   # Python arithmetic: cheaper than numpy for a decode step's few tokens
+                    blocks = seq.block_ids
+                    positions.append(range(start, start + n))
+                    slots.append([blocks[p // bs] * bs + p % bs for p in range(start, start + n)])
+                else:
+                    pos = np.arange(start, start + n, dtype=np.int64)
+                    table = np.asarray(seq.block_ids, dtype=np.int64)
+                    positions.append(pos)
+                    slots.append(table[pos // bs] * bs + pos % bs)
                 seq.length = start + n
                 self._record_tokens(seq, toks)
 
             table = build_page_table(ids, [s.block_ids for s in seqs],
                                      [s.length for s in seqs], bs)
-            q_indptr = np.zeros(len(counts) + 1, dtype=np.int64)
-            np.cumsum(counts, out=q_indptr[1:])
-            empty = np.zeros(0, dtype=np.int64)
+            q_indptr = [0] * (len(counts) + 1)
+            total = 0
+            for i, n in enumerate(counts):
+                total += n
+                q_indptr[i + 1] = total
+            if small:
+                slot_mapping = [x for part in slots for x in part]
+                pos_all = [x for part in positions for x in part]
+            else:
+                empty = np.zeros(0, dtype=np.int64)
+                slot_mapping = np.concatenate(slots) if slots else empty
+                pos_all = np.concatenate(positions) if positions else empty
             return StepPlan(
                 block_size=bs,
                 seq_ids=table.seq_ids,
                 num_new_tokens=_frozen(counts),
-                slot_mapping=_frozen(np.concatenate(slots) if slots else empty),
-                positions=_frozen(np.concatenate(positions) if positions else empty),
+                slot_mapping=_frozen(slot_mapping),
+                positions=_frozen(pos_all),
                 q_indptr=_frozen(q_indptr),
                 indptr=table.indptr,
                 indices=table.indices,

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,71 @@ def test_write_attend_bit_identical(device, dtype, inline):
             assert got is out
             np.testing.assert_array_equal(got, want)
     assert a.snapshot() == b.snapshot()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepared_steps_bit_identical(device, dtype, monkeypatch):
+    """``rebind(step, prepare=True)`` readies every layer before the calls: layer 0's argument
+    changes are carried to the others, which must hold for decode steps across block
+    boundaries, a ragged chunk, a layer left out of a step (readied in full after), calls in
+    any order, and a switch of queue (other kernels) mid-way; both kinds of call."""
+    from kvcl.stepcalls import StepCalls
+    followed = []
+    follow = StepCalls._follow
+    monkeypatch.setattr(StepCalls, "_follow", lambda self, *a: followed.append(follow(self, *a)) or followed[-1])
+    (a, sa), (b, sb) = _twins(device, dtype, True)
+    cos, sin = _tables()
+    rng = np.random.default_rng(4)
+    qkv_calls = kv_calls = None
+    schedule = [[1, 1]] * 3 + [[3, 1]] + [[1, 1]] * 9
+    for n, counts in enumerate(schedule):
+        t = sum(counts)
+        b.inline_max_work = 0 if n in (5, 6) else (1 << 40)   # steps 5-6 on the device's own queue
+        st_a, st_b = a.plan(sa, counts), b.plan(sb, counts)
+        if qkv_calls is None:
+            qkv_calls = b.step_calls(st_b, num_q_heads=HQ, rope="half", cos=cos, sin=sin)
+            kv_calls = b.step_calls(st_b, num_q_heads=HQ, scale=0.3)
+        else:
+            qkv_calls.rebind(st_b, prepare=True)
+            kv_calls.rebind(st_b, prepare=True)
+        layers = [2, 0, 1] if n == 7 else [0, 2] if n == 3 else list(range(LAYERS))
+        for layer in layers:
+            qkv = rng.standard_normal((t, (HQ + 2 * HKV) * D), np.float32)
+            want = a.attend_qkv(layer, st_a, qkv, num_q_heads=HQ, rope="half", cos=cos, sin=sin)
+            np.testing.assert_array_equal(qkv_calls.attend_qkv(layer, qkv), want, err_msg=f"qkv step {n} layer {layer}")
+        for layer in layers:
+            k, v = (rng.standard_normal((t, HKV, D), np.float32) for _ in range(2))
+            q = rng.standard_normal((t, HQ, D), np.float32)
+            a.write(layer, st_a, k, v)
+            want = a.attend(layer, st_a, q, scale=0.3)
+            np.testing.assert_array_equal(kv_calls.write_attend(layer, k, v, q), want, err_msg=f"kv step {n} layer {layer}")
+    assert a.snapshot() == b.snapshot()
+    assert True in followed and False in followed   # both ways of readying a layer ran
+
+
+def test_scalar_arguments_without_the_ctypes_route(device, monkeypatch):
+    """set_arg sets numpy scalars through clSetKernelArg when it finds the library, else
+    through pyopencl: a kernel reads the same value both ways."""
+    import pyopencl as cl
+    from kvcl.ops import _launch
+    prg = cl.Program(device.context, "__kernel void f(__global int* o, int a, float b) "
+                     "{ o[0] = a; o[1] = (int)(b * 4.0f); }").build()
+    out = cl.Buffer(device.context, cl.mem_flags.READ_WRITE, 8)
+    for route in ("ctypes", "pyopencl"):
+        if route == "pyopencl":
+            monkeypatch.setattr(_launch, "_CL_SET_ARG", [None])
+        k = cl.Kernel(prg, "f")
+        k.set_arg(0, out)
+        _launch.set_arg(k, 1, np.int32(-7))
+        _launch.set_arg(k, 2, np.float32(2.5))
+        cl.enqueue_nd_range_kernel(device.queue, k, (1,), None)
+        host = np.zeros(2, np.int32)
+        cl.enqueue_copy(device.queue, host, out)
+        assert host.tolist() == [-7, 10], route
+        if route == "ctypes" and sys.platform.startswith("linux"):
+            assert _launch._cl_set_kernel_arg() is not None   # found the library pyopencl loaded
+    with pytest.raises(cl.Error):   # a bad index is pyopencl's error either way
+        _launch.set_arg(k, 9, np.int32(1))
 
 
 def test_refusals_change_nothing(device):

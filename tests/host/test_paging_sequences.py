@@ -386,3 +386,31 @@ def test_threads_keep_invariants():
     assert not errors
     book.check_invariants()
     assert book.num_free == 64 and len(book) == 0
+
+
+def test_small_and_large_plans_agree(monkeypatch):
+    """plan computes a small step's slots with Python ints and a large one's with numpy: the
+    two give the same plan (values, dtypes, read-only arrays) through forks, copy-on-write,
+    empty sequences and zero-token entries."""
+    from kvcl.paging import sequences
+
+    def run(threshold):
+        monkeypatch.setattr(sequences, "_SMALL_STEP", threshold)
+        book = PagedBookkeeping(num_blocks=64, block_size=4)
+        a, b = book.add_sequence(), book.add_sequence()
+        plans = [book.plan([a, b], [5, 2])]
+        c = book.fork(a)
+        plans.append(book.plan([c, a, b], [1, 3, 0]))    # copy-on-write of a's shared last block
+        plans.append(book.plan([b], [9]))
+        plans.append(book.plan([a, b, c], [0, 0, 0]))
+        return plans
+
+    fields = ("seq_ids", "num_new_tokens", "slot_mapping", "positions", "q_indptr", "indptr",
+              "indices", "last_page_len", "kv_lens")
+    for small, large in zip(run(1 << 30), run(0)):
+        for name in fields:
+            x, y = getattr(small, name), getattr(large, name)
+            assert x.dtype == y.dtype and not x.flags.writeable, name
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        assert (small.max_q_len, small.max_kv_len, small.copies) == (large.max_q_len, large.max_kv_len, large.copies)
+    assert run(1 << 30)[1].copies   # the copy-on-write case is in there

@@ -15,11 +15,12 @@ def test_bench_step_smoke(onnx_device, route):
     assert [r["context"] for r in rows] == [8, 40]
     for r in rows:   # the time inside the kvcl ops is counted, whichever op the route uses
         assert r["bridge_ms"] > 0 and r["reference_ms"] > 0 and 0 < r["op_ms"] <= r["bridge_ms"]
-        # where the step goes: the parts are inside the ops, the stub graph runs without them
-        assert 0 < r["plan_ms"] < r["op_ms"] and 0 < r["device_ms"] < r["op_ms"]
+        # where the step goes: planned and readied before the graph (prepare), the device calls
+        # inside the ops, the stub graph runs without them
+        assert 0 < r["plan_ms"] < r["prepare_ms"] and 0 < r["device_ms"] < r["op_ms"]
         assert 0 < r["graph_ms"] and r["hook_us"] == r["hook_us"]
         layers = r["layers"]
-        assert r["python_us_per_layer"] == pytest.approx((r["op_ms"] - r["device_ms"]) / layers * 1e3)
+        assert r["python_us_per_layer"] == pytest.approx((r["op_ms"] + r["prepare_ms"] - r["device_ms"]) / layers * 1e3)
         assert r["fixed_us_per_layer"] == pytest.approx(r["python_us_per_layer"] + r["hook_us"])
         assert r["inline"] == (onnx_device.inline_queue is not None)   # tiny steps: in-thread on PoCL
         print(r)
@@ -57,7 +58,7 @@ def test_kvcl_bench_takes_the_bridge_cases(onnx_device, tmp_path, capsys, model,
         assert r["speedup"] == pytest.approx(r["extra"]["reference_seconds"] / r["seconds"])
         assert r["bytes"] == kv_row_bytes * r["shape"]["context"]
     for r in bridge:
-        assert {"graph_ms", "op_ms", "plan_ms", "device_ms", "fixed_us_per_layer", "inline"} <= set(r["extra"])
+        assert {"graph_ms", "op_ms", "prepare_ms", "plan_ms", "device_ms", "fixed_us_per_layer", "inline"} <= set(r["extra"])
     hook = [r for r in records if r["case"] == "onnx_hook_overhead"]
     assert len(hook) == 1 and hook[0]["extra"]["op_call_us"] > 0
     assert main(["bench", "--quick", "--repeats", "1", "--device", spec, "--json", str(out)]) == 0
