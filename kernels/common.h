@@ -164,35 +164,36 @@ inline float kvcl_f16_round(const float x, uint *bits) {
     return kvcl_half_bits_to_float(h);
 }
 
-// The rotation of a row held in N vectors of W floats (type T, W a power of two dividing the
-// P-block): log2(P) "constant geometry" stages y[i] = x[2i] + x[2i+1], y[i + P/2] = x[2i] -
-// x[2i+1] per P-block, then the 1/sqrt(P) scaling. Each output is the same tree of float adds and
-// subtracts as the in-place butterflies of kvcl_fwht_local (pairs i, i + h for h = 1, 2, .. P/2),
-// so both give the bits of kvcl.reference.quantize.hadamard_rows.
+// The rotation of a row held in N vectors of W floats (type T, W a power of two), in place:
+// the butterflies x[i], x[i + h] -> x[i] + x[i + h], x[i] - x[i + h] for h = 1, 2, .. P/2 within
+// each P-block (as kvcl_fwht_local), then the 1/sqrt(P) scaling. Strides below W pair lanes of
+// one vector; the others pair whole vectors (plain vector adds, no lane shuffles). The same tree
+// of float adds and subtracts as kvcl.reference.quantize.hadamard_rows: the same bits.
 #define KVCL_DEFINE_FWHT(NAME, T, N, W, P)                                                    \
 inline void NAME(T *x) {                                                                     \
     const float sc = kvcl_had_scale(P);                                                      \
-    _Pragma("unroll 1")                                                                      \
-    for (int s = 1; s < (P); s <<= 1) {                                                      \
-        if ((P) == (W)) {                                                                    \
+    _Pragma("unroll")                                                                        \
+    for (int h = 1; h < (P) && h < (W); h <<= 1) {                                           \
+        _Pragma("unroll")                                                                    \
+        for (int k = 0; k < (N); ++k) {                                                      \
+            float *e = (float *)&x[k];                                                       \
             _Pragma("unroll")                                                                \
-            for (int k = 0; k < (N); ++k) {                                                  \
-                const T a = x[k];                                                            \
-                x[k] = (T)(a.even + a.odd, a.even - a.odd);                                  \
+            for (int i = 0; i < (W); ++i) {                                                  \
+                if (i & h) continue;                                                         \
+                const float a = e[i], b = e[i + h];                                          \
+                e[i] = a + b;                                                                \
+                e[i + h] = a - b;                                                            \
             }                                                                                \
-        } else {                                                                             \
-            T y[N];                                                                          \
-            _Pragma("unroll")                                                                \
-            for (int b = 0; b < (N); b += (P) / (W)) {                                       \
-                _Pragma("unroll")                                                            \
-                for (int k = 0; k < (P) / (W) / 2; ++k) {                                    \
-                    const T a = x[b + 2 * k], c = x[b + 2 * k + 1];                          \
-                    y[b + k] = (T)(a.even + a.odd, c.even + c.odd);                          \
-                    y[b + k + (P) / (W) / 2] = (T)(a.even - a.odd, c.even - c.odd);          \
-                }                                                                            \
-            }                                                                                \
-            _Pragma("unroll")                                                                \
-            for (int k = 0; k < (N); ++k) x[k] = y[k];                                       \
+        }                                                                                    \
+    }                                                                                        \
+    _Pragma("unroll")                                                                        \
+    for (int hv = 1; hv < (P) / (W); hv <<= 1) {                                             \
+        _Pragma("unroll")                                                                    \
+        for (int k = 0; k < (N); ++k) {                                                      \
+            if (k & hv) continue;                                                            \
+            const T a = x[k], c = x[k + hv];                                                 \
+            x[k] = a + c;                                                                    \
+            x[k + hv] = a - c;                                                               \
         }                                                                                    \
     }                                                                                        \
     _Pragma("unroll")                                                                        \
