@@ -306,7 +306,10 @@ class Generator:
         return logits
 
     def forward(self, seq_ids, tokens) -> np.ndarray:
-        """Append ``tokens`` [B][n_b] to cache sequences ``seq_ids``; logits of each last token [B, vocab]."""
+        """Append ``tokens`` [B][n_b] to cache sequences ``seq_ids``; logits of each last token [B, vocab].
+
+        The step is planned (its slots reserved) before the model runs: if the run fails, the
+        sequences hold those tokens unwritten; free them (:meth:`generate` does)."""
         past = [self.cache.seq_len(s) for s in seq_ids]
         # planned here, before the graph runs (not by the first layer's op, between the graph's
         # nodes): in one go the step and every layer's launches cost a third of that there
