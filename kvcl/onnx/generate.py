@@ -257,7 +257,7 @@ class Generator:
 
     @property
     def binding(self) -> "customop.CacheBinding":
-        """The cache's binding in the op registry (the one registered under :attr:`handle` now:
+        """The cache's binding in the op registry (the one registered under ``handle`` now:
         re-registering the cache makes a new one), or the first one while none is."""
         return customop.find_binding(self.handle) or self._binding
 
