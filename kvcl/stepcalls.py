@@ -40,6 +40,11 @@ __all__ = ["StepCalls"]
 _F32 = np.dtype(np.float32)
 _RO_COPY = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
 _UNSET = object()
+# the arguments in which a layer's launches differ from layer 0's (the pools and their scales):
+# of the fused write (launch 0), the attention (launch 1), and none of the rest
+_PER_LAYER = ({write_ops.K_POOL_ARG, write_ops.V_POOL_ARG, write_ops.K_SCALES_ARG, write_ops.V_SCALES_ARG},
+              {attention_ops.K_POOL_ARG, attention_ops.V_POOL_ARG, attention_ops.K_SCALES_ARG,
+               attention_ops.V_SCALES_ARG}, set())
 
 
 def _same(value, kept) -> bool:
@@ -299,7 +304,8 @@ class StepCalls:
         0's with its own pools, so the arguments that changed in layer 0 changed in it too, if it
         was readied at that step with the same kernels. False (nothing set) otherwise."""
         if changes is None or since is None or self._readied.get((kind, layer)) != since \
-                or self._counts.get((kind, layer)) != len(ready0):
+                or self._counts.get((kind, layer)) != len(ready0) \
+                or any(j in _PER_LAYER[min(i, 2)] for i, j, _ in changes):   # layer 0's own pools
             return False
         owns = [self._own.get((kind, layer, i)) for i in range(len(ready0))]
         if any(own is None or own[0] is not self._own[(kind, 0, i)][0] for i, own in enumerate(owns)):
