@@ -32,7 +32,7 @@ from .errors import InvalidArgument, ShapeError
 from .ops import decode_attention as attention_ops
 from .ops import paged_write as write_ops
 from .ops import write_checks as checks
-from .ops._launch import sequence_lock, set_arg
+from .ops._launch import same_scalar, sequence_lock, set_arg
 from .validate import check_array, check_float, check_int, check_int4_range, is_device_array
 
 __all__ = ["StepCalls"]
@@ -50,11 +50,7 @@ _PER_LAYER = ({write_ops.K_POOL_ARG, write_ops.V_POOL_ARG, write_ops.K_SCALES_AR
 def _same(value, kept) -> bool:
     """Whether a kernel argument set from ``kept`` (held, so identity is meaningful) still holds
     ``value``: the same object, or a numpy scalar of the same type, value and sign."""
-    if value is kept:
-        return True
-    if type(value) is not type(kept) or not isinstance(value, np.generic) or value != kept:
-        return False
-    return bool(value) or not isinstance(value, np.floating) or math.copysign(1.0, value) == math.copysign(1.0, kept)
+    return value is kept or (isinstance(value, np.generic) and same_scalar(value, kept))
 
 
 def enqueue_ready(queue: cl.CommandQueue, ready: list, inputs: list) -> None:
@@ -110,11 +106,11 @@ class StepCalls:
             self._context = context
             self._scratch_bytes = 0
             self._used: set = set()     # which calls were made ("qkv", "kv"): what prepare() readies
-            # this object's own kernel per (kind, layer, launch): their arguments are set when a
-            # step is readied, a call sets only its inputs (see _ready)
+            # this object's own kernel per (kind, layer, launch, shared kernel): their arguments
+            # are set when a step is readied, a call sets only its inputs (see _ready); kept for
+            # every shared kernel a launch used, so steps that alternate between the device's
+            # queue and its in-thread companion (other builds) make none again
             self._own: dict = {}
-            self._counts: dict = {}      # (kind, layer) -> launches readied last
-            self._readied: dict = {}     # (kind, layer) -> the step serial it was readied at
             self._serial = 0
             self._bind(step)
 
@@ -138,8 +134,7 @@ class StepCalls:
         layer's kernel arguments here leaves a call only its inputs to set. Returns self."""
         with self.cache._lock:
             for kind in sorted(self._used):
-                since = self._readied.get((kind, 0))
-                ready0, changes = self._ready(kind, 0)
+                ready0, changes, since = self._ready(kind, 0)
                 for layer in range(1, self.cache.num_layers):
                     if not self._follow(kind, layer, ready0, changes, since):
                         self._ready(kind, layer)
@@ -264,10 +259,11 @@ class StepCalls:
             found = self._kv_layers[layer] = (write, attention)
         return found
 
-    def _ready(self, kind: str, layer: int) -> "tuple[list, list | None]":
+    def _ready(self, kind: str, layer: int) -> tuple:
         """``(kind, layer)``'s launches on this object's own kernels, every argument but a call's
-        inputs set now; and the arguments that changed since the last step, ``(launch index,
-        arg index, value)``, or None if the launches are not the same kernels as then.
+        inputs set now. Returns ``(ready, changes, since)``: the launches, the arguments that
+        changed, ``(launch index, arg index, value)``, and per launch the step its kernel's
+        arguments were set at before (None where the kernel is new: ``changes`` is None then).
 
         A kernel object holds its arguments between enqueues; the engine's kernels are shared
         (one per program and name) and every layer sets its pools and every call its inputs
@@ -276,47 +272,46 @@ class StepCalls:
         only the step's changes are set, once, when the step is readied."""
         launches = self._launches(kind, layer)
         inputs = self._inputs(kind)
-        ready, changes = [], []
-        same = self._counts.get((kind, layer)) == len(launches)
+        ready, changes, since = [], [], []
         for i, launch in enumerate(launches):
-            key = (kind, layer, i)
-            own = self._own.get(key)
-            if own is None or own[0] is not launch.kernel:   # [shared kernel, own kernel, args set]
-                k = launch.kernel
-                own = self._own[key] = [k, cl.Kernel(k.program, k.function_name), [_UNSET] * len(launch.args)]
-                same = False
-            kernel, kept = own[1], own[2]
+            k = launch.kernel
+            key = (kind, layer, i, k.int_ptr)   # shared kernels live as long as their context
+            own = self._own.get(key)            # [own kernel, args set, step they were set at]
+            if own is None:
+                own = self._own[key] = [cl.Kernel(k.program, k.function_name), [_UNSET] * len(launch.args), None]
+                changes = None
+            kernel, kept = own[0], own[1]
             skip = inputs[i] if i < len(inputs) else ()
             for j, value in enumerate(launch.args):
                 if j not in skip and not _same(value, kept[j]):
                     kept[j] = _UNSET          # unknown until the set succeeds
                     set_arg(kernel, j, value)
                     kept[j] = value
-                    changes.append((i, j, value))
-            ready.append((kernel, launch.global_size, launch.local_size))
-        self._counts[(kind, layer)] = len(launches)
-        self._ready_layers[(kind, layer)] = ready
-        self._readied[(kind, layer)] = self._serial
-        return ready, (changes if same else None)
+                    if changes is not None:
+                        changes.append((i, j, value))
+            since.append(own[2])
+            own[2] = self._serial
+            ready.append((kernel, launch.global_size, launch.local_size, k.int_ptr))
+        self._ready_layers[(kind, layer)] = [r[:3] for r in ready]
+        return ready, changes, since
 
-    def _follow(self, kind: str, layer: int, ready0: list, changes: "list | None", since: "int | None") -> bool:
-        """Ready ``layer`` from layer 0's ``changes`` since step ``since``: its launches are layer
-        0's with its own pools, so the arguments that changed in layer 0 changed in it too, if it
-        was readied at that step with the same kernels. False (nothing set) otherwise."""
-        if changes is None or since is None or self._readied.get((kind, layer)) != since \
-                or self._counts.get((kind, layer)) != len(ready0) \
-                or any(j in _PER_LAYER[min(i, 2)] for i, j, _ in changes):   # layer 0's own pools
+    def _follow(self, kind: str, layer: int, ready0: list, changes: "list | None", since: list) -> bool:
+        """Ready ``layer`` from layer 0's ``changes``: its launches are layer 0's with its own
+        pools, so the arguments that changed in layer 0 changed in it too, if its kernels'
+        arguments were set at the same steps as layer 0's were. False (nothing set) otherwise."""
+        if changes is None or any(j in _PER_LAYER[min(i, 2)] for i, j, _ in changes):   # layer 0's own pools
             return False
-        owns = [self._own.get((kind, layer, i)) for i in range(len(ready0))]
-        if any(own is None or own[0] is not self._own[(kind, 0, i)][0] for i, own in enumerate(owns)):
+        owns = [self._own.get((kind, layer, i, r[3])) for i, r in enumerate(ready0)]
+        if any(own is None or own[2] != s for own, s in zip(owns, since)):
             return False
         for i, j, value in changes:
-            kept = owns[i][2]
+            kept = owns[i][1]
             kept[j] = _UNSET
-            set_arg(owns[i][1], j, value)
+            set_arg(owns[i][0], j, value)
             kept[j] = value
-        self._ready_layers[(kind, layer)] = [(own[1], g, l) for own, (_, g, l) in zip(owns, ready0)]
-        self._readied[(kind, layer)] = self._serial
+        for own in owns:
+            own[2] = self._serial
+        self._ready_layers[(kind, layer)] = [(own[0], g, l) for own, (_, g, l, _) in zip(owns, ready0)]
         return True
 
     def _launches(self, kind: str, layer: int) -> list:
@@ -334,7 +329,10 @@ class StepCalls:
 
     def _layer_ready(self, kind: str, layer: int) -> list:
         found = self._ready_layers.get((kind, layer))
-        return found if found is not None else self._ready(kind, layer)[0]
+        if found is None:
+            self._ready(kind, layer)
+            found = self._ready_layers[(kind, layer)]
+        return found
 
     # ---- the calls ---------------------------------------------------------------------------
 

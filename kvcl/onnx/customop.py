@@ -142,8 +142,7 @@ def find_binding(handle: str) -> "CacheBinding | None":
 
 
 def get_binding(handle: str) -> CacheBinding:
-    with _REGISTRY_LOCK:
-        binding = _REGISTRY.get(handle)
+    binding = find_binding(handle)
     if binding is None:
         raise InvalidArgument(f"handle: no kvcl cache is registered as {handle!r} "
                               "(register one with kvcl.onnx.register_cache or use kvcl.onnx.Generator)")

@@ -89,7 +89,13 @@ def _unchanged(value, kept) -> bool:
         return token is not None and getattr(value, _ALIVE, None) is token
     if kept is None:
         return value is None
-    if kept is _UNKNOWN or type(value) is not type(kept) or value != kept:
+    return kept is not _UNKNOWN and same_scalar(value, kept)
+
+
+def same_scalar(value, kept) -> bool:
+    """Whether two kernel argument values are equal as arguments: same type and value (for
+    zeros, the same sign)."""
+    if type(value) is not type(kept) or value != kept:
         return False
     return bool(value) or not isinstance(value, np.floating) or \
         math.copysign(1.0, value) == math.copysign(1.0, kept)

@@ -24,6 +24,7 @@ new tokens of a step are written to.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -109,11 +110,7 @@ def build_page_table(seq_ids: Sequence[int], block_lists: Sequence[Sequence[int]
     lens = np.asarray(kv_lens, dtype=np.int64).reshape(-1).tolist()
     if len(lens) != len(counts):
         raise ShapeError(f"kv_lens: expected {len(counts)} entries (one per block list), got {len(lens)}")
-    indptr = [0] * (len(counts) + 1)
-    total = 0
-    for i, c in enumerate(counts):
-        total += c
-        indptr[i + 1] = total
+    indptr = [0, *itertools.accumulate(counts)]
     indices = [b for blocks in block_lists for b in blocks]
     last = [n - (c - 1) * block_size if n > 0 else 0 for n, c in zip(lens, counts)]
     return PageTable(

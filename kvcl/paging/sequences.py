@@ -30,6 +30,7 @@ Rules the engine relies on
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import Counter
 from typing import Any, Sequence
@@ -357,11 +358,7 @@ class PagedBookkeeping:
 
             table = build_page_table(ids, [s.block_ids for s in seqs],
                                      [s.length for s in seqs], bs)
-            q_indptr = [0] * (len(counts) + 1)
-            total = 0
-            for i, n in enumerate(counts):
-                total += n
-                q_indptr[i + 1] = total
+            q_indptr = [0, *itertools.accumulate(counts)]
             if small:
                 slot_mapping = [x for part in slots for x in part]
                 pos_all = [x for part in positions for x in part]

@@ -107,6 +107,13 @@ def test_prepared_steps_bit_identical(device, dtype, monkeypatch):
     schedule = [[1, 1]] * 3 + [[3, 1]] + [[1, 1]] * 9
     for n, counts in enumerate(schedule):
         t = sum(counts)
+        if n == 5:   # the in-thread queue's own kernels, before the steps on the device's queue
+            before = [{k: v[0] for k, v in c._own.items()} for c in (qkv_calls, kv_calls)]
+        if n == 8:   # back on the in-thread queue for step 7: it used the same kernel objects again
+            for c, kept in zip((qkv_calls, kv_calls), before):
+                assert all(c._own[k][0] is kernel for k, kernel in kept.items())
+                if device.inline_queue is not None:   # steps 5-6 made the other queue's
+                    assert len(c._own) > len(kept)
         b.inline_max_work = 0 if n in (5, 6) else (1 << 40)   # steps 5-6 on the device's own queue
         st_a, st_b = a.plan(sa, counts), b.plan(sb, counts)
         if qkv_calls is None:
