@@ -7,7 +7,7 @@
 
 Each variant is ``SOURCE[:KNOB=VALUE,...]``: ``.`` is ``kernels/decode_attention.cl`` as it is,
 ``@REV`` that file at a git revision (built against today's ``common.h``), anything else a path
-to a kernel file; knobs are module constants of ``kvcl.ops.decode_attention`` (``_SERIAL_CHUNK``,
+to a kernel file; knobs are module constants of ``kvcl.ops.decode_plan`` (``_SERIAL_CHUNK``,
 ``_SERIAL_MAX_HG``, ``_SERIAL_PART_MAX``, ...). Every round samples the streaming read and each
 variant once, in a random order (in a fixed order the job right after the 256 MiB read measured
 1.12x slower on the dev VM); a variant's utilisation and its speed against the first variant
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvcl import bench  # noqa: E402
-from kvcl.ops import decode_attention as ops  # noqa: E402
+from kvcl.ops import decode_plan as ops  # noqa: E402  (the layout knobs and the source)
 from kvcl.runtime import resolve_device  # noqa: E402
 
 KERNEL = "kernels/decode_attention.cl"
@@ -59,7 +59,7 @@ def parse_variant(spec: str, tmp: Path) -> tuple[str, str, dict]:
     for item in filter(None, knobs.split(",")):
         name, _, value = item.partition("=")
         if not hasattr(ops, name):
-            raise SystemExit(f"unknown knob {name!r} of kvcl.ops.decode_attention")
+            raise SystemExit(f"unknown knob {name!r} of kvcl.ops.decode_plan")
         try:
             values[name] = int(value)
         except ValueError:

@@ -16,6 +16,7 @@ import sys
 
 from kvcl import bench
 from kvcl.ops import decode_attention as ops
+from kvcl.ops import decode_plan as layout
 from kvcl.runtime import resolve_device
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    PREFERRED_WG, GPU_WG, GPU_UNROLL, GPU_VEC = ops._PREFERRED_WG, ops._GPU_WG, ops._GPU_UNROLL, ops._GPU_VEC
+    PREFERRED_WG, GPU_WG, GPU_UNROLL, GPU_VEC = layout._PREFERRED_WG, layout._GPU_WG, layout._GPU_UNROLL, layout._GPU_VEC
     dev = resolve_device(args.device)
     _, read_gbps = bench.measure_stream_read(dev)
     print(f"{dev.info.name}: stream_read {read_gbps:.1f} GB/s", flush=True)
@@ -52,11 +53,11 @@ def main(argv=None) -> int:
         (k, ks), (v, vs) = case.pools
         for vec, unroll, pwg, variant, local, part in itertools.product(
                 args.vec, args.unroll, args.preferred_wg, args.variant, args.local_size, args.partition):
-            ops._GPU_VEC = {b: vec for b in (1, 2, 4)} if vec else GPU_VEC
+            layout._GPU_VEC = {b: vec for b in (1, 2, 4)} if vec else GPU_VEC
             variant = None if variant in (None, "auto") else variant
-            ops._GPU_UNROLL = ({b: tuple(int(x) for x in unroll.split(",")) for b in (1, 2, 4)}
+            layout._GPU_UNROLL = ({b: tuple(int(x) for x in unroll.split(",")) for b in (1, 2, 4)}
                                if unroll else GPU_UNROLL)
-            ops._PREFERRED_WG, ops._GPU_WG = pwg or PREFERRED_WG, pwg or GPU_WG
+            layout._PREFERRED_WG, layout._GPU_WG = pwg or PREFERRED_WG, pwg or GPU_WG
             try:
                 p = ops.plan(dev.context, batch=shape.batch, num_q_heads=shape.num_q_heads,
                              num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,

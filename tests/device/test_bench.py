@@ -150,7 +150,7 @@ def test_decode_ab_tool_compares_versions(device, capsys):
     spec = importlib.util.spec_from_file_location("decode_ab", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    from kvcl.ops import decode_attention as ops
+    from kvcl.ops import decode_plan as ops
     chunk = ops._SERIAL_CHUNK
     assert tool.main(["@HEAD", ".", ".:_SERIAL_CHUNK=8", "--device", device.info.name, "--cached", "2",
                       "--rounds", "2", "--batch", "2", "--kv-len", "40", "--q-heads", "4",

@@ -15,6 +15,7 @@ import pytest
 
 import kvcl
 from kvcl.ops import decode_attention as ops
+from kvcl.ops import decode_plan as layout
 from kvcl.reference import decode_attention as ref
 from kvcl.reference.quantize import encode_kv
 
@@ -297,7 +298,7 @@ def test_serial_kv_heads_per_work_group(device, rng, monkeypatch, num_kv_heads, 
                  max_q_len=case["max_q_len"], max_kv_len=case["max_kv_len"], kv_dtype=kv_dtype,
                  variant="serial")
     rows = group * (p.q_tile if q_lens else 1)
-    budget = min(ops._SERIAL_MAX_HG, ops._SERIAL_STATE_FLOATS // (rows * head_dim))
+    budget = min(layout._SERIAL_MAX_HG, layout._SERIAL_STATE_FLOATS // (rows * head_dim))
     assert p.kv_heads_per_group == max(h for h in range(1, budget + 1) if num_kv_heads % h == 0)
     assert p.kv_heads_per_group > 1
     want = run_reference(case, window=20)
@@ -305,7 +306,7 @@ def test_serial_kv_heads_per_work_group(device, rng, monkeypatch, num_kv_heads, 
     split = run_paged(device, case, window=20, partition_size=32, _variant="serial")
     assert_close(grouped, want)
     assert_close(split, want)
-    monkeypatch.setattr(ops, "_SERIAL_MAX_HG", 1)
+    monkeypatch.setattr(layout, "_SERIAL_MAX_HG", 1)
     np.testing.assert_array_equal(run_paged(device, case, window=20, _variant="serial"), grouped)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import kvcl
 from kvcl.ops import decode_attention as ops
+from kvcl.ops import decode_plan as layout
 from kvcl.reference import decode_attention as ref
 
 from test_decode_attention import LENS, assert_close, make_case, run_paged, run_reference, upload
@@ -84,7 +85,7 @@ def test_integer_prefill_causal_window(device, rng):
 
 def test_integer_8bit_query_codes_match_twin(device, rng, monkeypatch):
     # the 8-bit query variant (INT8_DOT=8: vpmaddubsw on x86) is twinned exactly too
-    monkeypatch.setattr(ops, "_INT8_DOT_BITS", 8)
+    monkeypatch.setattr(layout, "_INT8_DOT_BITS", 8)
     for variant in ops.VARIANTS:
         case = make_case(rng, lens=LENS, q_lens=(1, 3, 2, 1, 5, 1), kv_dtype="int8")
         got = run_paged(device, case, int8_dot="integer", _variant=variant)
@@ -192,7 +193,7 @@ def test_auto_is_integer_on_x86_pocl_and_float_elsewhere(device):
     dev = device.context.devices[0]
     kw = dict(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, max_q_len=1, max_kv_len=2048)
     fast = (ops.variant_for(dev) == "serial" and "pocl" in dev.version.lower()
-            and bool(dev.type & cl.device_type.CPU) and ops._x86_int_dot(device.context, dev))
+            and bool(dev.type & cl.device_type.CPU) and layout._x86_int_dot(device.context, dev))
     auto = ops.plan(device.context, kv_dtype="int8", **kw)
     assert auto.int8_dot == ("integer" if fast else "float")
     assert ops.int8_dot_for(dev, context=device.context) == auto.int8_dot
@@ -210,14 +211,14 @@ def test_auto_is_integer_on_x86_pocl_and_float_elsewhere(device):
 def test_module_default_reaches_launches(device, rng, monkeypatch):
     # int8_dot=None (what the engine passes) is the module's _INT8_DOT: "auto" unless reassigned
     case = make_case(rng, lens=(40, 17), kv_dtype="int8")
-    monkeypatch.setattr(ops, "_INT8_DOT", "integer")
+    monkeypatch.setattr(layout, "_INT8_DOT", "integer")
     assert_close(run_paged(device, case, int8_dot=None), _twin(case), rel=TWIN)
-    monkeypatch.setattr(ops, "_INT8_DOT", "float")
+    monkeypatch.setattr(layout, "_INT8_DOT", "float")
     np.testing.assert_array_equal(run_paged(device, case, int8_dot=None), run_paged(device, case, int8_dot="float"))
     fp32 = make_case(rng, lens=(40, 17))
-    monkeypatch.setattr(ops, "_INT8_DOT", "integer")   # applies to int8 KV only
+    monkeypatch.setattr(layout, "_INT8_DOT", "integer")   # applies to int8 KV only
     assert_close(run_paged(device, fp32, int8_dot=None), run_reference(fp32))
-    monkeypatch.setattr(ops, "_INT8_DOT", "bogus")
+    monkeypatch.setattr(layout, "_INT8_DOT", "bogus")
     with pytest.raises(kvcl.InvalidArgument, match="int8_dot"):
         run_paged(device, case, int8_dot=None)
 
