@@ -244,8 +244,8 @@ class PagedKVCache:
             for s in plan.seq_ids:
                 self._last_plan[int(s)] = self._serial
 
-            parts = self._upload_packed([getattr(plan, name) for name in Step.FIELDS])
-            return Step(self, plan, self._serial, parts, self._step_queue(plan))
+            # the metadata is uploaded when a call first reads it (Step.buffers), not here
+            return Step(self, plan, self._serial, None, self._step_queue(plan))
 
     def _upload_packed(self, arrays) -> list[cl.Buffer]:
         """Copy several int32 arrays to the device in ONE buffer; return offset-0 sub-buffers.

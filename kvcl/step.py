@@ -30,7 +30,7 @@ class Step:
 
     Made by :meth:`~kvcl.engine.PagedKVCache.plan`; pass it to :meth:`~kvcl.engine.PagedKVCache.write`,
     :meth:`~kvcl.engine.PagedKVCache.write_qkv` and :meth:`~kvcl.engine.PagedKVCache.attend` for every layer.
-    The metadata lives on the device once; the host copy is :attr:`plan`.
+    The metadata is uploaded once, when a call first needs it; the host copy is :attr:`plan`.
 
     Attributes
     ----------
@@ -40,20 +40,30 @@ class Step:
     num_tokens : int
         New tokens in the step (rows of ``keys`` / ``queries``).
     slot_mapping, positions, indptr, indices, last_page_len, q_indptr : pyopencl.array.Array
-        The device copies (int32), made on first access: the engine's own calls use the buffers
-        beneath them.
+        The device copies (int32), made on first access (:attr:`buffers`): the engine's own calls
+        use the buffers beneath them.
     """
 
     FIELDS = ("slot_mapping", "positions", "indptr", "indices", "last_page_len", "q_indptr")
 
-    def __init__(self, cache: "PagedKVCache", plan: StepPlan, serial: int, buffers: Sequence[cl.Buffer],
-                 queue: "cl.CommandQueue | None" = None):
+    def __init__(self, cache: "PagedKVCache", plan: StepPlan, serial: int,
+                 buffers: "Sequence[cl.Buffer] | None" = None, queue: "cl.CommandQueue | None" = None):
         self.cache, self.plan, self.serial = cache, plan, serial
-        self.buffers = dict(zip(self.FIELDS, buffers))   # int32 sub-buffers, each at offset 0
+        self._buffers = None if buffers is None else dict(zip(self.FIELDS, buffers))
         self._arrays: dict[str, cla.Array] = {}
         #: the queue this step's kernels run on: the device's, or its inline companion's for a
         #: step too small to pay for a handoff to the device's worker threads (see PagedKVCache)
         self.queue = queue or cache.device.queue
+
+    @property
+    def buffers(self) -> dict:
+        """The device copy of the metadata: ``FIELDS`` -> int32 sub-buffers (each at offset 0)
+        of one buffer, uploaded on first use (:class:`~kvcl.stepcalls.StepCalls` keeps copies
+        of its own and never asks)."""
+        if self._buffers is None:
+            parts = self.cache._upload_packed([getattr(self.plan, name) for name in self.FIELDS])
+            self._buffers = dict(zip(self.FIELDS, parts))
+        return self._buffers
 
     @property
     def inline(self) -> bool:

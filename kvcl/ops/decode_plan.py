@@ -63,6 +63,9 @@ _GPU_WG = 32
 # partitions vs 0.31 / 0.25 ms with 512; fp32 best with 512 (0.244 vs 0.262 ms with 256)
 _GPU_PART_MAX = {4: 512, 2: 256, 1: 256}
 
+# one partition's size is max_kv_len rounded up to a multiple of this (see _plan)
+_ONE_PART_ROUND = 1024
+
 _configs: dict = {}
 _plans: dict = {}
 
@@ -75,7 +78,7 @@ class Plan:
     local_size: int         # work-items per group (WG)
     q_tile: int             # query tokens per work-group
     q_tiles: int            # work-groups along the query axis
-    partition_size: int     # tokens per split-K partition
+    partition_size: int     # tokens per split-K partition (one partition: >= max_kv_len)
     num_parts: int          # partitions per sequence (1: no merge kernel)
     kv_heads_per_group: int = 1  # kv heads each work-group serves (HG; the serial variant)
 
@@ -362,6 +365,7 @@ def _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q
             step = block_size if block_size <= cap else 64
             partition_size = -(-size // step) * step
     num_parts = max(1, -(-max_kv_len // partition_size))
-    if num_parts == 1:
-        partition_size = max_kv_len
+    if num_parts == 1:   # any size >= max_kv_len reads the same tokens: one that stays put as
+        # max_kv_len grows by a token a step keeps the kernel's arguments unchanged from step to step
+        partition_size = -(-max_kv_len // _ONE_PART_ROUND) * _ONE_PART_ROUND
     return Plan(defines, wg, q_tile, q_tiles, int(partition_size), num_parts, hg)

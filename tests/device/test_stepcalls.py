@@ -95,17 +95,22 @@ def test_prepared_steps_bit_identical(device, dtype, monkeypatch):
     """``rebind(step, prepare=True)`` readies every layer before the calls: layer 0's argument
     changes are carried to the others, which must hold for decode steps across block
     boundaries, a ragged chunk, a layer left out of a step (readied in full after), calls in
-    any order, and a switch of queue (other kernels) mid-way; both kinds of call."""
+    any order, a switch of queue (other kernels) mid-way, and a step that outgrows the tables'
+    buffer; both kinds of call. A decode step after another reuses the last step's launches."""
     from kvcl.stepcalls import StepCalls
-    followed = []
-    follow = StepCalls._follow
+    followed, reused = [], []
+    follow, last = StepCalls._follow, StepCalls._last_launches
     monkeypatch.setattr(StepCalls, "_follow", lambda self, *a: followed.append(follow(self, *a)) or followed[-1])
+    monkeypatch.setattr(StepCalls, "_last_launches", lambda self, *a: reused.append(last(self, *a)) or reused[-1])
     (a, sa), (b, sb) = _twins(device, dtype, True)
     cos, sin = _tables()
     rng = np.random.default_rng(4)
     qkv_calls = kv_calls = None
-    schedule = [[1, 1]] * 3 + [[3, 1]] + [[1, 1]] * 9
+    schedule = [[1, 1]] * 3 + [[3, 1]] + [[1, 1]] * 6 + [[40, 1]] + [[1, 1]] * 2
     for n, counts in enumerate(schedule):
+        if n == 10:   # 41 slots: more than the tables' buffer holds (it grows)
+            buffers = [c._meta_buf for c in (qkv_calls, kv_calls)]
+            assert all(41 > c._meta_caps[0] for c in (qkv_calls, kv_calls))
         t = sum(counts)
         if n == 5:   # the in-thread queue's own kernels, before the steps on the device's queue
             before = [{k: v[0] for k, v in c._own.items()} for c in (qkv_calls, kv_calls)]
@@ -133,6 +138,12 @@ def test_prepared_steps_bit_identical(device, dtype, monkeypatch):
             a.write(layer, st_a, k, v)
             want = a.attend(layer, st_a, q, scale=0.3)
             np.testing.assert_array_equal(kv_calls.write_attend(layer, k, v, q), want, err_msg=f"kv step {n} layer {layer}")
+        if n == 10:
+            assert all(c._meta_buf is not buf for c, buf in zip((qkv_calls, kv_calls), buffers))
+        if n in (2, 12):   # a decode step after a decode step: both kinds' launches were the last step's
+            assert [found is not None for _, found in reused[-2:]] == [True, True], f"step {n}"
+        if n in (4, 10, 11):   # the number of tokens changed: planned anew
+            assert [found for _, found in reused[-2:]] == [None, None], f"step {n}"
     assert a.snapshot() == b.snapshot()
     assert True in followed and False in followed   # both ways of readying a layer ran
 
