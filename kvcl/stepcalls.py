@@ -10,7 +10,9 @@ Per step, :meth:`~kvcl.stepcalls.StepCalls.rebind` with ``prepare=True`` (what t
 model runs) readies every layer at once: each layer's launches run on kernel objects of this
 object's own, their arguments set then, so that a layer's call sets only its input buffers and
 enqueues. Layer 0's argument changes since the last step are carried to the other layers
-(their launches differ from layer 0's only in the pools).
+(their launches differ from layer 0's only in the pools). The step's tables (slots, page table)
+are copied into a buffer of this object's own and the last step's launches are kept, so that a
+decode step after another, which differs only in its lengths, changes no argument at all.
 
 Results are bit-identical to :meth:`~kvcl.engine.PagedKVCache.attend_qkv` and to :meth:`~kvcl.engine.PagedKVCache.write`
 then :meth:`~kvcl.engine.PagedKVCache.attend` (same kernels, same launch layout, same arguments). A call
@@ -174,12 +176,12 @@ class StepCalls:
         The kernels' table arguments then stay the same buffers from step to step, so a step
         readied after another changes none of them in any layer (a new step's own sub-buffers
         changed five or six arguments of every layer's launches: ~120 µs a step over 30 layers on
-        PoCL), for one blocking write a step (1.6 µs on PoCL's in-thread companion, ~60 µs through
-        the device's queue, where steps are larger)."""
+        PoCL), for one write a step (2-15 µs with the tables' packing on PoCL's in-thread
+        companion, ~60 µs through the device's queue, where steps are larger)."""
         arrays = [np.asarray(getattr(step.plan, name), np.int32).ravel() for name in Step.FIELDS]
         if self._meta_buf is None or any(a.size > cap for a, cap in zip(arrays, self._meta_caps)):
-            align = self.cache._align   # int32 elements; a power of two, as sub-buffer offsets need
-            caps = [max(align, 1 << max(0, a.size - 1).bit_length()) for a in arrays]
+            align = self.cache._align   # int32 elements: every region starts on it, as sub-buffers must
+            caps = [-(-(1 << max(0, a.size - 1).bit_length()) // align) * align for a in arrays]
             starts = [0, *itertools.accumulate(caps)][:-1]
             self._meta_host = np.zeros(sum(caps), np.int32)
             self._meta_buf = buf = cl.Buffer(self._context, cl.mem_flags.READ_ONLY, 4 * sum(caps))
@@ -189,9 +191,10 @@ class StepCalls:
         host = self._meta_host
         for a, start in zip(arrays, self._meta_starts):
             host[start:start + a.size] = a
-        # blocking: the host copy is rewritten by the next step; queued after the last step's
-        # kernels on the queue this step's calls use
-        cl.enqueue_copy(self.cache._use(self._queue), self._meta_buf, host, is_blocking=True)
+        # waited for (the host copy is rewritten by the next step; on its event, not as a blocking
+        # write: see kvcl.ops._launch.read_host), queued after the last step's kernels on the
+        # queue this step's calls use
+        cl.enqueue_copy(self.cache._use(self._queue), self._meta_buf, host, is_blocking=False).wait()
 
     # ---- checks ------------------------------------------------------------------------------
 
