@@ -398,9 +398,30 @@ void paged_decode_attention(
 #endif
                 acc[(h * ROWS + r) * NV + v] = (floatV)(0.0f);
             }
+#if KV_DTYPE == KV_INT4
+            {   // the rotated query (int4's basis) and its sum
 #if INT8_DOT
+                floatV qrot[NV];
+                floatV *qr = qrot;
+                for (int v = 0; v < NV; ++v) qr[v] = qt < n_qt ? qp[v] * qk_scale_log2 : (floatV)(0.0f);
+#else
+                floatV *qr = q + (h * ROWS + r) * NV;
+#endif
+                int4_fwht(qr);
+                floatV sv = qr[0];
+                for (int v = 1; v < NV; ++v) sv += qr[v];
+                qsum[h * ROWS + r] = vsum(sv);
+                pm[h * ROWS + r] = 0.0f;
+#if INT8_DOT
+                const float *qs = (const float *)qr;   // quantized below: step includes qk_scale_log2
+#define QSC_SCALE 1.0f
+#endif
+#elif INT8_DOT
             {
                 __global const float *qs = (__global const float *)qp;
+#define QSC_SCALE qk_scale_log2
+#endif
+#if INT8_DOT
                 qelem_t *codes = (qelem_t *)(qc + (h * ROWS + r) * NQ);
                 float amax = 0.0f;
                 for (int d = 0; d < HEAD_DIM; ++d) {
@@ -409,22 +430,19 @@ void paged_decode_attention(
                 }
                 const float step = qstep(amax);
                 for (int d = 0; d < HEAD_DIM; ++d)
+#if KV_DTYPE == KV_INT4
+                    codes[QPOS(d)] = qt < n_qt ? qcode(qs[d], step) : (qelem_t)0;
+#else
                     codes[d] = qt < n_qt ? qcode(qs[d], step) : (qelem_t)0;
-                qsc[h * ROWS + r] = step * qk_scale_log2;
+#endif
+                qsc[h * ROWS + r] = step * QSC_SCALE;
+#undef QSC_SCALE
+#endif
+#if INT8_DOT || KV_DTYPE == KV_INT4
             }
 #endif
             m[h * ROWS + r] = -INFINITY;
             l[h * ROWS + r] = 0.0f;
-#if KV_DTYPE == KV_INT4
-            {
-                floatV *qr = q + (h * ROWS + r) * NV;
-                int4_fwht(qr);
-                floatV sv = qr[0];
-                for (int v = 1; v < NV; ++v) sv += qr[v];
-                qsum[h * ROWS + r] = vsum(sv);
-                pm[h * ROWS + r] = 0.0f;
-            }
-#endif
         }
     }
 
@@ -503,9 +521,9 @@ void paged_decode_attention(
             }
 #endif
 #if INT8_DOT
-            iacc_t ai[ROWS];                   // exact int32 partial sums per row
+            ipart_t ai[ROWS];                  // exact partial sums per row (IFINISH: int32)
             #pragma unroll
-            for (int r = 0; r < ROWS; ++r) ai[r] = (iacc_t)(0);
+            for (int r = 0; r < ROWS; ++r) ai[r] = (ipart_t)(0);
             #pragma unroll
             for (int v = 0; v < NQ; ++v) {
                 KCODES(kp, v)
@@ -551,13 +569,14 @@ void paged_decode_attention(
 #ifdef HAVE_ISUM4
             #pragma unroll
             for (; r + 4 <= ROWS; r += 4) {
-                const float4 d4 = CVT(isum4x8(ai[r], ai[r + 1], ai[r + 2], ai[r + 3]), float4)
+                const float4 d4 = CVT(isum4x8(IFINISH(ai[r]), IFINISH(ai[r + 1]), IFINISH(ai[r + 2]),
+                                              IFINISH(ai[r + 3])), float4)
                                 * (float4)(qsch[r], qsch[r + 1], qsch[r + 2], qsch[r + 3]);
                 d[r] = d4.x; d[r + 1] = d4.y; d[r + 2] = d4.z; d[r + 3] = d4.w;
             }
 #endif
             #pragma unroll
-            for (; r < ROWS; ++r) d[r] = (float)isum(ai[r]) * qsch[r];
+            for (; r < ROWS; ++r) d[r] = (float)isum(IFINISH(ai[r])) * qsch[r];
 #else
 #if defined(HAVE_SHUFFLE) && VEC == 8
             #pragma unroll

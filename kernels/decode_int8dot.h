@@ -22,11 +22,19 @@
 // L=2048, random-order A/B): decode 1.09-1.16x faster than float logits (five runs of 20
 // rounds; 2.63-3.27x kvcl fp32), arithmetic alone 1.16-1.19x; 8-bit codes no faster with 2.5x
 // the error vs fp32; V in integers too (token pairs through vpmaddwd) no faster, not kept.
+//
+// int4 KV (INT8_DOT = 8, the serial variant): the same on the rotated query q' (the float path's
+// q * qk_scale_log2 rotated, common.h) against the unsigned codes 0..15, the logit then
+//     (float)(sum_d c_d * code_d) * step * k_scale + k_minimum * sum(q')
+// (step from q', so qk_scale_log2 is inside it). On x86 PoCL with AVX2 a K row is read 16 bytes
+// at a time, their low nibbles (even elements) and high nibbles (odd elements) side by side as 32
+// unsigned bytes for vpmaddubsw, so the query codes are stored in that order (QPOS); pair sums
+// are at most 2 * 15 * 127, no saturation.
 #ifndef INT8_DOT
 #define INT8_DOT 0
 #endif
-#if INT8_DOT && KV_DTYPE != KV_INT8
-#error "INT8_DOT needs KV_DTYPE int8"
+#if INT8_DOT && KV_DTYPE != KV_INT8 && !(KV_DTYPE == KV_INT4 && INT8_DOT == 8 && SERIAL)
+#error "INT8_DOT needs KV_DTYPE int8 (or int4 with 8-bit codes in the serial variant)"
 #endif
 #if INT8_DOT != 0 && INT8_DOT != 8 && INT8_DOT != 16
 #error "INT8_DOT must be 0, 8 or 16"
@@ -47,7 +55,37 @@
 #ifndef IDOT_X86
 #define IDOT_X86 0
 #endif
-#if IDOT_X86 && INT8_DOT == 16
+#if KV_DTYPE == KV_INT4
+#define QPOS(d) (d)                    // where query code d is kept (x86: see below)
+#endif
+#if IDOT_X86 && KV_DTYPE == KV_INT4
+typedef char char32 __attribute__((ext_vector_type(32)));
+typedef char qelem_t;
+typedef char32 qcode_t;
+typedef int8 iacc_t;
+#define QN 32
+// element 2j of a 32-element slice is byte j's low nibble, 2j + 1 its high one
+#undef QPOS
+#define QPOS(d) (((d) & ~31) + ((d) & 1) * 16 + (((d) & 31) >> 1))
+#define KCODES(p, i) const char16 kb = ((__global const char16 *)(p))[i]; \
+                     const char32 ka = __builtin_shufflevector(kb & (char)0xF, (kb >> (char)4) & (char)0xF, \
+                         0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, \
+                         23, 24, 25, 26, 27, 28, 29, 30, 31);
+#if HEAD_DIM <= 256   // 16-bit lanes hold a row's pair sums: HEAD_DIM / 32 of them, each <= 3810
+typedef short16 ipart_t;
+#define IDOT(qv) __builtin_ia32_pmaddubsw256(ka, (qv))
+#define IFINISH(a) __builtin_ia32_pmaddwd256((a), (short16)(1))
+#else
+#define IDOT(qv) __builtin_ia32_pmaddwd256(__builtin_ia32_pmaddubsw256(ka, (qv)), (short16)(1))
+#endif
+#elif KV_DTYPE == KV_INT4
+typedef int qelem_t;
+typedef intV qcode_t;
+typedef intV iacc_t;
+#define QN VEC
+#define KCODES(p, i) const intV kc = AS_INTV(int4v_codes((p), (i)));
+#define IDOT(qv) (kc * (qv))
+#elif IDOT_X86 && INT8_DOT == 16
 typedef short qelem_t;                 // one query code
 typedef short16 qcode_t;               // QN query codes, the operand of one multiply-add step
 typedef int8 iacc_t;                   // the step's partial sums
@@ -75,6 +113,10 @@ typedef intV iacc_t;
 #define IDOT(qv) (kc * (qv))
 #endif
 #define NQ (HEAD_DIM / QN)             // multiply-add steps per K row
+#ifndef IFINISH                        // a row's partial sums (ipart_t) to int32 lanes (iacc_t)
+typedef iacc_t ipart_t;
+#define IFINISH(a) (a)
+#endif
 
 inline int isum(iacc_t v) {
 #if IDOT_X86 || VEC == 8

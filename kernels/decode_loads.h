@@ -77,20 +77,20 @@ inline bool row_has_nan(__global const kv_t *p) {
 // each lane shifted to its nibble (value 2j + 1 is bits 8j + 4 .. 8j + 7), masked, converted.
 // Against unpacking the low and the high nibbles as two half vectors and interleaving them
 // (shuffles): see docs/performance.md.
-inline floatV int4v_decode(__global const kv_t *p, int i) {
+inline uintV int4v_codes(__global const kv_t *p, int i) {
 #if VEC == 4
     const uint w = ((__global const ushort *)p)[i];
-    const uint4 u = ((uint4)(w) >> (uint4)(0, 4, 8, 12)) & 0xFu;
+    return ((uint4)(w) >> (uint4)(0, 4, 8, 12)) & 0xFu;
 #elif VEC == 8
     const uint w = ((__global const uint *)p)[i];
-    const uint8 u = ((uint8)(w) >> (uint8)(0, 4, 8, 12, 16, 20, 24, 28)) & 0xFu;
+    return ((uint8)(w) >> (uint8)(0, 4, 8, 12, 16, 20, 24, 28)) & 0xFu;
 #else
     const uint2 w = ((__global const uint2 *)p)[i];
     const uint8 sh = (uint8)(0, 4, 8, 12, 16, 20, 24, 28);
-    const uint16 u = (uint16)(((uint8)(w.x) >> sh) & 0xFu, ((uint8)(w.y) >> sh) & 0xFu);
+    return (uint16)(((uint8)(w.x) >> sh) & 0xFu, ((uint8)(w.y) >> sh) & 0xFu);
 #endif
-    return CVT(AS_INTV(u), floatV);
 }
+inline floatV int4v_decode(__global const kv_t *p, int i) { return CVT(AS_INTV(int4v_codes(p, i)), floatV); }
 
 // int4 (common.h): a row decodes as c * sc + lo in the rotated basis, so
 //   q . k = sc * (q' . c) + lo * sum(q')     with q' the rotated query (once per work-group),

@@ -107,8 +107,8 @@ def _check_common(queries, out, q_indptr, batch, kvd, int8_mode, num_kv_heads, h
     if partition_size is not None:
         check_int("partition_size", partition_size, low=1)
     if layout._check_int8_dot(int8_dot) == "integer" and int8_dot is not None:   # refused before any build
-        if kvd.name != "int8":
-            raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8, got {kvd.name}")
+        if kvd.name not in layout.INTEGER_KV:
+            raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8 or int4, got {kvd.name}")
         if head_dim > layout._INT8_DOT_MAX_HEAD_DIM:
             raise InvalidArgument(f"int8_dot: 'integer' supports head_dim <= {layout._INT8_DOT_MAX_HEAD_DIM} "
                                   f"(int32 sums), got {head_dim}")

@@ -25,6 +25,8 @@ SOURCE = "decode_attention.cl"
 VARIANTS = ("serial", "cooperative")
 #: the ``int8_dot`` choices: how int8 KV's logits are computed (see :func:`paged_attention`)
 INT8_DOTS = ("auto", "float", "integer")
+#: the KV dtypes with an integer path (int4: 8-bit query codes, the serial variant only)
+INTEGER_KV = ("int8", "int4")
 # int8_dot=None means this (tools and tests reassign it; the engine passes None)
 _INT8_DOT = "auto"
 # bits of the query codes of the integer path (16 or 8; the INT8_DOT define). 16 measured at least
@@ -175,12 +177,16 @@ def _check_int8_dot(int8_dot) -> str:
 
 
 def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> str:
-    """``"integer"`` or ``"float"``: the logits int8 KV gets (see :func:`int8_dot_for`)."""
-    explicit = int8_dot is not None   # the module default applies to int8 KV only
+    """``"integer"`` or ``"float"``: the logits int8 / int4 KV gets (see :func:`int8_dot_for`)."""
+    explicit = int8_dot is not None   # the module default applies to int8 and int4 KV only
     int8_dot = _check_int8_dot(int8_dot)
-    if kvd.name != "int8":         # the integer path reads int8 codes only
+    if kvd.name not in INTEGER_KV:     # the integer path reads integer codes only
         if int8_dot == "integer" and explicit:
-            raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8, got {kvd.name}")
+            raise InvalidArgument(f"int8_dot: 'integer' needs kv_dtype int8 or int4, got {kvd.name}")
+        return "float"
+    if kvd.name == "int4" and variant != "serial":   # int4's integer path is the serial kernel's
+        if int8_dot == "integer" and explicit:
+            raise InvalidArgument(f"int8_dot: 'integer' for int4 KV needs the serial variant, got {variant}")
         return "float"
     if int8_dot == "integer" and head_dim > _INT8_DOT_MAX_HEAD_DIM:
         if not explicit:
@@ -189,10 +195,11 @@ def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> s
                               f"(int32 sums), got {head_dim}")
     if int8_dot != "auto":
         return int8_dot
-    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 B=4 L=2048 decode, see
-    # docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster)
+    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 and int4 B=4 L=2048 decode,
+    # see docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster)
     fast = (variant == "serial" and "pocl" in dev.version.lower() and bool(dev.type & cl.device_type.CPU)
-            and head_dim % 16 == 0 and head_dim <= _INT8_DOT_MAX_HEAD_DIM and _x86_int_dot(context, dev))
+            and head_dim % (16 if kvd.name == "int8" else 32) == 0 and head_dim <= _INT8_DOT_MAX_HEAD_DIM
+            and _x86_int_dot(context, dev))
     return "integer" if fast else "float"
 
 
@@ -241,7 +248,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     if idot == "integer":
         if _INT8_DOT_BITS not in (8, 16):
             raise InvalidArgument(f"_INT8_DOT_BITS: expected 8 or 16, got {_INT8_DOT_BITS!r}")
-        base["INT8_DOT"] = _INT8_DOT_BITS
+        base["INT8_DOT"] = 8 if kvd.name == "int4" else _INT8_DOT_BITS   # int4: vpmaddubsw's operands
     if variant == "serial":
         rows = group * q_tile
         # the acc slice of the V phase (rows x SV vectors) should fit the vector registers

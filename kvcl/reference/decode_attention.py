@@ -24,6 +24,15 @@ logits bit for bit (:func:`integer_logits`); softmax and V then as above, in flo
     logits[j] = logits2[j] * ln(2)              (logits2 is in the log2 domain, like the kernel)
 
 with ``qk_scale_log2 = float32(scale * log2(e))``.
+
+int4 KV with ``int8_dot="integer"``: the query rotated into int4's basis first,
+``q' = hadamard_rows(float32(q * qk_scale_log2))`` (the kernel's bits), quantized to 8-bit codes
+as above, the sums taken over the stored codes 0..15 and each row's scale and minimum applied
+(:func:`int4_integer_logits`)::
+
+    logits2[j] = float32(float32(c . codes[j]) * step) * sc[j] + lo[j] * sum(q')
+
+exact up to the last sum and product (the kernel's float32 order there is its own).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import math
 
 import numpy as np
 
-from .quantize import decode_kv, fp16_decode
+from .quantize import decode_kv, fp16_decode, hadamard_rows, int4_params, unpack_int4
 
 #: bits of the query codes of the integer path, and their largest magnitude
 INT8_DOT_QMAX = {16: 32767.0, 8: 127.0}
@@ -82,7 +91,8 @@ def gather_sequence(pool: np.ndarray, scales: np.ndarray | None, indptr: np.ndar
 def gather_codes(pool: np.ndarray, scales: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
                  last_page_len: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Sequence ``b``'s stored int8 codes ``[kv_len, Hkv, D]`` (int8) and row scales
-    ``[kv_len, Hkv]`` (float32; fp16 bits as uint16 are decoded), in token order."""
+    ``[kv_len, Hkv]`` (float32; fp16 bits as uint16 are decoded), in token order; for int4
+    the packed bytes ``[kv_len, Hkv, D / 2]`` and the scale slots as stored (float32 bits)."""
     block_size = pool.shape[2]
     pages = np.asarray(indices[int(indptr[b]):int(indptr[b + 1])], dtype=np.int64)
     kv_len = (len(pages) - 1) * block_size + int(last_page_len[b])
@@ -124,10 +134,27 @@ def integer_logits(q: np.ndarray, k_codes: np.ndarray, k_scales: np.ndarray, qk_
         return (out * np.asarray(k_scales, dtype=np.float32)).astype(np.float32)
 
 
+def int4_integer_logits(q: np.ndarray, k_codes: np.ndarray, k_sc: np.ndarray, k_lo: np.ndarray,
+                        qk_scale_log2) -> np.ndarray:
+    """int4's integer-path logits (log2 domain) of query rows ``q [..., D]`` against the stored
+    codes ``k_codes [T, D]`` (0..15, the rotated basis) with each row's scale ``k_sc`` and minimum
+    ``k_lo`` ``[T]``: the query rotated (:func:`~kvcl.reference.quantize.hadamard_rows` of
+    ``float32(q * qk_scale_log2)``), quantized to 8-bit codes (:func:`quantize_query`), exact
+    integer sums, then ``float32(float32(sum) * step) * sc + lo * sum(q')`` in float64."""
+    qr = hadamard_rows((np.asarray(q, np.float32) * np.float32(qk_scale_log2)).astype(np.float32))
+    codes, step = quantize_query(qr, 8)
+    sums = codes.astype(np.int64) @ np.asarray(k_codes, dtype=np.int64).T
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = (sums.astype(np.float32) * step[..., None]).astype(np.float32)
+        qsum = qr.astype(np.float64).sum(-1)[..., None]
+        return x * np.asarray(k_sc, np.float64) + np.asarray(k_lo, np.float64) * qsum
+
+
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int,
             integer: "tuple | None" = None) -> np.ndarray:
     """One sequence: ``q [q_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` → ``[q_len, Hq, D]``.
-    ``integer``: ``(k_codes, k_scales, bits)`` for the integer path's logits."""
+    ``integer``: ``(k_codes, k_scales, bits)`` for int8's integer-path logits, or
+    ``(k_codes, (k_sc, k_lo), "int4")`` for int4's."""
     q_len, hq, _ = q.shape
     kv_len, hkv, _ = k.shape
     group = hq // hkv
@@ -143,8 +170,12 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: i
                 logits = scale * (k64[lo:hi, kh] @ q64[i, h])
             else:
                 codes, ks, bits = integer
-                logits = integer_logits(q[i, h], codes[lo:hi, kh], ks[lo:hi, kh], qk_scale_log2,
-                                        bits).astype(np.float64) * math.log(2.0)
+                if bits == "int4":
+                    logits2 = int4_integer_logits(q[i, h], codes[lo:hi, kh], ks[0][lo:hi, kh], ks[1][lo:hi, kh],
+                                                  qk_scale_log2)
+                else:
+                    logits2 = integer_logits(q[i, h], codes[lo:hi, kh], ks[lo:hi, kh], qk_scale_log2, bits)
+                logits = np.asarray(logits2, np.float64) * math.log(2.0)
             with np.errstate(invalid="ignore"):
                 p = np.exp(logits - logits.max())
                 out[i, h] = (p @ v64[lo:hi, kh]) / p.sum()
@@ -196,8 +227,9 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     window : int
         Sliding window (0: none).
     int8_dot : str, optional
-        ``"integer"`` (int8 KV only): the logits of the kernel's integer path, with query codes
-        of ``int8_dot_bits`` (16 or 8) bits; ``None`` / ``"float"``: float logits.
+        ``"integer"`` (int8 and int4 KV): the logits of the kernel's integer path, with query
+        codes of ``int8_dot_bits`` (16 or 8; int4: always 8) bits; ``None`` / ``"float"``:
+        float logits.
     fresh_keys, fresh_values : numpy.ndarray, optional
         ``[total_q, num_kv_heads, head_dim]`` float32: each query row reads its own token from
         its row here instead of the cache, every other token from the cache (the launcher's
@@ -217,8 +249,8 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
     if int8_dot not in (None, "float", "integer"):
         raise ValueError(f"int8_dot: expected None, 'float' or 'integer', got {int8_dot!r}")
     integer = int8_dot == "integer"
-    if integer and kv_dtype != "int8":
-        raise ValueError(f"int8_dot: 'integer' needs kv_dtype int8, got {kv_dtype!r}")
+    if integer and kv_dtype not in ("int8", "int4"):
+        raise ValueError(f"int8_dot: 'integer' needs kv_dtype int8 or int4, got {kv_dtype!r}")
     result = np.zeros(queries.shape, dtype=np.float32)
     for b in range(len(indptr) - 1):
         k = gather_sequence(k_pool, k_scales, indptr, indices, last_page_len, b, kv_dtype, int8_mode)
@@ -229,7 +261,10 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
                                               np.asarray(fresh_values)[r0:r1], float(scale), int(window))
             continue
         codes = None
-        if integer:
+        if integer and kv_dtype == "int4":
+            stored, slots = gather_codes(k_pool, k_scales, indptr, indices, last_page_len, b)
+            codes = (unpack_int4(stored), int4_params(slots), "int4")
+        elif integer:
             codes = gather_codes(k_pool, k_scales, indptr, indices, last_page_len, b) + (int8_dot_bits,)
         result[r0:r1] = _attend(queries[r0:r1], k, v, float(scale), int(window), codes)
     if out is not None:

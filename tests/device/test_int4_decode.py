@@ -104,8 +104,9 @@ def test_int4_refusals_name_the_argument(device, rng):
         ops.paged_attention(*pos, **common)
     with pytest.raises(kvcl.InvalidArgument, match=r"int8_mode: int4 has one scale convention \(0\), got 1"):
         ops.paged_attention(*pos, k_scales=d["k_scales"], v_scales=d["v_scales"], int8_mode=1, **common)
-    with pytest.raises(kvcl.InvalidArgument, match="int8_dot: 'integer' needs kv_dtype int8, got int4"):
-        ops.paged_attention(*pos, k_scales=d["k_scales"], v_scales=d["v_scales"], int8_dot="integer", **common)
+    with pytest.raises(kvcl.InvalidArgument, match="int8_dot: 'integer' for int4 KV needs the serial variant"):
+        ops.paged_attention(*pos, k_scales=d["k_scales"], v_scales=d["v_scales"], int8_dot="integer",
+                            _variant="cooperative", **common)
     wide = cla.zeros(device.queue, d["k_pool"].shape[:3] + (64,), np.uint8)   # head_dim bytes, not head_dim / 2
     with pytest.raises(kvcl.ShapeError, match="k_pool"):
         ops.paged_attention(d["queries"], wide, wide, *pos[3:], k_scales=d["k_scales"], v_scales=d["v_scales"],
