@@ -15,7 +15,7 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
 * ``stream_read``: a plain wide-vector read kernel over a large buffer — the device limit.
 * ``paged_decode``: one decode step of one layer (1 new query token per sequence, GQA), the
   shape of targets.md (B=4, Hq=32, Hkv=8, D=128, L=2048, block 16), in every KV dtype (int8
-  twice: float logits and the integer path, ``int8_dot`` of :mod:`kvcl.ops.decode_attention`;
+  and int4 twice: float logits and the integer path, ``int8_dot`` of :mod:`kvcl.ops.decode_attention`;
   ``extra["int8_dot"]`` says which, ``extra["int8_dot_auto"]`` whether ``"auto"`` picks it; int4
   with two values a byte); plus
   long context (B=1, L=32768, split-K), many sequences (B=64, L=512) and the GPU target shape
@@ -454,7 +454,7 @@ def _decode_cases(shape: DecodeShape) -> list[tuple]:
     launcher's ``int8_dot``), each sampled in turn with fp32."""
     cases = []
     for name in KV_DTYPES:
-        if name == "int8":
+        if name in ("int8", "int4"):   # the formats with an integer path: both paths
             cases += [("paged_decode", "decode", (shape, name, dot)) for dot in ("float", "integer")]
         else:
             cases.append(("paged_decode", "decode", (shape, name)))
@@ -567,6 +567,8 @@ def run_bench(device=None, *, quick: bool = False, repeats: int = 7, progress: b
             bar.set_postfix_str(f"{name} {' '.join(map(str, args[1:])) if kind in ('decode', 'write') else ''}")
         if kind == "decode":
             shape, dtype_name, *dot = args
+            if dot == ["integer"] and dtype_name == "int4" and attention_ops.variant_for(dev.device) != "serial":
+                continue   # int4's integer path is the serial kernel's: none on this device
             case = DecodeCase(dev, shape, dtype_name, int8_dot=dot[0] if dot else None)
             nbytes = decode_bytes(shape, dtype_name)
             base = peer_base.get(shape) if name == "paged_decode" and dtype_name != "fp32" else None

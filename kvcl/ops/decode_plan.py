@@ -3,7 +3,7 @@ work-group shape and split-K (:func:`plan`), for :mod:`kvcl.ops.decode_attention
 
 The layout constants below are the module's knobs: tools (``tools/decode_ab.py``,
 ``tools/decode_sweep.py``) and tests reassign them, and every memoized plan records the values it
-was made with (:func:`_knobs`). Measured figures: the comments beside them and
+was made with (``_knobs()``). Measured figures: the comments beside them and
 ``docs/performance.md``.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["INT8_DOTS", "Plan", "VARIANTS", "int8_dot_for", "plan", "variant_for
 SOURCE = "decode_attention.cl"
 
 VARIANTS = ("serial", "cooperative")
-#: the ``int8_dot`` choices: how int8 KV's logits are computed (see :func:`paged_attention`)
+#: the ``int8_dot`` choices: how int8 KV's logits are computed (see :func:`~kvcl.ops.decode_attention.paged_attention`)
 INT8_DOTS = ("auto", "float", "integer")
 #: the KV dtypes with an integer path (int4: 8-bit query codes, the serial variant only)
 INTEGER_KV = ("int8", "int4")
@@ -195,11 +195,13 @@ def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> s
                               f"(int32 sums), got {head_dim}")
     if int8_dot != "auto":
         return int8_dot
-    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 and int4 B=4 L=2048 decode,
-    # see docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster)
-    fast = (variant == "serial" and "pocl" in dev.version.lower() and bool(dev.type & cl.device_type.CPU)
-            and head_dim % (16 if kvd.name == "int8" else 32) == 0 and head_dim <= _INT8_DOT_MAX_HEAD_DIM
-            and _x86_int_dot(context, dev))
+    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 B=4 L=2048 decode, see
+    # docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster). int4's integer
+    # path (1.25-1.29x faster there) is opt-in until a model's perplexity through it is measured:
+    # its 8-bit query codes move the output ~1 % off the float path on the same codes
+    fast = (variant == "serial" and kvd.name == "int8" and "pocl" in dev.version.lower()
+            and bool(dev.type & cl.device_type.CPU) and head_dim % 16 == 0
+            and head_dim <= _INT8_DOT_MAX_HEAD_DIM and _x86_int_dot(context, dev))
     return "integer" if fast else "float"
 
 
@@ -219,7 +221,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
 
     ``variant``: ``"serial"`` (one work-item per work-group, the CPU-shaped kernel; the default on
     CPU devices except llvmpipe) or ``"cooperative"`` (WG work-items per tile; the default
-    elsewhere), see :func:`_variant_for`. ``int8_dot``: see :func:`paged_attention`.
+    elsewhere), see :func:`_variant_for`. ``int8_dot``: see :func:`~kvcl.ops.decode_attention.paged_attention`.
     """
     dev = device or context.devices[0]
     key = (context.int_ptr, dev.int_ptr, head_dim, block_size, group, max_q_len, kvd.code, int8_mode, local_size,
@@ -313,12 +315,12 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
          block_size: int, max_q_len: int, max_kv_len: int, kv_dtype="fp32", int8_mode: int = 0,
          partition_size: int | None = None, local_size: int | None = None,
          variant: str | None = None, device=None, int8_dot=None) -> Plan:
-    """The launch layout :func:`paged_attention` uses for these sizes on ``device`` (default:
+    """The launch layout :func:`~kvcl.ops.decode_attention.paged_attention` uses for these sizes on ``device`` (default:
     ``context``'s first).
 
     ``variant`` (``"serial"`` / ``"cooperative"``, default by device: serial on CPUs but llvmpipe) and
     ``local_size`` (cooperative only) override the kernel choice, for tests and measurements;
-    ``int8_dot`` as in :func:`paged_attention` (the plan's ``int8_dot`` says what it resolved to).
+    ``int8_dot`` as in :func:`~kvcl.ops.decode_attention.paged_attention` (the plan's ``int8_dot`` says what it resolved to).
 
     ``partition_size=None`` picks split-K automatically: none when the
     ``batch · num_kv_heads / kv_heads_per_group · q_tiles`` work-groups already give every

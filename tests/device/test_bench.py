@@ -10,6 +10,7 @@ import pytest
 import kvcl
 from kvcl import bench
 from kvcl.cli import main
+from kvcl.ops import decode_attention as attention_ops
 
 
 def test_bytes_formula_matches_targets_md():
@@ -63,6 +64,11 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
     assert sorted(r["extra"]["int8_dot"] for r in int8) == ["float", "integer"]
     assert sum(r["extra"]["int8_dot_auto"] for r in int8) == 1
     assert "int8 integer" in printed and "int8 float" in printed
+    # int4 likewise where its integer path exists (the serial kernel), float logits alone elsewhere
+    int4 = [r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "int4"]
+    serial = attention_ops.variant_for(device.queue.device) == "serial"
+    assert sorted(r["extra"]["int8_dot"] for r in int4) == (["float", "integer"] if serial else ["float"])
+    assert [r["extra"]["int8_dot"] for r in int4 if r["extra"]["int8_dot_auto"]] == ["float"]   # opt-in
     fp32 = next(r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "fp32")
     for r in doc["records"]:
         if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"] and r["kv_dtype"] == "fp32":
