@@ -66,6 +66,19 @@ def upload(queue, case):
             for k, v in case.items() if k not in ("k_fp32", "v_fp32")}
 
 
+def run_contiguous(device, case, lens, **kw):
+    """``ops.contiguous_attention`` on a case made with ``block_size`` = the capacity (one page a
+    sequence, unshuffled, no spare blocks), ``lens`` [B] its cached tokens; the output on the host."""
+    q = device.queue
+    d = upload(q, case)
+    out = cla.empty(q, case["queries"].shape, np.float32)
+    ops.contiguous_attention(d["queries"], d["k_pool"], d["v_pool"], cla.to_device(q, np.asarray(lens, np.int32)),
+                             d["q_indptr"], out, k_scales=d["k_scales"], v_scales=d["v_scales"],
+                             kv_dtype=case["kv_dtype"], max_q_len=case["max_q_len"], max_kv_len=int(max(lens)),
+                             **kw).wait()
+    return out.get()
+
+
 def run_paged(device, case, **kw):
     # the float path unless a test asks: these are the same-codes tests of float arithmetic (the
     # int8 integer path has its own, tests/device/test_int8_integer_decode.py)
@@ -234,14 +247,7 @@ def test_contiguous_equals_paged(device, rng, capacity, kv_dtype):
     case = make_case(rng, lens=lens, q_lens=q_lens, block_size=capacity, num_kv_heads=hkv, group=group,
                      head_dim=d, kv_dtype=kv_dtype, spare=0, shuffle=False, kv=(k, v))
     paged = run_paged(device, case, window=50)
-    q = device.queue
-    dd = upload(q, case)
-    out = cla.empty(q, case["queries"].shape, np.float32)
-    kv_lens = cla.to_device(q, lens)
-    ops.contiguous_attention(dd["queries"], dd["k_pool"], dd["v_pool"], kv_lens, dd["q_indptr"], out,
-                             k_scales=dd["k_scales"], v_scales=dd["v_scales"], kv_dtype=kv_dtype,
-                             window=50, max_q_len=max(q_lens), max_kv_len=int(lens.max()), int8_dot="float").wait()
-    got = out.get()
+    got = run_contiguous(device, case, lens, window=50, int8_dot="float")
     want = ref.contiguous_attention(case["queries"], case["k_pool"], case["v_pool"], lens,
                                     case["q_indptr"], k_scales=case["k_scales"],
                                     v_scales=case["v_scales"], kv_dtype=kv_dtype, window=50)

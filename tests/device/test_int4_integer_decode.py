@@ -13,7 +13,6 @@ measured figures, as in test_int4_decode.py). The float path keeps its same-code
 from __future__ import annotations
 
 import numpy as np
-import pyopencl.array as cla
 import pytest
 
 import kvcl
@@ -21,7 +20,7 @@ from kvcl.ops import decode_attention as ops
 from kvcl.ops import decode_plan as layout
 from kvcl.reference import decode_attention as ref
 
-from test_decode_attention import LENS, _cosine, assert_close, make_case, run_paged, run_reference, upload
+from test_decode_attention import LENS, _cosine, assert_close, make_case, run_contiguous, run_paged, run_reference
 
 TWIN = 2e-5     # max abs error / max abs(out) against the twin (observed <= 8e-6)
 
@@ -72,13 +71,7 @@ def test_int4_integer_prefill_and_contiguous(device, rng):
     case = make_case(rng, lens=lens, q_lens=(1, 4, 2), block_size=capacity, num_kv_heads=hkv, group=4,
                      head_dim=d, kv_dtype="int4", spare=0, shuffle=False, kv=(k, v))
     paged = run_paged(device, case, int8_dot="integer", _variant="serial")
-    q = device.queue
-    dd = upload(q, case)
-    out = cla.empty(q, case["queries"].shape, np.float32)
-    ops.contiguous_attention(dd["queries"], dd["k_pool"], dd["v_pool"], cla.to_device(q, lens), dd["q_indptr"],
-                             out, k_scales=dd["k_scales"], v_scales=dd["v_scales"], kv_dtype="int4",
-                             max_q_len=4, max_kv_len=capacity, int8_dot="integer", _variant="serial").wait()
-    np.testing.assert_array_equal(out.get(), paged)
+    np.testing.assert_array_equal(run_contiguous(device, case, lens, int8_dot="integer", _variant="serial"), paged)
 
 
 def test_int4_integer_accuracy_against_fp32_kv(device, rng):

@@ -21,7 +21,7 @@ from kvcl.ops import decode_attention as ops
 from kvcl.ops import decode_plan as layout
 from kvcl.reference import decode_attention as ref
 
-from test_decode_attention import LENS, assert_close, make_case, run_paged, run_reference, upload
+from test_decode_attention import LENS, assert_close, make_case, run_contiguous, run_paged, run_reference
 
 TWIN = 2e-6     # max abs error / max abs(out) against the twin (observed <= 8e-7)
 
@@ -101,14 +101,7 @@ def test_contiguous_equals_paged_integer(device, rng):
     case = make_case(rng, lens=lens, q_lens=q_lens, block_size=capacity, num_kv_heads=hkv, group=group,
                      head_dim=d, kv_dtype="int8", spare=0, shuffle=False, kv=(k, v))
     paged = run_paged(device, case, int8_dot="integer", window=50)
-    q = device.queue
-    dd = upload(q, case)
-    out = cla.empty(q, case["queries"].shape, np.float32)
-    ops.contiguous_attention(dd["queries"], dd["k_pool"], dd["v_pool"], cla.to_device(q, lens), dd["q_indptr"],
-                             out, k_scales=dd["k_scales"], v_scales=dd["v_scales"], kv_dtype="int8",
-                             window=50, max_q_len=max(q_lens), max_kv_len=int(lens.max()),
-                             int8_dot="integer").wait()
-    got = out.get()
+    got = run_contiguous(device, case, lens, window=50, int8_dot="integer")
     want = ref.contiguous_attention(case["queries"], case["k_pool"], case["v_pool"], lens, case["q_indptr"],
                                     k_scales=case["k_scales"], v_scales=case["v_scales"], kv_dtype="int8",
                                     window=50, int8_dot="integer")
