@@ -430,11 +430,7 @@ void paged_decode_attention(
                 }
                 const float step = qstep(amax);
                 for (int d = 0; d < HEAD_DIM; ++d)
-#if KV_DTYPE == KV_INT4
                     codes[QPOS(d)] = qt < n_qt ? qcode(qs[d], step) : (qelem_t)0;
-#else
-                    codes[d] = qt < n_qt ? qcode(qs[d], step) : (qelem_t)0;
-#endif
                 qsc[h * ROWS + r] = step * QSC_SCALE;
 #undef QSC_SCALE
 #endif

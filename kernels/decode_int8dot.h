@@ -55,9 +55,7 @@
 #ifndef IDOT_X86
 #define IDOT_X86 0
 #endif
-#if KV_DTYPE == KV_INT4
-#define QPOS(d) (d)                    // where query code d is kept (x86: see below)
-#endif
+#define QPOS(d) (d)                    // where query code d is kept (int4 on x86: see below)
 #if IDOT_X86 && KV_DTYPE == KV_INT4
 typedef char char32 __attribute__((ext_vector_type(32)));
 typedef char qelem_t;
