@@ -70,6 +70,9 @@ _ONE_PART_ROUND = 1024
 
 _configs: dict = {}
 _plans: dict = {}
+# the plan keys (all but max_kv_len) whose automatic layout is one partition at any length: their
+# plans are memoized per _ONE_PART_ROUND bucket of lengths, not per length (see plan)
+_one_part: dict = {}   # key -> the knobs it was found with
 
 
 @dataclass(frozen=True)
@@ -330,15 +333,24 @@ def plan(context, *, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     """
     kvd = _kv_dtype(kv_dtype)
     device = device or context.devices[0]
-    key = (context.int_ptr, device.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
-           max_kv_len, kvd.code, int8_mode, partition_size, local_size, variant, int8_dot)
+    base = (context.int_ptr, device.int_ptr, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len,
+            kvd.code, int8_mode, partition_size, local_size, variant, int8_dot)
+    # a decode loop asks once a step, each time a token longer: where the automatic layout is one
+    # partition (short contexts, or enough work-groups without split-K), the plan is the same for
+    # every length of a bucket (the partition is the length rounded up), so it is memoized per bucket
     knobs = _knobs()
+    length = max_kv_len
+    if partition_size is None and (max_kv_len <= _PART_MAX or _one_part.get(base) == knobs):
+        length = ("bucket", -(-max_kv_len // _ONE_PART_ROUND), max_kv_len <= _PART_MAX)
+    key = (base, length)
     found = _plans.get(key)
     if found is not None and found[0] == knobs:
         return found[1]
     p = _plan(context, batch, num_q_heads, num_kv_heads, head_dim, block_size, max_q_len, max_kv_len,
               kvd, int8_mode, partition_size, local_size, variant, device, int8_dot)
-    if len(_plans) >= 256:   # a decode loop makes one per step (max_kv_len grows): keep the recent
+    if partition_size is None and p.num_parts == 1 and max_kv_len > _PART_MAX:
+        _one_part[base] = knobs   # enough work-groups at this length: at every length (see _plan)
+    if len(_plans) >= 256:   # a decode loop over long contexts makes one per step: keep the recent
         _plans.clear()
     _plans[key] = (knobs, p)
     return p

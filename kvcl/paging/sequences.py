@@ -343,7 +343,8 @@ class PagedBookkeeping:
                     seq.block_ids[-1] = dst
                     copies.append((src, dst))
                 grow = _ceil_div(start + n, bs) - len(seq.block_ids)
-                seq.block_ids.extend(self.allocator.allocate(grow))
+                if grow:   # most decode steps fill a slot of the last block
+                    seq.block_ids.extend(self.allocator.allocate(grow))
                 if small:   # Python arithmetic: cheaper than numpy for a decode step's few tokens
                     blocks = seq.block_ids
                     positions.append(range(start, start + n))
@@ -452,15 +453,16 @@ class PagedBookkeeping:
     def _blocks_needed(self, seqs: list[_Sequence], counts: list[int]) -> int:
         bs = self.block_size
         needed = 0
-        writers: Counter[int] = Counter()   # shared partial last block -> writers in batch
+        writers: "Counter[int] | None" = None   # shared partial last block -> writers in batch
         for seq, n in zip(seqs, counts):
             if n == 0:
                 continue
             needed += _ceil_div(seq.length + n, bs) - len(seq.block_ids)
             if seq.length % bs and self.allocator.ref_count(seq.block_ids[-1]) > 1:
+                writers = writers if writers is not None else Counter()
                 writers[seq.block_ids[-1]] += 1
         # Writers copy in batch order while the block still has another holder.
-        for block, m in writers.items():
+        for block, m in (writers or {}).items():
             needed += min(m, self.allocator.ref_count(block) - 1)
         return needed
 

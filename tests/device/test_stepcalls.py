@@ -96,12 +96,14 @@ def test_prepared_steps_bit_identical(device, dtype, monkeypatch):
     changes are carried to the others, which must hold for decode steps across block
     boundaries, a ragged chunk, a layer left out of a step (readied in full after), calls in
     any order, a switch of queue (other kernels) mid-way, and a step that outgrows the tables'
-    buffer; both kinds of call. A decode step after another reuses the last step's launches."""
+    buffer; both kinds of call. A decode step after another reuses the last step's launches and
+    takes the other layers' as the last prepare left them."""
     from kvcl.stepcalls import StepCalls
-    followed, reused = [], []
-    follow, last = StepCalls._follow, StepCalls._last_launches
+    followed, reused, as_left = [], [], []
+    follow, last, unchanged = StepCalls._follow, StepCalls._last_launches, StepCalls._unchanged
     monkeypatch.setattr(StepCalls, "_follow", lambda self, *a: followed.append(follow(self, *a)) or followed[-1])
     monkeypatch.setattr(StepCalls, "_last_launches", lambda self, *a: reused.append(last(self, *a)) or reused[-1])
+    monkeypatch.setattr(StepCalls, "_unchanged", lambda self, *a: as_left.append(unchanged(self, *a)) or as_left[-1])
     (a, sa), (b, sb) = _twins(device, dtype, True)
     cos, sin = _tables()
     rng = np.random.default_rng(4)
@@ -143,8 +145,10 @@ def test_prepared_steps_bit_identical(device, dtype, monkeypatch):
             assert all(c._meta_buf is not buf for c, buf in zip((qkv_calls, kv_calls), buffers))
         if n in (2, 12):   # a decode step after a decode step: both kinds' launches were the last step's
             assert [found is not None for _, found in reused[-2:]] == [True, True], f"step {n}"
+            assert as_left[-2:] == [True, True], f"step {n}"
         if n in (4, 10, 11):   # the number of tokens changed: planned anew
             assert [found for _, found in reused[-2:]] == [None, None], f"step {n}"
+            assert as_left[-2:] == [False, False], f"step {n}"
     assert a.snapshot() == b.snapshot()
     assert True in followed and False in followed   # both ways of readying a layer ran
 

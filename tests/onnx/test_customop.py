@@ -228,3 +228,73 @@ def test_rope_tables_from_constant_nodes_become_one_initializer_each(onnx_device
         np.testing.assert_array_equal(gen.generate([[1, 2, 3, 4]], 6).tokens, want)
     finally:
         gen.close()
+
+
+@pytest.mark.parametrize("op", ["kv", "qkv"])
+def test_later_layers_of_a_step_skip_the_checks_not_the_inputs(onnx_device, op, monkeypatch):
+    """The layers after a step's first take what the first checked (the step, the shapes, the
+    op's attributes) when their inputs match it: the same results as checking every call, and
+    every input the check would refuse is still refused (a non-finite value, another shape,
+    another step), with the cache unchanged; another dtype takes the checked path again."""
+    import pyopencl.array as cla
+    from kvcl import InvalidArgument, NonFiniteError, ShapeError
+    from kvcl.engine import PagedKVCache
+    from kvcl.onnx import customop
+    layers, hkv, hq, d = 3, 2, 4, 16
+    caches = [PagedKVCache(layers, hkv, d, 32, block_size=4, device=onnx_device) for _ in range(2)]
+    handles = [f"fast-path-{op}-{i}" for i in range(2)]
+    bindings = [customop.register_cache(h, c) for h, c in zip(handles, caches)]
+    rng = np.random.default_rng(1)
+    cos, sin = (cla.to_device(onnx_device.queue, t.astype(np.float32))
+                for t in (np.cos(rng.standard_normal((64, d // 2))), np.sin(rng.standard_normal((64, d // 2)))))
+    name = "_attention_checked" if op == "kv" else "_attention_qkv_checked"
+    checked, orig = [], getattr(customop, name)
+    monkeypatch.setattr(customop, name, lambda binding, *a: checked.append(binding.handle) or orig(binding, *a))
+
+    def inputs(n):
+        if op == "kv":
+            return (rng.standard_normal((1, hq, n, d), np.float32),
+                    *(rng.standard_normal((1, hkv, n, d), np.float32) for _ in range(2)))
+        return (rng.standard_normal((1, n, (hq + 2 * hkv) * d), np.float32),)
+
+    def call(handle, xs, step, layer):
+        if op == "kv":
+            return customop.kvcl_attention(*xs, step, handle, layer, 0.25)
+        return customop.kvcl_attention_qkv(*xs, step, cos, sin, handle, layer, 0.25, hq, "half")
+
+    try:
+        seqs = [c.add_sequence() for c in caches]
+        assert seqs[0] == seqs[1]
+        past = 0
+        for n in (3, 1, 1):
+            step = np.array([[seqs[0]], [past], [n]], np.int64)
+            for layer in range(layers):
+                xs = inputs(n)
+                checked.clear()
+                fast = call(handles[0], xs, step, layer)
+                bindings[1].fast_kv = bindings[1].fast_qkv = None   # the twin checks every call
+                slow = call(handles[1], xs, step, layer)
+                np.testing.assert_array_equal(fast, slow)
+                assert checked == ([handles[0]] if layer == 0 else []) + [handles[1]], (n, layer)
+            past += n
+        # a new step's first layer, then refusals in a later layer: nothing written
+        step = np.array([[seqs[0]], [past], [1]], np.int64)
+        call(handles[0], inputs(1), step, 0)
+        before = caches[0].snapshot()
+        bad = inputs(1)
+        bad[-1].reshape(-1)[3] = np.nan
+        with pytest.raises(NonFiniteError):
+            call(handles[0], bad, step, 1)
+        with pytest.raises(ShapeError):
+            call(handles[0], tuple(x[..., :-2] if op == "qkv" else x[:, :, :, :-2] for x in inputs(1)), step, 1)
+        with pytest.raises(InvalidArgument, match="past lengths must equal"):
+            call(handles[0], inputs(1), np.array([[seqs[0]], [past + 5], [1]], np.int64), 1)
+        assert caches[0].snapshot() == before
+        checked.clear()   # float64 inputs: converted on the checked path, as before
+        xs = inputs(1)
+        got = call(handles[0], tuple(x.astype(np.float64) for x in xs), step, 1)
+        assert checked == [handles[0]]
+        np.testing.assert_array_equal(got, call(handles[0], xs, step, 1))
+    finally:
+        for h in handles:
+            customop.unregister_cache(h)
