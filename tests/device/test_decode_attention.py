@@ -329,6 +329,22 @@ def test_default_variant_follows_the_device_type(device):
                  max_q_len=1, max_kv_len=16, variant="warp")
 
 
+def test_memoized_plans_equal_fresh_ones(device):
+    """plan() memoizes one-partition layouts per 1024-token bucket of lengths: for every length
+    (short, across a bucket, long with and without split-K) and batch, the memoized plan is the
+    one computed afresh for that length."""
+    dev = device.context.devices[0]
+    for batch, kv_heads in ((1, 2), (1, 8), (16, 8)):
+        for max_kv_len in (1, 15, 16, 511, 512, 513, 1000, 1024, 1025, 2047, 3000, 4096, 4097, 9000):
+            for _ in range(2):   # the second call is the memo's answer
+                p = layout.plan(device.context, batch=batch, num_q_heads=4 * kv_heads, num_kv_heads=kv_heads,
+                                head_dim=64, block_size=16, max_q_len=1, max_kv_len=max_kv_len)
+            fresh = layout._plan(device.context, batch, 4 * kv_heads, kv_heads, 64, 16, 1, max_kv_len,
+                                 layout._kv_dtype("fp32"), 0, None, None, None, dev)
+            assert p == fresh, (batch, kv_heads, max_kv_len)
+            assert p.num_parts * p.partition_size >= max_kv_len
+
+
 # ---- the inline math of common.h ----------------------------------------------------------------
 
 _MATH_SRC = """#include "common.h"
