@@ -105,7 +105,14 @@ class PagedKVCache:
             self._vs = self._new_pools(self._scale_shape, np.float32, "V scales")
         else:
             self._ks = self._vs = [None] * self.num_layers
-        self._status = cla.zeros(queue, 1, np.int32)
+        # the kernels' error bits; where host memory is device memory (PoCL), in a host array
+        # of its own that a finished call reads directly (_read_shared)
+        self._status_host = None
+        if self.device.host_shared:
+            self._status_host, buf = self.device.shared_array((1,), np.int32, what="the write status")
+            self._status = cla.Array(queue, (1,), np.int32, data=buf)
+        else:
+            self._status = cla.zeros(queue, 1, np.int32)
         self._status_unread = False            # a write was queued since the status was last read
         self._scratch: dict[str, cl.Buffer] = {}   # see _scratch_buffer
         self._fresh: dict = {}   # int4: layer -> (step, K, V buffers) of its last write (_fresh_kv)
@@ -340,6 +347,21 @@ class PagedKVCache:
                 self._refuse_status()
         return result
 
+    def _read_shared(self, host: np.ndarray, queue: cl.CommandQueue, result: "np.ndarray | None" = None) -> np.ndarray:
+        """``host`` (a :meth:`~kvcl.runtime.Device.shared_array` a kernel queued on ``queue``
+        fills) once ``queue`` finished, copied into ``result`` when given, with the write status
+        read from its own host array: no read command (a blocking read costs 25-55 µs on PoCL's
+        in-thread device when a model's matmuls evicted the caches in between, a finish ~1)."""
+        queue.finish()
+        if self._status_unread:   # a write since the last look: it may have refused rows
+            self._status_unread = False
+            if self._status_host[0]:
+                self._refuse_status()
+        if result is None:
+            return host
+        np.copyto(result, host)
+        return result
+
     def _pools(self, layer: int) -> dict:
         ks, vs = self._ks[layer], self._vs[layer]
         return dict(k_scales=None if ks is None else ks.data, v_scales=None if vs is None else vs.data,
@@ -569,6 +591,8 @@ class PagedKVCache:
     def _refuse_status(self) -> None:
         self._main()
         self._status.fill(0)
+        if self._status_host is not None:   # read by the host next (_read_shared): done by then
+            self._main().finish()
         raise NonFiniteError(
             "keys/values: a device-array write held NaN or Inf (int4: or a rotated value beyond "
             "±65504); those rows were not written (the cache kept their previous contents)")

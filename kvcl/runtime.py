@@ -306,6 +306,45 @@ class Device:
     def info(self) -> DeviceInfo:
         return describe(self.device)
 
+    @cached_property
+    def host_shared(self) -> bool:
+        """Whether a buffer made over page-aligned host memory (``USE_HOST_PTR``) is that memory
+        for every device of the context, so that the host reads and writes it directly between
+        finished commands, with no map, copy or command (:meth:`shared_array`). True only on
+        PoCL's CPU devices (kernels run in this process's memory) where a round trip through
+        both queues shows it: the host writes, a device copies, the host reads the copy."""
+        devices = self.context.devices
+        if not all(_is_pocl(d) and d.type & cl.device_type.CPU for d in devices):
+            return False
+        try:
+            (a, abuf), (b, bbuf) = self._shared(64), self._shared(64)
+            for i, queue in enumerate(q for q in (self.queue, self.inline_queue) if q is not None):
+                a[:] = i + 7
+                cl.enqueue_copy(queue, bbuf, abuf).wait()
+                if not np.array_equal(b, a):
+                    return False
+            return True
+        except cl.Error:  # pragma: no cover - a driver that refuses host memory
+            return False
+
+    def _shared(self, nbytes: int) -> "tuple[np.ndarray, cl.Buffer]":
+        page = 4096
+        raw = np.zeros(nbytes + page, np.uint8)
+        host = raw[(-raw.ctypes.data) % page:][:nbytes]
+        return host, cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
+
+    def shared_array(self, shape, dtype, *, what: str) -> "tuple[np.ndarray, cl.Buffer]":
+        """``(host array, buffer)``: a zeroed ``shape`` / ``dtype`` array in page-aligned host
+        memory and a buffer over it (``USE_HOST_PTR``, after :meth:`check_alloc`), for staging a
+        call's inputs and outputs where :attr:`host_shared`: the host fills or reads the array
+        itself, a kernel the buffer, with nothing copied between them. The buffer holds the
+        memory alive; the array must be used only between finished commands that touch it."""
+        dtype = np.dtype(dtype)
+        nbytes = max(64, int(math.prod(shape)) * dtype.itemsize)
+        self.check_alloc(what, nbytes)
+        host, buf = self._shared(nbytes)
+        return host[:int(math.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape), buf
+
     # ---- allocation: every size-checked device buffer of kvcl goes through these two ------------
 
     def check_alloc(self, what: str, nbytes: int, *, total: "int | None" = None) -> None:

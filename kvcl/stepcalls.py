@@ -109,6 +109,10 @@ class StepCalls:
                              for name, x in (*self._tables.items(), *self._weights.items())}
             self._context = context
             self._scratch_bytes = 0
+            # where host memory is device memory (PoCL): inputs staged in host arrays that the
+            # kernels read, the output read where they wrote it (see _stage)
+            self._shared = cache.device.host_shared
+            self._stages: dict = {}   # input name -> (host array, buffer over it)
             self._used: set = set()     # which calls were made ("qkv", "kv"): what prepare() readies
             # this object's own kernel per (kind, layer, launch, shared kernel): their arguments
             # are set when a step is readied, a call sets only its inputs (see _ready); kept for
@@ -189,7 +193,12 @@ class StepCalls:
         out_bytes = 4 * max(1, math.prod(self.out_shape))
         if out_bytes > self._scratch_bytes:   # this object's own: outputs are read back before a call returns
             self._q_buf = cl.Buffer(self._context, cl.mem_flags.READ_WRITE, out_bytes)
-            self._out_buf = cl.Buffer(self._context, cl.mem_flags.READ_WRITE, out_bytes)
+            if self._shared:
+                self._out_host, self._out_buf = cache.device.shared_array(
+                    (out_bytes // 4,), np.float32, what="the attention output")
+            else:
+                self._out_host = np.empty(out_bytes // 4, np.float32)
+                self._out_buf = cl.Buffer(self._context, cl.mem_flags.READ_WRITE, out_bytes)
             self._scratch_bytes = out_bytes
         self._write_meta(step)
         # each layer's launches: layer 0's are planned in full, the others derived from them
@@ -244,6 +253,45 @@ class StepCalls:
         if not np.isfinite(x).all():
             check_array(name, x, finite=True)   # raises, naming the first bad index
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+    def _stage(self, name: str, x: Any, shape: tuple) -> "tuple[np.ndarray, cl.Buffer]":
+        """``x`` checked as :meth:`_host` does, in ``name``'s staging array (a host array that is
+        the memory of the buffer returned with it, where :attr:`_shared`): one copy and no
+        device command (a ``COPY_HOST_PTR`` buffer a call costs 13-18 µs on PoCL's in-thread
+        device when a model's matmuls evicted the caches between calls), checked finite in the
+        copy, which the copy left in the caches (the input itself: ~20 µs then)."""
+        if type(x) is not np.ndarray or x.dtype != _F32 or x.shape != shape:
+            if is_device_array(x):
+                raise InvalidArgument(f"{name}: StepCalls takes numpy arrays; use PagedKVCache.attend_qkv "
+                                      "or write / attend for device arrays")
+            check_array(name, x, shape=shape, dtype=np.float32, allow_device=False)
+        n = math.prod(shape)
+        found = self._stages.get(name)
+        if found is None or found[0].size < n:
+            size = 1 << max(0, n - 1).bit_length()   # grown to powers of two: few re-made buffers
+            found = self._stages[name] = self.cache.device.shared_array((size,), np.float32,
+                                                                        what=f"the staged {name}")
+        stage = found[0][:n].reshape(shape)
+        np.copyto(stage, x)
+        if not np.isfinite(stage).all():
+            check_array(name, x, finite=True)   # raises, naming the first bad index
+        return stage, found[1]
+
+    def _output(self, out: "np.ndarray | None", copy: bool) -> "np.ndarray | None":
+        """Where a call's result goes: ``out``, a new array (``copy``), or this object's own
+        output array (None where it is the kernels' output buffer itself: :attr:`_shared`)."""
+        if out is not None or copy:
+            return self._result(out)
+        if self._shared:
+            return None
+        return self._out_host[:math.prod(self.out_shape)].reshape(self.out_shape)
+
+    def _finish(self, queue: cl.CommandQueue, result: "np.ndarray | None") -> np.ndarray:
+        cache = self.cache
+        if self._shared:
+            return cache._read_shared(self._out_host[:math.prod(self.out_shape)].reshape(self.out_shape),
+                                      queue, result)
+        return cache._read_back(self._out_buf, self.out_shape, queue, result)
 
     def _layer(self, layer: Any) -> int:
         if type(layer) is not int or not 0 <= layer < self.cache.num_layers:
@@ -436,48 +484,65 @@ class StepCalls:
 
     # ---- the calls ---------------------------------------------------------------------------
 
-    def attend_qkv(self, layer: int, qkv: np.ndarray, out: "np.ndarray | None" = None) -> np.ndarray:
+    def attend_qkv(self, layer: int, qkv: np.ndarray, out: "np.ndarray | None" = None, *,
+                   copy: bool = True) -> np.ndarray:
         """:meth:`~kvcl.engine.PagedKVCache.attend_qkv` of this step's ``layer``: packed ``qkv`` [T, (Hq + 2 Hkv) D]
-        float32 (numpy) -> the attention output [T, Hq, D] (into ``out`` when given)."""
+        float32 (numpy) -> the attention output [T, Hq, D] (into ``out`` when given). ``copy=False``:
+        the result may be this object's own array, overwritten by its next call (the ONNX
+        bridge's, which onnxruntime copies from at once)."""
         cache = self.cache
         with cache._lock:
             self._valid_step()
             layer = self._layer(layer)
-            qkv = self._host("qkv", qkv, self.qkv_shape)
-            result = self._result(out)
+            if self._shared:
+                qkv, buf = self._stage("qkv", qkv, self.qkv_shape)
+            else:
+                qkv = self._host("qkv", qkv, self.qkv_shape)
+            result = self._output(out, copy)
             if not self.step.num_tokens:
+                result = self._result(out) if result is None else result
                 result[...] = 0
                 return result
             ready = self._layer_ready("qkv", layer)
-            buf = cl.Buffer(self._context, _RO_COPY, hostbuf=qkv)
+            if not self._shared:
+                buf = cl.Buffer(self._context, _RO_COPY, hostbuf=qkv)
             queue = cache._use(self._queue)
             enqueue_ready(queue, ready, [(0, i, buf) for i in write_ops.QKV_ARGS])
             cache._status_unread = True
-            return cache._read_back(self._out_buf, self.out_shape, queue, result)
+            return self._finish(queue, result)
 
     def write_attend(self, layer: int, keys: np.ndarray, values: np.ndarray, queries: np.ndarray,
-                     out: "np.ndarray | None" = None) -> np.ndarray:
+                     out: "np.ndarray | None" = None, *, copy: bool = True) -> np.ndarray:
         """:meth:`~kvcl.engine.PagedKVCache.write` then :meth:`~kvcl.engine.PagedKVCache.attend` of this step's ``layer``:
         ``keys`` / ``values`` [T, Hkv, D], ``queries`` [T, Hq, D] float32 (numpy) -> [T, Hq, D].
-        int4: each query row reads its own token from ``keys`` / ``values``, as the engine does."""
+        int4: each query row reads its own token from ``keys`` / ``values``, as the engine does.
+        ``copy`` as in :meth:`attend_qkv`."""
         cache = self.cache
         with cache._lock:
             self._valid_step()
             layer = self._layer(layer)
-            keys = self._host("keys", keys, self.kv_shape)
-            values = self._host("values", values, self.kv_shape)
+            if self._shared:
+                (keys, kb), (values, vb) = self._stage("keys", keys, self.kv_shape), self._stage("values", values, self.kv_shape)
+            else:
+                keys = self._host("keys", keys, self.kv_shape)
+                values = self._host("values", values, self.kv_shape)
             if cache.dtype.codes_per_elem > 1:   # int4: refused before anything is written, as the engine's write
                 check_int4_range("keys", keys)
                 check_int4_range("values", values)
-            queries = self._host("queries", queries, self.out_shape)
-            result = self._result(out)
+            if self._shared:
+                queries, qb = self._stage("queries", queries, self.out_shape)
+            else:
+                queries = self._host("queries", queries, self.out_shape)
+            result = self._output(out, copy)
             if not self.step.num_tokens:
+                result = self._result(out) if result is None else result
                 result[...] = 0
                 return result
             ready = self._layer_ready("kv", layer)
-            kb = cl.Buffer(self._context, _RO_COPY, hostbuf=keys)
-            vb = cl.Buffer(self._context, _RO_COPY, hostbuf=values)
-            qb = cl.Buffer(self._context, _RO_COPY, hostbuf=queries)
+            if not self._shared:
+                kb = cl.Buffer(self._context, _RO_COPY, hostbuf=keys)
+                vb = cl.Buffer(self._context, _RO_COPY, hostbuf=values)
+                qb = cl.Buffer(self._context, _RO_COPY, hostbuf=queries)
             k, v = write_ops.KV_ARGS
             inputs = [(0, k, kb), (0, v, vb), (1, attention_ops.QUERY_ARG, qb)]
             if self.cache.dtype.name == "int4":   # the step's own tokens from their float32 K/V
@@ -486,4 +551,4 @@ class StepCalls:
             queue = cache._use(self._queue)
             enqueue_ready(queue, ready, inputs)
             cache._status_unread = True
-            return cache._read_back(self._out_buf, self.out_shape, queue, result)
+            return self._finish(queue, result)

@@ -201,7 +201,7 @@ def kvcl_attention(q, k_new, v_new, step, handle, layer, scale):
             b, hq, s, d = q.shape
             lens = binding.step_lens[0]
             out = fast[4].write_attend(int(layer), _gather_rows(k_new, lens, True), _gather_rows(v_new, lens, True),
-                                       _gather_rows(q, lens, True))
+                                       _gather_rows(q, lens, True), copy=_copy_result())
             return _scatter_rows(out, (b, hq, s, d), lens, True)
     return _attention_checked(binding, q, k_new, v_new, step, layer, scale)
 
@@ -227,11 +227,21 @@ def _attention_checked(binding, q, k_new, v_new, step, layer, scale):
         keys = _gather_rows(k_new.astype(np.float32, copy=False), lens, full)
         values = _gather_rows(v_new.astype(np.float32, copy=False), lens, full)
         queries = _gather_rows(q.astype(np.float32, copy=False), lens, full)
-        out = calls.write_attend(int(layer), keys, values, queries)
+        out = calls.write_attend(int(layer), keys, values, queries, copy=_copy_result())
         # the next layers of this step may skip the checks above while these stay the same
         plain = all(type(x) is np.ndarray and x.dtype == _F32 for x in (q0, k0, v0))
         binding.fast_kv = (q.shape, k_new.shape, binding.step, scale, calls, step.shape) if full and plain else None
     return _scatter_rows(out, (b, hq, s, d), lens, full)
+
+
+# set while :func:`_hook` runs an op body, whose result onnxruntime copies as soon as it returns:
+# the body may then hand back the StepCalls' own output array (see StepCalls.attend_qkv's copy)
+_HOOKED = threading.local()
+
+
+def _copy_result() -> bool:
+    """Whether an op body must return an array of its own (called directly, not by the hook)."""
+    return not getattr(_HOOKED, "on", False)
 
 
 def _scatter_rows(out: np.ndarray, shape: tuple, lens: np.ndarray, full: bool) -> np.ndarray:
@@ -353,7 +363,8 @@ def _attention_qkv(binding, qkv, step, cos, sin, layer, scale, num_heads, rope):
                 and binding.step_key == _step_key(step, qkv.shape[1])):
             binding.calls += 1
             b, s, w = qkv.shape
-            return fast[5].attend_qkv(int(layer), qkv.reshape(b * s, w)).reshape(b, s, w - fast[6])
+            return fast[5].attend_qkv(int(layer), qkv.reshape(b * s, w),
+                                      copy=_copy_result()).reshape(b, s, w - fast[6])
     return _attention_qkv_checked(binding, qkv, step, cos, sin, layer, scale, num_heads, rope)
 
 
@@ -381,7 +392,7 @@ def _attention_qkv_checked(binding, qkv, step, cos, sin, layer, scale, num_heads
         x = qkv.astype(np.float32, copy=False)
         rows = (x.reshape(b * s, w) if full else
                 np.concatenate([x[i, :n] for i, n in enumerate(lens.tolist())]))
-        out = calls.attend_qkv(int(layer), rows)
+        out = calls.attend_qkv(int(layer), rows, copy=_copy_result())
         # the next layers of this step may skip the checks above while these stay the same
         binding.fast_qkv = ((qkv0.shape, binding.step, (num_heads, rope, scale), cos0, sin0, calls,
                              2 * cache.num_kv_heads * d, step.shape)
@@ -443,7 +454,11 @@ if HAVE_EXTENSIONS:
         """onnxruntime-extensions' invocation hook: numpy out, never an escaping exception."""
         try:
             op, conv, out_types = _op_entry(k_id)
-            rv = op.body(*feed, **{k: conv[k](v) for k, v in attributes.items()})
+            _HOOKED.on = True
+            try:
+                rv = op.body(*feed, **{k: conv[k](v) for k, v in attributes.items()})
+            finally:
+                _HOOKED.on = False
             if isinstance(rv, tuple):
                 res = [k_id]
                 for r, t in zip(rv, out_types):

@@ -13,8 +13,9 @@ per layer):
 ``plan_ms``                inside :meth:`~kvcl.engine.PagedKVCache.plan` (once per step, before the graph runs)
 ``prepare_ms``             what :meth:`~kvcl.onnx.Generator.forward` does outside the op bodies for the step
                            before the graph runs: ``plan`` and readying every layer's launches
-``device_ms``              inside the device calls of the ops: the kernels' enqueue and the blocking
-                           read of each output (on PoCL's in-thread device, the kernels run there)
+``device_ms``              inside the device calls of the ops: the kernels' enqueue and the wait for
+                           each output (its blocking read, or where host memory is device memory
+                           the queue's finish; on PoCL's in-thread device, the kernels run there)
 ``python_us_per_layer``    ``(op_ms + prepare_ms - device_ms) / layers``: checks, bookkeeping, copies
 ``hook_us``                the custom-op hook per call (:func:`hook_overhead_us`, same run)
 ``fixed_us_per_layer``     ``python_us_per_layer + hook_us``: what the bridge adds to a layer
@@ -264,4 +265,5 @@ def _enable_timing() -> None:
     generate.bind_planned = bind_planned
     stepcalls.enqueue_ready = _clocked(stepcalls.enqueue_ready, "device")
     PagedKVCache._read_back = _clocked(PagedKVCache._read_back, "device")
+    PagedKVCache._read_shared = _clocked(PagedKVCache._read_shared, "device")
     _ENABLED.append(True)

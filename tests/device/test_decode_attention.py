@@ -345,6 +345,22 @@ def test_memoized_plans_equal_fresh_ones(device):
             assert p.num_parts * p.partition_size >= max_kv_len
 
 
+def test_one_compute_unit_cpu_takes_one_partition(device):
+    """On a CPU device of one compute unit (PoCL's in-thread companion) a work-group runs at a
+    time: the automatic layout splits no context (the merge would be all it adds), where the
+    device's own queue (two or more compute units) splits one sequence's long context."""
+    if device.inline_queue is None:
+        pytest.skip("no in-thread companion (PoCL only)")
+    inline, main = device.inline_queue.device, device.queue.device
+    assert inline.max_compute_units == 1
+    for max_kv_len in (513, 1024, 4096, 32768):
+        kw = dict(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, max_q_len=1,
+                  max_kv_len=max_kv_len)
+        assert layout.plan(device.context, device=inline, **kw).num_parts == 1, max_kv_len
+        if main.max_compute_units > 1:
+            assert layout.plan(device.context, device=main, **kw).num_parts > 1, max_kv_len
+
+
 # ---- the inline math of common.h ----------------------------------------------------------------
 
 _MATH_SRC = """#include "common.h"

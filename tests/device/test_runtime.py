@@ -137,3 +137,25 @@ def test_the_engines_kernels_build_without_compiler_warnings(device, dtype, monk
             if "warning" in log.lower():
                 noisy[(key[2], key[3])] = log.strip()[:400]
     assert not noisy, noisy
+
+
+def test_host_shared_memory_is_the_buffers(device):
+    """Where ``host_shared`` (PoCL's CPU devices), the host array of ``shared_array`` is what a
+    device command reads and writes, through both queues; elsewhere it is False and kvcl keeps
+    to copies (rusticl's llvmpipe is a CPU, yet not PoCL)."""
+    is_pocl_cpu = all(runtime._is_pocl(d) and d.type & cl.device_type.CPU for d in device.context.devices)
+    assert device.host_shared == is_pocl_cpu
+    if not device.host_shared:
+        return
+    host, buf = device.shared_array((3, 5), np.float32, what="a test array")
+    assert host.shape == (3, 5) and host.dtype == np.float32 and host.ctypes.data % 4096 == 0
+    assert not host.any()
+    for queue in (q for q in (device.queue, device.inline_queue) if q is not None):
+        host[...] = np.arange(15, dtype=np.float32).reshape(3, 5) + queue.int_ptr % 7
+        seen = np.empty_like(host)
+        cl.enqueue_copy(queue, seen, buf, is_blocking=True)       # the device reads the host's writes
+        np.testing.assert_array_equal(seen, host)
+        cl.enqueue_fill_buffer(queue, buf, np.float32(2.5), 0, host.nbytes).wait()
+        assert (host == 2.5).all()                                   # the host sees the device's
+    with pytest.raises(kvcl.DeviceMemoryError, match="a huge array"):
+        device.shared_array((device.info.max_alloc_bytes // 4 + 1,), np.float32, what="a huge array")

@@ -187,7 +187,17 @@ def test_refusals_change_nothing(device):
     good = np.zeros((2, (HQ + 2 * HKV) * D), np.float32)
     nan = good.copy()
     nan[1, 5] = np.nan
+    inf = good.copy()
+    inf[0, 3] = np.inf
+    infs = good.copy()
+    infs[0, 1], infs[1, 2] = np.inf, -np.inf
+    kv = np.zeros((2, HKV, D), np.float32)
+    q_nan = np.zeros((2, HQ, D), np.float32)
+    q_nan[1, 2, 3] = np.nan
     bad = [
+        (lambda: calls.attend_qkv(0, inf), NonFiniteError, "qkv"),
+        (lambda: calls.attend_qkv(0, infs), NonFiniteError, "qkv"),
+        (lambda: calls.write_attend(0, kv, kv, q_nan), NonFiniteError, "queries"),   # after keys and values
         (lambda: calls.attend_qkv(0, good[:1]), ShapeError, "qkv"),
         (lambda: calls.attend_qkv(0, good.astype(np.float64)), DtypeError, "qkv"),
         (lambda: calls.attend_qkv(0, nan), NonFiniteError, "qkv"),
@@ -261,3 +271,34 @@ def test_companion_not_listed():
     import kvcl
     names = [d.name.lower() for d in kvcl.devices()]
     assert not any(n.startswith("basic") for n in names), names
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_copy_false_results_in_its_own_array(device, inline):
+    """``copy=False`` gives the same results as ``copy=True``, in an array of the StepCalls'
+    own that its next call overwrites (the ONNX bridge's path: onnxruntime copies it at once)."""
+    (a, sa), (b, sb) = _twins(device, "fp32", inline)
+    cos, sin = _tables()
+    rng = np.random.default_rng(4)
+    st_a, st_b = a.plan(sa, [1, 1]), b.plan(sb, [1, 1])
+    ca = a.step_calls(st_a, num_q_heads=HQ, rope="half", cos=cos, sin=sin)
+    cb = b.step_calls(st_b, num_q_heads=HQ, rope="half", cos=cos, sin=sin)
+    last = None
+    for layer in range(LAYERS):
+        qkv = rng.standard_normal((2, (HQ + 2 * HKV) * D), np.float32)
+        want = ca.attend_qkv(layer, qkv)
+        got = cb.attend_qkv(layer, qkv, copy=False)
+        np.testing.assert_array_equal(got, want)
+        assert not np.shares_memory(got, qkv) and not np.shares_memory(want, got)
+        if last is not None:
+            assert np.shares_memory(got, last)     # one array, reused
+        last = got
+    st_a, st_b = a.plan(sa, [1, 1]), b.plan(sb, [1, 1])
+    ca, cb = a.step_calls(st_a, num_q_heads=HQ), b.step_calls(st_b, num_q_heads=HQ)
+    for layer in range(LAYERS):
+        k, v = (rng.standard_normal((2, HKV, D), np.float32) for _ in range(2))
+        q = rng.standard_normal((2, HQ, D), np.float32)
+        got = cb.write_attend(layer, k, v, q, copy=False)
+        np.testing.assert_array_equal(got, ca.write_attend(layer, k, v, q))
+    assert a.snapshot() == b.snapshot()
+
