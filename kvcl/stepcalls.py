@@ -216,20 +216,30 @@ class StepCalls:
         readied after another changes none of them in any layer (a new step's own sub-buffers
         changed five or six arguments of every layer's launches: ~120 µs a step over 30 layers on
         PoCL), for one write a step (2-15 µs with the tables' packing on PoCL's in-thread
-        companion, ~60 µs through the device's queue, where steps are larger)."""
+        companion, ~60 µs through the device's queue, where steps are larger), or none where
+        host memory is device memory (:attr:`_shared`: the tables are packed in place)."""
         arrays = [np.asarray(getattr(step.plan, name), np.int32).ravel() for name in Step.FIELDS]
         if self._meta_buf is None or any(a.size > cap for a, cap in zip(arrays, self._meta_caps)):
             align = self.cache._align   # int32 elements: every region starts on it, as sub-buffers must
             caps = [-(-(1 << max(0, a.size - 1).bit_length()) // align) * align for a in arrays]
             starts = [0, *itertools.accumulate(caps)][:-1]
-            self._meta_host = np.zeros(sum(caps), np.int32)
-            self._meta_buf = buf = cl.Buffer(self._context, cl.mem_flags.READ_ONLY, 4 * sum(caps))
+            if self._shared:   # the kernels read the host array itself
+                self._meta_host, buf = self.cache.device.shared_array((sum(caps),), np.int32,
+                                                                      what="the step's tables")
+            else:
+                self._meta_host = np.zeros(sum(caps), np.int32)
+                buf = cl.Buffer(self._context, cl.mem_flags.READ_ONLY, 4 * sum(caps))
+            self._meta_buf = buf
             self._meta = {name: buf.get_sub_region(4 * start, 4 * cap)
                             for name, start, cap in zip(Step.FIELDS, starts, caps)}
             self._meta_caps, self._meta_starts = caps, starts
         host = self._meta_host
+        if self._shared:   # written in place once no kernel of an earlier step may read them
+            self.cache._use(self._queue).finish()
         for a, start in zip(arrays, self._meta_starts):
             host[start:start + a.size] = a
+        if self._shared:
+            return
         # waited for (the host copy is rewritten by the next step; on its event, not as a blocking
         # write: see kvcl.ops._launch.read_host), queued after the last step's kernels on the
         # queue this step's calls use
