@@ -57,6 +57,15 @@ def _same(value, kept) -> bool:
     return value is kept or (isinstance(value, np.generic) and same_scalar(value, kept))
 
 
+def _check_kind(name: str, x: Any, shape: tuple) -> None:
+    """Refuse ``x`` unless it is a float32 numpy array of ``shape`` (device arrays named as such)."""
+    if type(x) is not np.ndarray or x.dtype != _F32 or x.shape != shape:
+        if is_device_array(x):
+            raise InvalidArgument(f"{name}: StepCalls takes numpy arrays; use PagedKVCache.attend_qkv "
+                                  "or write / attend for device arrays")
+        check_array(name, x, shape=shape, dtype=np.float32, allow_device=False)
+
+
 def enqueue_ready(queue: cl.CommandQueue, ready: list, inputs: list) -> None:
     """Enqueue a layer's readied launches (``(kernel, global, local)``) in order, first setting
     ``inputs`` (``(launch index, arg index, buffer)``), the only arguments a call changes."""
@@ -255,11 +264,7 @@ class StepCalls:
 
     def _host(self, name: str, x: Any, shape: tuple) -> np.ndarray:
         """``x`` as a C-contiguous float32 numpy array of ``shape``, finite; refused otherwise."""
-        if type(x) is not np.ndarray or x.dtype != _F32 or x.shape != shape:
-            if is_device_array(x):
-                raise InvalidArgument(f"{name}: StepCalls takes numpy arrays; use PagedKVCache.attend_qkv "
-                                      "or write / attend for device arrays")
-            check_array(name, x, shape=shape, dtype=np.float32, allow_device=False)
+        _check_kind(name, x, shape)
         if not np.isfinite(x).all():
             check_array(name, x, finite=True)   # raises, naming the first bad index
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
@@ -270,11 +275,7 @@ class StepCalls:
         device command (a ``COPY_HOST_PTR`` buffer a call costs 13-18 µs on PoCL's in-thread
         device when a model's matmuls evicted the caches between calls), checked finite in the
         copy, which the copy left in the caches (the input itself: ~20 µs then)."""
-        if type(x) is not np.ndarray or x.dtype != _F32 or x.shape != shape:
-            if is_device_array(x):
-                raise InvalidArgument(f"{name}: StepCalls takes numpy arrays; use PagedKVCache.attend_qkv "
-                                      "or write / attend for device arrays")
-            check_array(name, x, shape=shape, dtype=np.float32, allow_device=False)
+        _check_kind(name, x, shape)
         n = math.prod(shape)
         found = self._stages.get(name)
         if found is None or found[0].size < n:
