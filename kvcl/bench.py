@@ -28,8 +28,8 @@ carry the host's drift (the dev VM's read moves between 15 and 28 GB/s) — and 
   same model fed past_key_values, each timed on its own, with where the step's time goes (a
   second table), and ``onnx_hook_overhead``, the custom op's cost per call (targets.md P6, P8).
 * ``perplexity`` (``--perplexity MODEL``, opt-in): the quality of each KV dtype, the
-  perplexity of :func:`kvcl.onnx.perplexity.english_text` teacher forced through the bridge,
-  against fp32 KV and the bounds of issue 19, with the original model fed past_key_values as
+  pooled perplexity of :func:`kvcl.onnx.perplexity.english_corpus` (eight segments) teacher
+  forced through the bridge, against fp32 KV and the bounds of issue 19, with the original model fed past_key_values as
   the harness's check (a table of its own; :func:`kvcl.bench_bridge.perplexity_records`).
 * peers on the decode shape: onnxruntime ``com.microsoft.GroupQueryAttention`` on the CPU
   with the KV cache bound in place (IOBinding) as fp32, int8 and int4 (its quantized caches,

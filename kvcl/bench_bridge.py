@@ -117,10 +117,11 @@ def check_perplexity_options(kv_dtypes, chunk) -> "tuple[list[str], int]":
 
 def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int = 128,
                        print_fn=print) -> list[Record]:
-    """The perplexity rows of ``kvcl bench --perplexity MODEL``: the English text of
-    :func:`kvcl.onnx.perplexity.english_text` teacher forced through the original export fed
+    """The perplexity rows of ``kvcl bench --perplexity MODEL``: the English segments of
+    :func:`kvcl.onnx.perplexity.english_corpus` teacher forced through the original export fed
     past_key_values (the ``past_key_values`` row), then through the bridge per KV dtype, each
-    dtype's delta against the bridge's fp32 and the bound of issue 19. ``spec``: a known model's
+    dtype's pooled delta against the bridge's fp32 (with each segment's delta and the standard
+    error of their mean) and the bound of issue 19. ``spec``: a known model's
     name (skipped with a message, [] returned, when it is not exported), a path or a folder
     holding ``tokenizer.json`` beside the model."""
     from .onnx.models import EXPORT_HINT, KNOWN_MODELS, find_model, resolve_model
@@ -131,7 +132,7 @@ def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int 
                  f"make it with {EXPORT_HINT}")
         return []
     from .onnx import Generator, ReferenceRunner
-    from .onnx.perplexity import BOUNDS, english_text, perplexity, reference_perplexity, within_bound
+    from .onnx.perplexity import BOUNDS, english_corpus, perplexity, reference_perplexity, within_bound
     from .onnx.modelio import load_model
     from .onnx.rewrite import rewrite
     path = resolve_model(spec)
@@ -139,16 +140,18 @@ def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int 
     if folder is None:
         raise InvalidArgument(f"perplexity: no tokenizer.json beside {path}: the text cannot be tokenized")
     label = f"{spec}: {KNOWN_MODELS[spec][1]}" if isinstance(spec, str) and spec in KNOWN_MODELS else str(spec)
-    text = english_text()
-    ids = Tokenizer(folder).encode(text.text, add_special_tokens=False)
-    print_fn(f"kvcl bench: perplexity of {text.name} ({len(ids)} tokens) on {label}: past_key_values")
+    text = english_corpus()
+    tok = Tokenizer(folder)
+    ids = [tok.encode(t.text, add_special_tokens=False) for t in text.texts]
+    total = sum(len(seg) for seg in ids)
+    print_fn(f"kvcl bench: perplexity of {text.name} ({total} tokens) on {label}: past_key_values")
     original = load_model(path)
     results = [reference_perplexity(ReferenceRunner(original), ids, chunk=chunk)]
     rewritten = rewrite(original)
     del original
     for dt in dtypes:
         print_fn(f"kvcl bench: perplexity, kvcl {dt}")
-        gen = Generator(rewritten, kv_dtype=dt, device=dev, max_tokens=len(ids) + chunk, tokenizer=None)
+        gen = Generator(rewritten, kv_dtype=dt, device=dev, max_tokens=max(map(len, ids)) + chunk, tokenizer=None)
         try:
             results.append(perplexity(gen, ids, chunk=chunk))
         finally:
@@ -158,13 +161,16 @@ def perplexity_records(spec, dev, *, kv_dtypes=PERPLEXITY_KV_DTYPES, chunk: int 
     for r in results:
         delta, bound, ok = within_bound(r, base)
         shape = {"model": label, "text": text.name, "text_sha256": text.sha256, "text_source": text.source,
-                 "scored_tokens": r.tokens, "chunk": chunk, "route": r.route}
+                 "segments": [t.name for t in text.texts], "scored_tokens": r.tokens, "chunk": chunk,
+                 "route": r.route}
         out.append(Record(
-            "perplexity", r.kv_dtype, shape, r.seconds, r.kv_bytes_per_token * len(ids), float("nan"),
+            "perplexity", r.kv_dtype, shape, r.seconds, r.kv_bytes_per_token * max(map(len, ids)), float("nan"),
             float("nan"), float("nan"), peer="past_key_values" if r.route == "past_key_values" else None,
-            note="teacher-forced perplexity of the text in chunks of prefill; delta vs the bridge's fp32 KV; "
-                 "bytes = KV bytes of the whole text",
+            note="teacher-forced perplexity of each segment in chunks of prefill, pooled; delta vs the bridge's "
+                 "fp32 KV, with each segment's and the standard error of their mean; bytes = KV bytes of the "
+                 "longest segment",
             extra={"ppl": r.ppl, "nll_sum": r.nll_sum, "delta_vs_fp32": delta, "ppl_bound": bound, "within_bound": ok,
+                   "segment_deltas": r.segment_deltas(base), "delta_stderr": r.delta_stderr(base),
                    "kv_bytes_per_token": r.kv_bytes_per_token, "ids_sha256": r.ids_sha256,
                    "bounds": dict(BOUNDS)}))
     return out
@@ -186,12 +192,16 @@ def format_perplexity(records: list[Record]) -> str:
             bound_text = "-" if bound is None else f"+{100 * bound:.1f}%"
         delta = 100 * e["delta_vs_fp32"]
         delta_text = f"{delta:+.1e}%" if 0 < abs(delta) < 1e-3 else f"{delta:+.3f}%"
-        rows.append((kind, f"{e['ppl']:.4f}", delta_text, bound_text, verdict,
+        segs, se = e.get("segment_deltas") or [], e.get("delta_stderr")
+        seg_text = f"{100 * min(segs):+.2f}..{100 * max(segs):+.2f}%" if len(segs) > 1 else "-"
+        se_text = "-" if se is None else f"±{100 * se:.2f}%"
+        rows.append((kind, f"{e['ppl']:.4f}", delta_text, se_text, seg_text, bound_text, verdict,
                      str(e["kv_bytes_per_token"]), f"{r.seconds:.1f}"))
     if not rows:
         return ""
     first = next(r for r in records if r.case == "perplexity")
     return (f"\n\nPerplexity (issue 19): {first.shape['text']} ({first.shape['scored_tokens']} tokens scored, sha256 "
-            f"{first.shape['text_sha256'][:12]}), chunks of {first.shape['chunk']}; delta vs kvcl fp32 KV\n"
-            + format_table(["KV", "ppl", "delta", "bound", "result", "KV bytes/token", "s"], rows,
-                           align="lrrrlrr"))
+            f"{first.shape['text_sha256'][:12]}), each segment its own sequence, chunks of {first.shape['chunk']}; "
+            "pooled delta vs kvcl fp32 KV, the standard error of the segments' mean, their range\n"
+            + format_table(["KV", "ppl", "delta", "± s.e.", "segments", "bound", "result", "KV bytes/token", "s"],
+                           rows, align="lrrrrrlrr"))

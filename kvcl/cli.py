@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serving-kv-dtypes", metavar="DTYPE", nargs="+", default=["fp32", "int8"],
                    help="KV dtypes of the serving case (default: fp32 int8)")
     p.add_argument("--perplexity", metavar="MODEL", default=None,
-                   help="also the quality of each KV dtype: perplexity of an English text shipped with Python, "
+                   help="also the quality of each KV dtype: pooled perplexity of eight English texts shipped with Python, "
                         "teacher forced through the bridge, vs fp32 KV and issue 19's bounds (fp16 +0.2%%, "
                         "int8 +0.5%%, int4 +3%%); 'smollm2' or a model path/folder with tokenizer.json (skipped with a "
                         "message when smollm2 is not exported)")

@@ -106,6 +106,8 @@ SCHEMES = {
     "had-tok-sym": (rotated(_tok("sym")), None, rotated(_tok("sym")), lambda d, b: 2 * (d // 2 + 4)),
     "had-tok-asym": (rotated(_tok("asym")), None, rotated(_tok("asym")), lambda d, b: 2 * (d // 2 + 8)),
     "had-tok-asym-f16": (rotated(_tok("asym-f16")), None, rotated(_tok("asym-f16")), lambda d, b: 2 * (d // 2 + 4)),
+    "had-tok-asym-f16-g32": (rotated(_tok("asym-f16", 32)), None, rotated(_tok("asym-f16", 32)),
+                             lambda d, b: 2 * (d // 2 + 4 * d // 32)),
     "had-K-asym/V-sym": (rotated(_tok("asym")), None, rotated(_tok("sym")), lambda d, b: d + 12),
     "had-tok-sym-g32": (rotated(_tok("sym", 32)), None, rotated(_tok("sym", 32)),
                         lambda d, b: 2 * (d // 2 + 4 * d // 32)),
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("schemes", nargs="*", default=list(SCHEMES), help=f"of: {', '.join(SCHEMES)}")
     ap.add_argument("--model", default="smollm2", help="an original export (path or 'smollm2')")
     ap.add_argument("--block", type=int, default=16, help="tokens a per-channel K block holds (default 16)")
+    ap.add_argument("--topics", nargs="+", default=None,
+                    help="the pydoc_data.topics sections of the text (default: english_text()'s)")
     ap.add_argument("--tokens", type=int, default=None, help="score only the first N tokens of the text")
     args = ap.parse_args(argv)
     bad = [s for s in args.schemes if s not in SCHEMES]
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     from kvcl.tokenizer import Tokenizer, find_tokenizer
     path = resolve_model(args.model)
     runner = ReferenceRunner(load_model(path))
-    text = english_text()
+    text = english_text(tuple(args.topics)) if args.topics else english_text()
     ids = Tokenizer(find_tokenizer(path)).encode(text.text, add_special_tokens=False)[:args.tokens]
     d = int(runner.head_dim)
     print(f"{text.name}: {len(ids) - 1} tokens scored, one token a step; head_dim {d}, "

@@ -200,8 +200,8 @@ def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> s
         return int8_dot
     # measured faster: the serial variant on x86 PoCL with AVX2 (int8 B=4 L=2048 decode, see
     # docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster). int4's integer
-    # path (1.25-1.29x faster there) is opt-in: its 8-bit query codes took SmolLM2's perplexity
-    # through the bridge to +3.98 % over fp32 KV (float logits +0.61 %; issue 19's bound +3 %)
+    # path (1.25-1.29x faster there) is opt-in: with its 8-bit query codes SmolLM2's pooled
+    # perplexity through the bridge is +5.06 % over fp32 KV, float logits +4.44 % (docs/formats.md)
     fast = (variant == "serial" and kvd.name == "int8" and "pocl" in dev.version.lower()
             and bool(dev.type & cl.device_type.CPU) and head_dim % 16 == 0
             and head_dim <= _INT8_DOT_MAX_HEAD_DIM and _x86_int_dot(context, dev))

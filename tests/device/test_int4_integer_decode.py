@@ -127,10 +127,10 @@ def test_int4_twin_logits_are_integer_sums(rng):
 
 
 def test_int4_integer_where_it_runs(device, monkeypatch):
-    """int4's integer path is opt-in (``auto`` keeps float logits: SmolLM2's perplexity through it
-    is +3.98 % over fp32 KV, over the +3 % bound) and the serial kernel's: an explicit
-    ``"integer"`` is refused where the kernel has none (the cooperative variant); the module
-    default reaches int4 too."""
+    """int4's integer path is opt-in (``auto`` keeps float logits: SmolLM2's pooled perplexity
+    through it is +5.06 % over fp32 KV, +4.44 % with float logits; docs/formats.md) and the
+    serial kernel's: an explicit ``"integer"`` is refused where the kernel has none (the
+    cooperative variant); the module default reaches int4 too."""
     dev = device.queue.device
     kw = dict(batch=1, num_q_heads=8, num_kv_heads=2, head_dim=128, block_size=16, max_q_len=1, max_kv_len=64)
     auto = ops.plan(device.context, kv_dtype="int4", **kw)
