@@ -3,7 +3,7 @@
 #ifndef KVCL_DECODE_INT8DOT_H
 #define KVCL_DECODE_INT8DOT_H
 
-// ---- INT8_DOT: integer Q.K on the int8 codes (KV_DTYPE int8 only) ----------------------------
+// ---- INT8_DOT: integer Q.K on the int8 codes (and int4's, below) -----------------------------
 // INT8_DOT = 0: float logits (the query in float times the dequantised codes, as every format).
 // INT8_DOT = 16 or 8: the query row (raw, per token and query head) is quantized once per
 // work-group to signed codes of that many bits, c = clamp(rint(q / step), -QMAX, QMAX) with
@@ -23,18 +23,19 @@
 // rounds; 2.63-3.27x kvcl fp32), arithmetic alone 1.16-1.19x; 8-bit codes no faster with 2.5x
 // the error vs fp32; V in integers too (token pairs through vpmaddwd) no faster, not kept.
 //
-// int4 KV (INT8_DOT = 8, the serial variant): the same on the rotated query q' (the float path's
-// q * qk_scale_log2 rotated, common.h) against the unsigned codes 0..15, the logit then
+// int4 KV (INT8_DOT = 16 or 8, the serial variant): the same on the rotated query q' (the float
+// path's q * qk_scale_log2 rotated, common.h) against the unsigned codes 0..15, the logit then
 //     (float)(sum_d c_d * code_d) * step * k_scale + k_minimum * sum(q')
 // (step from q', so qk_scale_log2 is inside it). On x86 PoCL with AVX2 a K row is read 16 bytes
-// at a time, their low nibbles (even elements) and high nibbles (odd elements) side by side as 32
-// unsigned bytes for vpmaddubsw, so the query codes are stored in that order (QPOS); pair sums
-// are at most 2 * 15 * 127, no saturation.
+// at a time, their low nibbles (even elements) and high nibbles (odd elements) side by side, so
+// the query codes are stored in that order (QPOS): 8-bit codes as 32 unsigned bytes for
+// vpmaddubsw (pair sums at most 2 * 15 * 127, no saturation), 16-bit codes as two vpmaddwd on
+// the nibbles widened to 16 bits (low nibbles against the first 16 codes, high against the rest).
 #ifndef INT8_DOT
 #define INT8_DOT 0
 #endif
-#if INT8_DOT && KV_DTYPE != KV_INT8 && !(KV_DTYPE == KV_INT4 && INT8_DOT == 8 && SERIAL)
-#error "INT8_DOT needs KV_DTYPE int8 (or int4 with 8-bit codes in the serial variant)"
+#if INT8_DOT && KV_DTYPE != KV_INT8 && !(KV_DTYPE == KV_INT4 && SERIAL)
+#error "INT8_DOT needs KV_DTYPE int8 (or int4 in the serial variant)"
 #endif
 #if INT8_DOT != 0 && INT8_DOT != 8 && INT8_DOT != 16
 #error "INT8_DOT must be 0, 8 or 16"
@@ -47,7 +48,8 @@
 #if SERIAL && CPU_BUILTINS && defined(__AVX2__) && defined(__has_builtin)
 #if __has_builtin(__builtin_ia32_pmaddwd256) && __has_builtin(__builtin_ia32_pmaddubsw256) \
     && __has_builtin(__builtin_ia32_psignb256)
-#if (INT8_DOT == 16 && HEAD_DIM % 16 == 0) || (INT8_DOT == 8 && HEAD_DIM % 32 == 0)
+#if (INT8_DOT == 16 && HEAD_DIM % (KV_DTYPE == KV_INT4 ? 32 : 16) == 0) \
+    || (INT8_DOT == 8 && HEAD_DIM % 32 == 0)
 #define IDOT_X86 1
 #endif
 #endif
@@ -57,14 +59,27 @@
 #endif
 #define QPOS(d) (d)                    // where query code d is kept (int4 on x86: see below)
 #if IDOT_X86 && KV_DTYPE == KV_INT4
+// element 2j of a 32-element slice is byte j's low nibble, 2j + 1 its high one
+#undef QPOS
+#define QPOS(d) (((d) & ~31) + ((d) & 1) * 16 + (((d) & 31) >> 1))
+#endif
+#if IDOT_X86 && KV_DTYPE == KV_INT4 && INT8_DOT == 16
+typedef short short32 __attribute__((ext_vector_type(32)));
+typedef short qelem_t;
+typedef short32 qcode_t;
+typedef int8 iacc_t;
+#define QN 32
+// a slice's 16 bytes widened to 16 bits once per K row; low nibbles meet query codes 0..15 of the
+// slice, high nibbles 16..31 (pair sums <= 2 * 15 * 32767 in int32 lanes)
+#define KCODES(p, i) const short16 kw = CVT(((__global const uchar16 *)(p))[i], short16); \
+                     const short16 klo = kw & (short)0xF, khi = kw >> (short)4;
+#define IDOT(qv) (__builtin_ia32_pmaddwd256(klo, (qv).lo) + __builtin_ia32_pmaddwd256(khi, (qv).hi))
+#elif IDOT_X86 && KV_DTYPE == KV_INT4
 typedef char char32 __attribute__((ext_vector_type(32)));
 typedef char qelem_t;
 typedef char32 qcode_t;
 typedef int8 iacc_t;
 #define QN 32
-// element 2j of a 32-element slice is byte j's low nibble, 2j + 1 its high one
-#undef QPOS
-#define QPOS(d) (((d) & ~31) + ((d) & 1) * 16 + (((d) & 31) >> 1))
 #define KCODES(p, i) const char16 kb = ((__global const char16 *)(p))[i]; \
                      const char32 ka = __builtin_shufflevector(kb & (char)0xF, (kb >> (char)4) & (char)0xF, \
                          0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, \

@@ -315,8 +315,9 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         scales applied once per logit: within the int8 accuracy bounds of the fp32-KV output,
         not bit-identical to the float path; ``head_dim`` <= 512), or ``"auto"``: integer where it
         measured faster (the serial variant on x86 PoCL with AVX2), float elsewhere. None (the
-        default): the module's ``_INT8_DOT``, ``"auto"``. Other KV dtypes: float logits;
-        ``"integer"`` is refused for them.
+        default): the module's ``_INT8_DOT``, ``"auto"``. int4 KV likewise, on the rotated query
+        against the codes 0..15 (the serial variant only; ``"auto"`` takes it where ``head_dim``
+        is a multiple of 32). Other KV dtypes: float logits; ``"integer"`` is refused for them.
 
     Returns
     -------

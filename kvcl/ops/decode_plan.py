@@ -25,14 +25,15 @@ SOURCE = "decode_attention.cl"
 VARIANTS = ("serial", "cooperative")
 #: the ``int8_dot`` choices: how int8 KV's logits are computed (see :func:`~kvcl.ops.decode_attention.paged_attention`)
 INT8_DOTS = ("auto", "float", "integer")
-#: the KV dtypes with an integer path (int4: 8-bit query codes, the serial variant only)
+#: the KV dtypes with an integer path (int4: the serial variant only)
 INTEGER_KV = ("int8", "int4")
 # int8_dot=None means this (tools and tests reassign it; the engine passes None)
 _INT8_DOT = "auto"
 # bits of the query codes of the integer path (16 or 8; the INT8_DOT define). 16 measured at least
 # as fast as 8 (decode 1.09-1.16x vs 1.07-1.20x float logits in the same runs, arithmetic
 # 1.16-1.18x vs 1.11-1.13x) and 2.5x closer to the fp32-KV output on peaky inputs
-# (docs/performance.md)
+# (docs/performance.md); int4's codes too: 16 bits 1.08-1.22x float logits, 8 bits 1.20-1.28x,
+# but 8 bits took SmolLM2's pooled perplexity to +5.06 % (16: +4.59 %, float +4.44 %)
 _INT8_DOT_BITS = 16
 _INT8_DOT_MAX_HEAD_DIM = 512   # beyond it int32 sums of 16-bit x 8-bit codes could overflow
 _PREFERRED_WG = 128     # cooperative: work-items per group before the device limits cut it down
@@ -198,12 +199,13 @@ def _int8_dot_for(dev, variant: str, kvd, head_dim: int, int8_dot, context) -> s
                               f"(int32 sums), got {head_dim}")
     if int8_dot != "auto":
         return int8_dot
-    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 B=4 L=2048 decode, see
-    # docs/performance.md); float elsewhere (GPUs, llvmpipe: not measured faster). int4's integer
-    # path (1.25-1.29x faster there) is opt-in: with its 8-bit query codes SmolLM2's pooled
-    # perplexity through the bridge is +5.06 % over fp32 KV, float logits +4.44 % (docs/formats.md)
-    fast = (variant == "serial" and kvd.name == "int8" and "pocl" in dev.version.lower()
-            and bool(dev.type & cl.device_type.CPU) and head_dim % 16 == 0
+    # measured faster: the serial variant on x86 PoCL with AVX2 (int8 and int4 B=4 L=2048 decode,
+    # see docs/performance.md; int4 where head_dim is a multiple of 32, the vpmaddwd slices);
+    # float elsewhere (GPUs, llvmpipe: not measured faster). int4 with 16-bit query codes keeps
+    # SmolLM2's pooled perplexity where float logits do (+4.59 % vs +4.44 % over fp32 KV, 0.7
+    # standard errors of the paired segments apart; 8-bit codes +5.06 %; docs/formats.md)
+    fast = (variant == "serial" and "pocl" in dev.version.lower()
+            and bool(dev.type & cl.device_type.CPU) and head_dim % (32 if kvd.name == "int4" else 16) == 0
             and head_dim <= _INT8_DOT_MAX_HEAD_DIM and _x86_int_dot(context, dev))
     return "integer" if fast else "float"
 
@@ -253,7 +255,7 @@ def _config(context, head_dim: int, block_size: int, group: int, max_q_len: int,
     if idot == "integer":
         if _INT8_DOT_BITS not in (8, 16):
             raise InvalidArgument(f"_INT8_DOT_BITS: expected 8 or 16, got {_INT8_DOT_BITS!r}")
-        base["INT8_DOT"] = 8 if kvd.name == "int4" else _INT8_DOT_BITS   # int4: vpmaddubsw's operands
+        base["INT8_DOT"] = _INT8_DOT_BITS
     if variant == "serial":
         rows = group * q_tile
         # the acc slice of the V phase (rows x SV vectors) should fit the vector registers

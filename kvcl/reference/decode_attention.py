@@ -26,8 +26,8 @@ logits bit for bit (:func:`integer_logits`); softmax and V then as above, in flo
 with ``qk_scale_log2 = float32(scale * log2(e))``.
 
 int4 KV with ``int8_dot="integer"``: the query rotated into int4's basis first,
-``q' = hadamard_rows(float32(q * qk_scale_log2))`` (the kernel's bits), quantized to 8-bit codes
-as above, the sums taken over the stored codes 0..15 and each row's scale and minimum applied
+``q' = hadamard_rows(float32(q * qk_scale_log2))`` (the kernel's bits), quantized to 16- or
+8-bit codes as above, the sums taken over the stored codes 0..15 and each row's scale and minimum applied
 (:func:`int4_integer_logits`)::
 
     logits2[j] = float32(float32(c . codes[j]) * step) * sc[j] + lo[j] * sum(q')
@@ -135,14 +135,15 @@ def integer_logits(q: np.ndarray, k_codes: np.ndarray, k_scales: np.ndarray, qk_
 
 
 def int4_integer_logits(q: np.ndarray, k_codes: np.ndarray, k_sc: np.ndarray, k_lo: np.ndarray,
-                        qk_scale_log2) -> np.ndarray:
+                        qk_scale_log2, bits: int = 16) -> np.ndarray:
     """int4's integer-path logits (log2 domain) of query rows ``q [..., D]`` against the stored
     codes ``k_codes [T, D]`` (0..15, the rotated basis) with each row's scale ``k_sc`` and minimum
     ``k_lo`` ``[T]``: the query rotated (:func:`~kvcl.reference.quantize.hadamard_rows` of
-    ``float32(q * qk_scale_log2)``), quantized to 8-bit codes (:func:`quantize_query`), exact
-    integer sums, then ``float32(float32(sum) * step) * sc + lo * sum(q')`` in float64."""
+    ``float32(q * qk_scale_log2)``), quantized to codes of ``bits`` (16 or 8) bits
+    (:func:`quantize_query`), exact integer sums, then ``float32(float32(sum) * step) * sc + lo *
+    sum(q')`` in float64."""
     qr = hadamard_rows((np.asarray(q, np.float32) * np.float32(qk_scale_log2)).astype(np.float32))
-    codes, step = quantize_query(qr, 8)
+    codes, step = quantize_query(qr, bits)
     sums = codes.astype(np.int64) @ np.asarray(k_codes, dtype=np.int64).T
     with np.errstate(invalid="ignore", over="ignore"):
         x = (sums.astype(np.float32) * step[..., None]).astype(np.float32)
@@ -154,7 +155,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: i
             integer: "tuple | None" = None) -> np.ndarray:
     """One sequence: ``q [q_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` → ``[q_len, Hq, D]``.
     ``integer``: ``(k_codes, k_scales, bits)`` for int8's integer-path logits, or
-    ``(k_codes, (k_sc, k_lo), "int4")`` for int4's."""
+    ``(k_codes, (k_sc, k_lo), ("int4", bits))`` for int4's."""
     q_len, hq, _ = q.shape
     kv_len, hkv, _ = k.shape
     group = hq // hkv
@@ -170,9 +171,9 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: i
                 logits = scale * (k64[lo:hi, kh] @ q64[i, h])
             else:
                 codes, ks, bits = integer
-                if bits == "int4":
+                if isinstance(bits, tuple):   # ("int4", bits)
                     logits2 = int4_integer_logits(q[i, h], codes[lo:hi, kh], ks[0][lo:hi, kh], ks[1][lo:hi, kh],
-                                                  qk_scale_log2)
+                                                  qk_scale_log2, bits[1])
                 else:
                     logits2 = integer_logits(q[i, h], codes[lo:hi, kh], ks[lo:hi, kh], qk_scale_log2, bits)
                 logits = np.asarray(logits2, np.float64) * math.log(2.0)
@@ -228,7 +229,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         Sliding window (0: none).
     int8_dot : str, optional
         ``"integer"`` (int8 and int4 KV): the logits of the kernel's integer path, with query
-        codes of ``int8_dot_bits`` (16 or 8; int4: always 8) bits; ``None`` / ``"float"``:
+        codes of ``int8_dot_bits`` (16 or 8) bits; ``None`` / ``"float"``:
         float logits.
     fresh_keys, fresh_values : numpy.ndarray, optional
         ``[total_q, num_kv_heads, head_dim]`` float32: each query row reads its own token from
@@ -263,7 +264,7 @@ def paged_attention(queries, k_pool, v_pool, indptr, indices, last_page_len, q_i
         codes = None
         if integer and kv_dtype == "int4":
             stored, slots = gather_codes(k_pool, k_scales, indptr, indices, last_page_len, b)
-            codes = (unpack_int4(stored), int4_params(slots), "int4")
+            codes = (unpack_int4(stored), int4_params(slots), ("int4", int8_dot_bits))
         elif integer:
             codes = gather_codes(k_pool, k_scales, indptr, indices, last_page_len, b) + (int8_dot_bits,)
         result[r0:r1] = _attend(queries[r0:r1], k, v, float(scale), int(window), codes)

@@ -68,7 +68,8 @@ def test_quick_bench_json_and_plot(device, tmp_path, capsys):
     int4 = [r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "int4"]
     serial = attention_ops.variant_for(device.queue.device) == "serial"
     assert sorted(r["extra"]["int8_dot"] for r in int4) == (["float", "integer"] if serial else ["float"])
-    assert [r["extra"]["int8_dot"] for r in int4 if r["extra"]["int8_dot_auto"]] == ["float"]   # opt-in
+    auto = attention_ops.int8_dot_for(device.queue.device, kv_dtype="int4", context=device.context)
+    assert [r["extra"]["int8_dot"] for r in int4 if r["extra"]["int8_dot_auto"]] == [auto]
     fp32 = next(r for r in doc["records"] if r["case"] == "paged_decode" and r["kv_dtype"] == "fp32")
     for r in doc["records"]:
         if r["peer"] in ("onnxruntime_gqa", "numpy") and r["speedup"] == r["speedup"] and r["kv_dtype"] == "fp32":
