@@ -2,6 +2,8 @@
 
     python tools/kv4_schemes.py                      # every scheme on SmolLM2 (tools/export_real_model.sh)
     python tools/kv4_schemes.py tok-sym tok-asym-g32 --model PATH
+    python tools/kv4_schemes.py had-tok-asym-f16 had-tok-asym-f16-g32 --topics execmodel
+    python tools/kv4_schemes.py had-tok-asym-f16-g32 --corpus   # the judge's eight texts, pooled
 
 The text of ``kvcl bench --perplexity`` (:func:`kvcl.onnx.perplexity.english_text`) goes through
 the original export in onnxruntime one token a step, its ``past_key_values`` fed back; every K and
@@ -118,7 +120,8 @@ SCHEMES = {
 
 
 def simulate(runner, ids, scheme, block):
-    """Perplexity of ``ids`` with the stored K/V replaced as ``scheme`` stores them."""
+    """Summed negative log-likelihood of ``ids`` (its first token unscored) with the stored K/V
+    replaced as ``scheme`` stores them."""
     from kvcl.onnx.perplexity import token_nll
     k_tok, k_chan, v_tok = SCHEMES[scheme][:3] if scheme != "fp32" else (None, None, None)
     past, total = runner.empty_past(1), 0.0
@@ -138,7 +141,7 @@ def simulate(runner, ids, scheme, block):
                 continue
             f = k_tok if is_key else v_tok
             a[:, :, t:t + 1] = f(a[:, :, t:t + 1].astype(np.float32))
-    return float(np.exp(total / (len(ids) - 1)))
+    return total
 
 
 def main(argv=None) -> int:
@@ -147,7 +150,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2", help="an original export (path or 'smollm2')")
     ap.add_argument("--block", type=int, default=16, help="tokens a per-channel K block holds (default 16)")
     ap.add_argument("--topics", nargs="+", default=None,
-                    help="the pydoc_data.topics sections of the text (default: english_text()'s)")
+                    help="the pydoc_data.topics sections of one text (default: english_text()'s)")
+    ap.add_argument("--corpus", action="store_true",
+                    help="the judge's eight segments (english_corpus()), each its own sequence, pooled "
+                         "(about 12 minutes a scheme)")
     ap.add_argument("--tokens", type=int, default=None, help="score only the first N tokens of the text")
     args = ap.parse_args(argv)
     bad = [s for s in args.schemes if s not in SCHEMES]
@@ -156,20 +162,25 @@ def main(argv=None) -> int:
     from kvcl.onnx.generate import ReferenceRunner
     from kvcl.onnx.modelio import load_model
     from kvcl.onnx.models import resolve_model
-    from kvcl.onnx.perplexity import english_text
+    from kvcl.onnx.perplexity import english_corpus, english_text
     from kvcl.tokenizer import Tokenizer, find_tokenizer
+    if args.corpus and args.topics:
+        ap.error("--corpus and --topics: give one of them")
     path = resolve_model(args.model)
     runner = ReferenceRunner(load_model(path))
-    text = english_text(tuple(args.topics)) if args.topics else english_text()
-    ids = Tokenizer(find_tokenizer(path)).encode(text.text, add_special_tokens=False)[:args.tokens]
+    tok = Tokenizer(find_tokenizer(path))
+    text = english_corpus() if args.corpus else english_text(tuple(args.topics)) if args.topics else english_text()
+    segments = [tok.encode(t.text, add_special_tokens=False)[:args.tokens]
+                for t in (text.texts if args.corpus else (text,))]
+    scored = sum(len(ids) - 1 for ids in segments)
     d = int(runner.head_dim)
-    print(f"{text.name}: {len(ids) - 1} tokens scored, one token a step; head_dim {d}, "
+    print(f"{text.name}: {scored} tokens scored, one token a step; head_dim {d}, "
           f"per-channel K blocks of {args.block}")
     print(f"{'scheme':24s} {'ppl':>9s} {'vs fp32':>9s} {'B/token/head':>13s} {'s':>5s}")
     base = None
     for scheme in ["fp32"] + args.schemes:
         t0 = time.perf_counter()
-        ppl = simulate(runner, ids, scheme, args.block)
+        ppl = float(np.exp(sum(simulate(runner, ids, scheme, args.block) for ids in segments) / scored))
         base = base or ppl
         nbytes = 8 * d if scheme == "fp32" else SCHEMES[scheme][3](d, args.block)
         print(f"{scheme:24s} {ppl:9.4f} {100 * (ppl / base - 1):+8.2f}% {nbytes:13.1f} "
