@@ -8,6 +8,8 @@ models were exported by ``tools/export_fixtures.py`` and are committed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 _DEVICE: dict = {}
@@ -33,3 +35,18 @@ def onnx_device():
     if _DEVICE["dev"] is None:
         pytest.skip(f"no usable OpenCL device ({_DEVICE.get('err', 'none found')}); install kvcl[pocl]")
     return _DEVICE["dev"]
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The real-weights model's export (SmolLM2-135M-Instruct, ``tools/export_real_model.sh``):
+    its tests are skipped with the reason when it is absent, failed under
+    ``KVCL_REQUIRE_REAL_MODEL=1`` (CI)."""
+    from kvcl.onnx.models import EXPORT_HINT, find_model, model_dir
+    path = find_model("smollm2")
+    if path is None:
+        msg = f"SmolLM2 not exported ({model_dir('smollm2')}): run {EXPORT_HINT}"
+        if os.environ.get("KVCL_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path

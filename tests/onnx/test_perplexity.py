@@ -16,7 +16,6 @@ int8/fp8 read back) and the argument errors without the real model.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -171,18 +170,6 @@ def test_bad_arguments_are_refused_naming_them(onnx_device, tiny_ids):
 
 
 # ---- the real model ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def real_model():
-    from kvcl.onnx.models import EXPORT_HINT, find_model, model_dir
-    path = find_model("smollm2")
-    if path is None:
-        msg = f"SmolLM2 not exported ({model_dir('smollm2')}): run {EXPORT_HINT}"
-        if os.environ.get("KVCL_REQUIRE_REAL_MODEL") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
 
 @pytest.fixture(scope="module")
 def real_records(real_model, onnx_device):

@@ -9,8 +9,6 @@ so; ``KVCL_REQUIRE_REAL_MODEL=1`` (set by CI) makes a missing model a failure in
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -20,18 +18,6 @@ require_onnx()
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 16
-
-
-@pytest.fixture(scope="module")
-def real_model():
-    from kvcl.onnx.models import EXPORT_HINT, find_model, model_dir
-    path = find_model("smollm2")
-    if path is None:
-        msg = f"SmolLM2 not exported ({model_dir('smollm2')}): run {EXPORT_HINT}"
-        if os.environ.get("KVCL_REQUIRE_REAL_MODEL") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="module")
