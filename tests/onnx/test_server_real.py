@@ -12,7 +12,6 @@ server stays up and frees every block. Skipped (saying so) without the exported 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
@@ -31,16 +30,9 @@ CAPACITY = 3072
 
 
 @pytest.fixture(scope="module")
-def server(onnx_device):
-    from kvcl.onnx.models import EXPORT_HINT, find_model, model_dir
+def server(onnx_device, real_model):
     from kvcl.serve import build_app
-    path = find_model("smollm2")
-    if path is None:
-        msg = f"SmolLM2 not exported ({model_dir('smollm2')}): run {EXPORT_HINT}"
-        if os.environ.get("KVCL_REQUIRE_REAL_MODEL") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    app, gen = build_app(path.parent, device=onnx_device, max_tokens=CAPACITY - 256, max_batch_tokens=256)
+    app, gen = build_app(real_model.parent, device=onnx_device, max_tokens=CAPACITY - 256, max_batch_tokens=256)
     with running_server(app) as url:
         yield url, gen, app.state.kvcl
     gen.close()
